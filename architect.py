@@ -1,0 +1,284 @@
+"""The bilevel DARTS step as static programs, built once per run.
+
+State (persistable, in the scope): flat weights w, momentum v, alphas, Adam moments.
+One search step runs these programs in order, each one forward-backward pass:
+
+  second order (xi = lr, the current weight learning rate):
+    unrolled_step_program   w'  = w - xi * (mu * v + grad_w L_train(w, alpha) + wd * w)
+    unrolled_grad_program   dalpha, dw' = grad_{alpha, w'} L_val(w', alpha)
+                            R = 0.01 / ||dw'||,  w+- = w +- R * dw'
+    hessian_plus_program    g+ = grad_alpha L_train(w+, alpha)
+    alpha_update_program    g- = grad_alpha L_train(w-, alpha)
+                            hessian_term = (g+ - g-) / (2R)
+                            g_alpha = dalpha - xi * hessian_term
+                            alpha = Adam(alpha, g_alpha + arch_wd * alpha)
+  first order:
+    alpha_update_program    g_alpha = grad_alpha L_val(w, alpha);  alpha = Adam(...)
+  both:
+    weight_step_program     g = clip_global_norm(grad_w L_train(w, alpha), grad_clip)
+                            v = mu * v + g + wd * w;  w = w - lr * v
+
+Values passed between programs (w', w+-, dalpha, R, g+) are persistable tensors
+under 'arch/'.  A gradient is only taken with respect to tensors a program declares
+trainable, so grad_w L_train inside w' and dw' inside w+- are constants: no second
+derivative is ever built.  BN running statistics are updated by the passes at w, w+
+and w- (as the official code does, which runs those on the model itself); the pass
+at w' uses its own throw-away statistics ('unrolled/'), as the official code's copy
+of the model does.
+
+Why several programs and not one: Paddle 3.3's PIR interpreter takes time quadratic
+in a program's size to prepare its first run, so five small programs start far
+faster than one large one.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+import paddle
+
+from model_search import ALPHA_NAMES, ALPHA_SHAPE, cross_entropy, network_layout, search_network
+from operations import ParamSet, declare
+
+R_SCALE = 0.01
+ADAM_EPS = 1e-8
+WEIGHTS, MOMENTUM = 'weights', 'weights.momentum'
+ADAM_T = 'alpha.adam_t'
+UNROLLED_BN_PREFIX = 'unrolled/'
+
+
+@dataclass
+class SearchConfig:
+    init_channels: int = 16
+    layers: int = 8
+    num_classes: int = 10
+    image_size: int = 32
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    arch_learning_rate: float = 3e-4
+    arch_weight_decay: float = 1e-3
+    arch_betas: tuple = (0.5, 0.999)
+    second_order: bool = True
+
+
+@dataclass
+class SearchPrograms:
+    config: SearchConfig
+    layout: object
+    programs: dict                     # name -> Program, in the order a step runs them
+    feeds: dict                        # program name -> names of the data it takes
+    fetch: dict = field(default_factory=dict)        # (program name, what) -> Value
+    eval_program: paddle.static.Program = None
+
+    @property
+    def step_programs(self):
+        return list(self.programs.items())
+
+
+def global_norm(tensors):
+    """sqrt(sum_i ||t_i||^2)."""
+    return paddle.sqrt(paddle.add_n([paddle.sum(t * t) for t in tensors]))
+
+
+def virtual_step(w, g, v, xi, mu, wd):
+    """w' = w - xi * (mu * v + g + wd * w): one SGD-momentum step, no clipping."""
+    return w - xi * (mu * v + g + wd * w)
+
+
+def adam_step(p, g, m, v, t, lr, betas, eps, wd):
+    """Adam with L2 weight decay (torch.optim.Adam semantics), t already incremented:
+    g = g + wd * p;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+    p = p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    """
+    b1, b2 = betas
+    g = g + wd * p
+    m = b1 * m + (1.0 - b1) * g
+    v = b2 * v + (1.0 - b2) * g * g
+    c1 = 1.0 - paddle.pow(paddle.full([1], b1), t)
+    c2 = 1.0 - paddle.pow(paddle.full([1], b2), t)
+    return p - lr * (m / c1) / (paddle.sqrt(v / c2) + eps), m, v
+
+
+def clip_by_global_norm(g, max_norm):
+    """g * min(1, max_norm / (||g|| + 1e-6)), as torch.nn.utils.clip_grad_norm_."""
+    return g * paddle.clip(max_norm / (global_norm([g]) + 1e-6), max=1.0)
+
+
+def sgd_momentum_step(w, g, v, lr, mu, wd):
+    """v = mu * v + g + wd * w;  w = w - lr * v  (torch.optim.SGD semantics)."""
+    v_new = mu * v + g + wd * w
+    return w - lr * v_new, v_new
+
+
+def initial_state(layout, seed):
+    """Every persistable tensor the programs use, as numpy, from one seed."""
+    rng = np.random.default_rng(seed)
+    p = layout.size
+    state = {WEIGHTS: layout.initial_weights(rng), MOMENTUM: np.zeros(p, 'float32'),
+             ADAM_T: np.zeros(1, 'float32')}
+    for name in ALPHA_NAMES:
+        state[name] = (1e-3 * rng.standard_normal(ALPHA_SHAPE)).astype('float32')
+        state[name + '.adam_m'] = np.zeros(ALPHA_SHAPE, 'float32')
+        state[name + '.adam_v'] = np.zeros(ALPHA_SHAPE, 'float32')
+    for name, (shape, value) in layout.buffers.items():
+        state[name] = np.full(shape, value, 'float32')
+    return state
+
+
+def scratch_state(layout):
+    """Tensors that only carry values between the programs of one step."""
+    p = layout.size
+    s = {'arch/w_prime': p, 'arch/w_plus': p, 'arch/w_minus': p, 'arch/r': 1}
+    out = {k: np.zeros(n, 'float32') for k, n in s.items()}
+    for name in ALPHA_NAMES:
+        for what in ('dalpha', 'g_plus', 'hessian', 'grad'):
+            out[f'arch/{what}_{name}'] = np.zeros(ALPHA_SHAPE, 'float32')
+    for name, (shape, value) in layout.buffers.items():
+        out[UNROLLED_BN_PREFIX + name] = np.full(shape, value, 'float32')
+    return out
+
+
+def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
+    """Build every program of a search step, and the eval program, once."""
+    layout = network_layout(cfg.init_channels, cfg.num_classes, cfg.layers, cfg.image_size)
+    p, size = layout.size, cfg.image_size
+    programs, feeds, fetch = {}, {}, {}
+
+    def new_program(name, feed_names):
+        programs[name] = paddle.static.Program()
+        feeds[name] = feed_names
+        return paddle.static.program_guard(programs[name], paddle.static.Program())
+
+    def data(kind):
+        if kind.endswith('x'):
+            return paddle.static.data(kind, [-1, 3, size, size], 'float32')
+        if kind.endswith('y'):
+            return paddle.static.data(kind, [-1], 'int64')
+        return paddle.static.data(kind, [1], 'float32')
+
+    def loss_at(flat, alphas, x, y, bn_stats='update', bn_prefix=''):
+        ps = ParamSet(layout, flat, bn_stats, bn_prefix)
+        logits = search_network(ps, x, *alphas, cfg.init_channels, cfg.num_classes, cfg.layers)
+        return cross_entropy(logits, y), logits
+
+    def alphas(trainable):
+        return [declare(n, ALPHA_SHAPE, trainable) for n in ALPHA_NAMES]
+
+    def store(value, name, shape):
+        paddle.assign(value, output=declare(name, shape))
+
+    def adam_update(alpha_grad):
+        """alpha <- Adam(alpha, alpha_grad); the gradient is also kept for inspection."""
+        a = alphas(False)
+        t = declare(ADAM_T, [1])
+        t_new = t + 1.0
+        for ai, gi, name in zip(a, alpha_grad, ALPHA_NAMES):
+            m, v = declare(name + '.adam_m', ALPHA_SHAPE), declare(name + '.adam_v', ALPHA_SHAPE)
+            a_new, m_new, v_new = adam_step(ai, gi, m, v, t_new, cfg.arch_learning_rate,
+                                            cfg.arch_betas, ADAM_EPS, cfg.arch_weight_decay)
+            store(gi, f'arch/grad_{name}', ALPHA_SHAPE)
+            paddle.assign(m_new, output=m)
+            paddle.assign(v_new, output=v)
+            paddle.assign(a_new, output=ai)
+        paddle.assign(t_new, output=t)
+
+    if cfg.second_order:
+        with new_program('unrolled_step', ['train_x', 'train_y', 'lr']):
+            w, lr = declare(WEIGHTS, [p], trainable=True), data('lr')
+            loss, _ = loss_at(w, alphas(False), data('train_x'), data('train_y'))
+            g = paddle.static.gradients(loss, [w])[0]
+            store(virtual_step(w, g, declare(MOMENTUM, [p]), lr, cfg.momentum, cfg.weight_decay),
+                  'arch/w_prime', [p])
+
+        with new_program('unrolled_grad', ['val_x', 'val_y']):
+            w_prime, a = declare('arch/w_prime', [p], trainable=True), alphas(True)
+            loss, _ = loss_at(w_prime, a, data('val_x'), data('val_y'), bn_prefix=UNROLLED_BN_PREFIX)
+            *dalpha, dw = paddle.static.gradients(loss, a + [w_prime])
+            r = R_SCALE / global_norm([dw])
+            w = declare(WEIGHTS, [p])
+            store(w + r * dw, 'arch/w_plus', [p])
+            store(w - r * dw, 'arch/w_minus', [p])
+            store(r, 'arch/r', [1])
+            for d, name in zip(dalpha, ALPHA_NAMES):
+                store(d, f'arch/dalpha_{name}', ALPHA_SHAPE)
+            fetch['unrolled_grad', 'val_loss'] = loss
+
+        with new_program('hessian_plus', ['train_x', 'train_y']):
+            a = alphas(True)
+            loss, _ = loss_at(declare('arch/w_plus', [p]), a, data('train_x'), data('train_y'))
+            for g, name in zip(paddle.static.gradients(loss, a), ALPHA_NAMES):
+                store(g, f'arch/g_plus_{name}', ALPHA_SHAPE)
+
+        with new_program('alpha_update', ['train_x', 'train_y', 'lr']):
+            a, lr = alphas(True), data('lr')
+            loss, _ = loss_at(declare('arch/w_minus', [p]), a, data('train_x'), data('train_y'))
+            g_minus = paddle.static.gradients(loss, a)
+            r = declare('arch/r', [1])
+            alpha_grad = []
+            for gm, name in zip(g_minus, ALPHA_NAMES):
+                hessian = (declare(f'arch/g_plus_{name}', ALPHA_SHAPE) - gm) / (2.0 * r)
+                store(hessian, f'arch/hessian_{name}', ALPHA_SHAPE)
+                alpha_grad.append(declare(f'arch/dalpha_{name}', ALPHA_SHAPE) - lr * hessian)
+            adam_update(alpha_grad)
+    else:
+        with new_program('alpha_update', ['val_x', 'val_y']):
+            a = alphas(True)
+            loss, _ = loss_at(declare(WEIGHTS, [p]), a, data('val_x'), data('val_y'))
+            adam_update(paddle.static.gradients(loss, a))
+            fetch['alpha_update', 'val_loss'] = loss
+
+    with new_program('weight_step', ['train_x', 'train_y', 'lr']):
+        w, v, lr = declare(WEIGHTS, [p], trainable=True), declare(MOMENTUM, [p]), data('lr')
+        loss, logits = loss_at(w, alphas(False), data('train_x'), data('train_y'))
+        g = clip_by_global_norm(paddle.static.gradients(loss, [w])[0], cfg.grad_clip)
+        w_new, v_new = sgd_momentum_step(w, g, v, lr, cfg.momentum, cfg.weight_decay)
+        paddle.assign(v_new, output=v)
+        paddle.assign(w_new, output=w)
+        fetch['weight_step', 'train_loss'] = loss
+        fetch['weight_step', 'train_logits'] = logits
+
+    eval_program = paddle.static.Program()
+    with paddle.static.program_guard(eval_program, paddle.static.Program()):
+        loss, logits = loss_at(declare(WEIGHTS, [p]), alphas(False), data('x'), data('y'), bn_stats='running')
+        fetch['eval', 'loss'], fetch['eval', 'logits'] = loss, logits
+    return SearchPrograms(cfg, layout, programs, feeds, fetch, eval_program)
+
+
+def count_ops(program):
+    return len(program.global_block().ops)
+
+
+def softmax(a):
+    e = np.exp(a - a.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def set_tensors(scope, place, arrays):
+    """Write numpy arrays into the scope's persistable tensors (creating them)."""
+    for name, value in arrays.items():
+        scope.var(name).get_tensor().set(np.ascontiguousarray(value, dtype='float32'), place)
+
+
+def get_tensors(scope, names):
+    return {n: np.array(scope.find_var(n).get_tensor()) for n in names}
+
+
+def run_search_step(exe, progs, batch, lr):
+    """One alpha step then one weight step.  batch: train_x, train_y, val_x, val_y arrays.
+
+    Returns (train_loss, train_logits, val_loss); val_loss is L_val at w' (second order)
+    or at w (first order), before the step's updates.
+    """
+    feed_values = dict(batch, lr=np.array([lr], 'float32'))
+    out = {}
+    for name, program in progs.step_programs:
+        wanted = [(k, v) for k, v in progs.fetch.items() if k[0] == name]
+        results = exe.run(program, feed={k: feed_values[k] for k in progs.feeds[name]},
+                          fetch_list=[v for _, v in wanted])
+        out.update({k[1]: r for (k, _), r in zip(wanted, results)})
+    return float(out['train_loss']), out['train_logits'], float(out['val_loss'])
+
+
+def evaluate_batch(exe, progs, x, y):
+    loss, logits = exe.run(progs.eval_program, feed={'x': x, 'y': y},
+                           fetch_list=[progs.fetch['eval', 'loss'], progs.fetch['eval', 'logits']])
+    return float(loss), logits

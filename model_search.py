@@ -1,0 +1,133 @@
+"""The DARTS search network as a graph-building function of (weights, alphas).
+
+Node i of a cell:  x_i = sum_{j < i + 2} sum_o softmax(alpha_{e(i, j)})_o * o_{ij}(x_j),
+with e(i, j) = 2i + i(i - 1)/2 + j the edge's row in alpha.
+
+Exact rewrites that make the graph small and the kernels large:
+- `none` outputs zeros, so its term is dropped (its alpha still enters the softmax
+  denominator, so its gradient is unchanged);
+- ReLU(x_j), and maxpool/avgpool of x_j with their non-affine BN, do not depend on
+  the target node i: computed once per source node j;
+- all edges leaving node j are computed together ("wide"): the n_j copies of each
+  parametric op run as one grouped convolution over n_j stacked copies of ReLU(x_j),
+  and the mixture for every target is one broadcast multiply-add per op, giving
+  a [N, n_j, C, H, W] block whose slice t feeds target node i = j - 1 + t (j >= 1).
+Per-channel BN over the stacked copies equals separate BNs per edge.
+"""
+import paddle
+import paddle.nn.functional as F
+
+from genotypes import PRIMITIVES, STEPS, num_edges
+from operations import (avg_pool, batch_norm, conv, dil_conv, factorized_reduce, linear,
+                        max_pool, relu_conv_bn, sep_conv)
+
+MULTIPLIER = 4
+STEM_MULTIPLIER = 3
+ALPHA_SHAPE = [num_edges(), len(PRIMITIVES)]
+ALPHA_NAMES = ('alpha_normal', 'alpha_reduce')
+
+
+def reduction_layers(layers):
+    return (layers // 3, 2 * layers // 3)
+
+
+def edge_index(i, j):
+    """Row of alpha for the edge into intermediate node i from node j."""
+    return 2 * i + i * (i - 1) // 2 + j
+
+
+def targets(j, steps=STEPS):
+    """Intermediate nodes fed by node j (0, 1: cell inputs; 2 + k: intermediate k)."""
+    return list(range(max(0, j - 1), steps))
+
+
+def _source_weights(alpha):
+    """softmax(alpha) regrouped by source node: {j: [w_o of shape [1, n_j, 1, 1, 1] for each op o]}."""
+    order = [(j, i) for j in range(STEPS + 1) for i in targets(j)]
+    rows = paddle.gather(F.softmax(alpha, axis=-1), paddle.to_tensor([edge_index(i, j) for j, i in order]))
+    sizes = [len(targets(j)) for j in range(STEPS + 1)]
+    per_source = paddle.split(paddle.transpose(rows, [1, 0]), sizes, axis=1)  # [ops, n_j]
+    return {j: paddle.unbind(paddle.reshape(w, [len(PRIMITIVES), 1, n, 1, 1, 1]), axis=0)
+            for j, (w, n) in enumerate(zip(per_source, sizes))}
+
+
+def _wide_block(ps, name, h, w, c, stride):
+    """sum_o w_o * o(h) for every edge leaving h: [N, n, C, H', W'], n = len(w[0]).
+
+    Uses w[1..7] (max, avg, skip, sep3, sep5, dil3, dil5); none is left out.
+    """
+    n = w[0].shape[1]
+    h_relu = F.relu(h)
+    stacked = paddle.tile(h_relu, [1, n, 1, 1]) if n > 1 else h_relu
+
+    def per_edge(y):  # [N, n * C, H, W] -> [N, n, C, H, W]
+        return paddle.reshape(y, [-1, n, c, y.shape[2], y.shape[3]])
+
+    def shared(y):  # [N, C, H, W] -> [N, 1, C, H, W], broadcast over the n edges
+        return paddle.unsqueeze(y, 1)
+
+    h_max = batch_norm(ps, name + '.max_bn', max_pool(h, stride), affine=False)
+    h_avg = batch_norm(ps, name + '.avg_bn', avg_pool(h, stride), affine=False)
+    if stride == 1:
+        skip = shared(h)
+    else:
+        skip = per_edge(factorized_reduce(ps, name + '.skip', h_relu, c, affine=False, copies=n))
+    terms = [w[1] * shared(h_max), w[2] * shared(h_avg), w[3] * skip,
+             w[4] * per_edge(sep_conv(ps, name + '.sep3', stacked, c, 3, stride, False, copies=n)),
+             w[5] * per_edge(sep_conv(ps, name + '.sep5', stacked, c, 5, stride, False, copies=n)),
+             w[6] * per_edge(dil_conv(ps, name + '.dil3', stacked, c, 3, stride, False, copies=n)),
+             w[7] * per_edge(dil_conv(ps, name + '.dil5', stacked, c, 5, stride, False, copies=n))]
+    return paddle.add_n(terms)
+
+
+def search_cell(ps, name, s0, s1, source_weights, c, reduction, reduction_prev):
+    if reduction_prev:
+        s0 = factorized_reduce(ps, name + '.pre0', F.relu(s0), c, affine=False)
+    else:
+        s0 = relu_conv_bn(ps, name + '.pre0', s0, c, 1, 1, 0, affine=False)
+    s1 = relu_conv_bn(ps, name + '.pre1', s1, c, 1, 1, 0, affine=False)
+    states, contributions = [s0, s1], [[] for _ in range(STEPS)]
+    for j in range(STEPS + 1):
+        if j >= 2:  # node j - 2 has all its inputs now
+            states.append(paddle.add_n(contributions[j - 2]))
+        stride = 2 if reduction and j < 2 else 1
+        block = _wide_block(ps, f'{name}.n{j}', states[j], source_weights[j], c, stride)
+        for i, part in zip(targets(j), paddle.unbind(block, axis=1)):
+            contributions[i].append(part)
+    states.append(paddle.add_n(contributions[STEPS - 1]))
+    return paddle.concat(states[-MULTIPLIER:], axis=1)
+
+
+def search_network(ps, x, alpha_normal, alpha_reduce, c=16, num_classes=10, layers=8):
+    """logits = classifier(GAP(cells(stem(x)))), every mixed edge weighted by softmax(alpha)."""
+    normal_w, reduce_w = _source_weights(alpha_normal), _source_weights(alpha_reduce)
+    c_curr = STEM_MULTIPLIER * c
+    # The official search stem's BN is affine (torch default); the cells' BNs are not.
+    s = batch_norm(ps, 'stem.bn', conv(ps, 'stem.conv', x, c_curr, 3, padding=1), affine=True)
+    s0 = s1 = s
+    c_curr, reduction_prev = c, False
+    for k in range(layers):
+        reduction = k in reduction_layers(layers)
+        if reduction:
+            c_curr *= 2
+        out = search_cell(ps, f'cell{k}', s0, s1, reduce_w if reduction else normal_w,
+                          c_curr, reduction, reduction_prev)
+        s0, s1, reduction_prev = s1, out, reduction
+    pooled = paddle.flatten(F.adaptive_avg_pool2d(s1, 1), 1)
+    return linear(ps, 'classifier', pooled, num_classes)
+
+
+def cross_entropy(logits, labels):
+    """mean_n -log softmax(logits_n)[y_n]."""
+    return F.cross_entropy(logits, labels)
+
+
+def network_layout(c, num_classes, layers, image_size):
+    """The search network's weights and buffers (names, shapes, inits), in build order."""
+    from operations import Layout
+
+    def build(ps):
+        x = paddle.zeros([1, 3, image_size, image_size])
+        alphas = [paddle.zeros(ALPHA_SHAPE) for _ in ALPHA_NAMES]
+        search_network(ps, x, *alphas, c, num_classes, layers)
+    return Layout.record(build)

@@ -1,0 +1,244 @@
+"""DARTS primitives as graph-building functions over an explicit parameter set.
+
+Every function takes a ParamSet `ps` and a name, and reads its weights with
+`ps.weight(name, shape, init)`.  The same builder called with ParamSets over other
+tensors gives the same network at w, w', w+ or w-, without copying a model or
+swapping weights in place.
+
+Weights live in one flat vector per ParamSet (`Layout` says where each tensor sits):
+one split op hands the pieces to the builder, its gradient is one concat, and the
+optimiser and the architect's w' / w+- arithmetic are a few ops on whole vectors.
+(Paddle 3.3's PIR interpreter spends time quadratic in a program's op count before
+its first run, so every op saved matters.)
+
+Functions whose first conv is preceded by a ReLU take the *already rectified* input
+(`x_relu`), so a cell can compute ReLU(h_j) once per node.
+"""
+import math
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9  # running = 0.9 * running + 0.1 * batch, as torch's momentum=0.1
+
+
+def in_static_mode():
+    return not paddle.in_dynamic_mode()
+
+
+def declare(name, shape, trainable=False):
+    """This program's handle on the persistable tensor `name` (it lives in the scope).
+
+    Values are set on the host (see Layout.initial_values), so the initialiser written
+    to the throw-away startup program is never run.
+    """
+    return paddle.static.create_parameter(
+        list(shape), 'float32', attr=paddle.ParamAttr(name=name, trainable=trainable),
+        default_initializer=paddle.nn.initializer.Constant(0.0))
+
+
+class Layout:
+    """Names, shapes and initialisers of a network's weights and BN buffers, in build order.
+
+    Recorded once by running the builder on placeholders (`Layout.record`).
+    init specs: ('uniform', bound) or ('constant', value).
+    """
+
+    def __init__(self):
+        self.names, self.shapes, self.inits = [], [], []
+        self.buffers = {}  # name -> (shape, value)
+
+    @property
+    def sizes(self):
+        return [int(np.prod(s)) for s in self.shapes]
+
+    @property
+    def size(self):
+        return sum(self.sizes)
+
+    @classmethod
+    def record(cls, build):
+        """Run build(ps) in a throw-away program with a recording ParamSet."""
+        layout = cls()
+        with paddle.static.program_guard(paddle.static.Program(), paddle.static.Program()):
+            build(_Recorder(layout))
+        return layout
+
+    def initial_weights(self, rng):
+        """The flat initial weight vector: U(-b, b) or a constant per tensor."""
+        parts = []
+        for shape, (kind, arg) in zip(self.shapes, self.inits):
+            n = int(np.prod(shape))
+            parts.append(rng.uniform(-arg, arg, n) if kind == 'uniform' else np.full(n, arg))
+        return np.concatenate(parts).astype('float32')
+
+    def unflatten(self, flat):
+        """{name: array} from a flat vector."""
+        out, off = {}, 0
+        for name, shape, size in zip(self.names, self.shapes, self.sizes):
+            out[name] = flat[off:off + size].reshape(shape)
+            off += size
+        return out
+
+
+class ParamSet:
+    """The tensors a graph builder reads: pieces of one flat weight vector, and BN buffers.
+
+    bn_stats says what batch norm does with its statistics:
+      'update'  - normalise with batch statistics, update running mean/var in place
+      'running' - normalise with running statistics (evaluation)
+    Running statistics are persistable tensors named buffer_prefix + name.  A pass
+    whose statistics must not touch the model's gets its own prefix.
+    In dygraph (tests) `buffers` is a dict that receives fresh tensors.
+    """
+
+    def __init__(self, layout, flat, bn_stats='update', buffer_prefix=''):
+        assert bn_stats in ('update', 'running')
+        self.layout, self.bn_stats, self.buffer_prefix = layout, bn_stats, buffer_prefix
+        pieces = paddle.split(flat, layout.sizes) if len(layout.sizes) > 1 else [flat]
+        self.pieces = {n: paddle.reshape(p, s) for n, p, s in zip(layout.names, pieces, layout.shapes)}
+        self.buffers = {}
+
+    def weight(self, name, shape, init):
+        w = self.pieces[name]
+        assert list(w.shape) == list(shape), f'{name}: {w.shape} != {shape}'
+        return w
+
+    def buffer(self, name, shape, value):
+        if name not in self.buffers:
+            if in_static_mode():
+                self.buffers[name] = declare(self.buffer_prefix + name, shape)
+            else:
+                self.buffers[name] = paddle.full(shape, value, 'float32')
+        return self.buffers[name]
+
+
+class _Recorder:
+    """A ParamSet that records each weight's name, shape and init, and returns placeholders."""
+
+    bn_stats = 'running'
+
+    def __init__(self, layout):
+        self.layout = layout
+
+    def weight(self, name, shape, init):
+        assert name not in self.layout.names, f'weight {name} built twice'
+        self.layout.names.append(name)
+        self.layout.shapes.append(list(shape))
+        self.layout.inits.append(init)
+        return paddle.zeros(shape)
+
+    def buffer(self, name, shape, value):
+        self.layout.buffers.setdefault(name, (list(shape), value))
+        return paddle.full(shape, value)
+
+
+def uniform_fan_in(fan_in):
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch's default conv/linear init."""
+    return ('uniform', 1.0 / math.sqrt(fan_in))
+
+
+def batch_norm(ps, name, x, affine):
+    """y = (x - mean) / sqrt(var + eps) [* gamma + beta when affine]."""
+    c = x.shape[1]
+    gamma = ps.weight(name + '.gamma', [c], ('constant', 1.0)) if affine else None
+    beta = ps.weight(name + '.beta', [c], ('constant', 0.0)) if affine else None
+    mean = ps.buffer(name + '.running_mean', [c], 0.0)
+    var = ps.buffer(name + '.running_var', [c], 1.0)
+    return F.batch_norm(x, mean, var, gamma, beta, training=ps.bn_stats != 'running',
+                        momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
+
+
+def conv(ps, name, x, c_out, kernel, stride=1, padding=0, dilation=1, groups=1):
+    """Conv2d without bias; weight [c_out, c_in / groups, k, k]."""
+    c_in = x.shape[1]
+    fan_in = c_in // groups * kernel * kernel
+    w = ps.weight(name, [c_out, c_in // groups, kernel, kernel], uniform_fan_in(fan_in))
+    return F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def linear(ps, name, x, c_out):
+    """x @ W + b."""
+    c_in = x.shape[1]
+    w = ps.weight(name + '.weight', [c_in, c_out], uniform_fan_in(c_in))
+    b = ps.weight(name + '.bias', [c_out], uniform_fan_in(c_in))
+    return paddle.matmul(x, w) + b
+
+
+def relu_conv_bn(ps, name, x, c_out, kernel, stride, padding, affine):
+    """BN(conv(ReLU(x))): the cell preprocess for s0/s1."""
+    return batch_norm(ps, name + '.bn', conv(ps, name + '.conv', F.relu(x), c_out, kernel, stride, padding), affine)
+
+
+def factorized_reduce(ps, name, x_relu, c_out, affine, copies=1):
+    """Halve H and W: BN(concat(conv1x1_s2(x), conv1x1_s2(x[:, :, 1:, 1:]))), x = ReLU(h).
+
+    copies=n builds n independent reductions of the same input at once; the result
+    is [N, n * c_out, H/2, W/2] with copy t in channels [t * c_out, (t + 1) * c_out).
+    """
+    half = c_out // 2
+    a = conv(ps, name + '.conv1', x_relu, copies * half, 1, stride=2)
+    b = conv(ps, name + '.conv2', x_relu[:, :, 1:, 1:], copies * (c_out - half), 1, stride=2)
+    if copies > 1:  # interleave so each copy's two halves sit side by side
+        h, w = a.shape[2], a.shape[3]
+        a = paddle.reshape(a, [-1, copies, half, h, w])
+        b = paddle.reshape(b, [-1, copies, c_out - half, h, w])
+        y = paddle.reshape(paddle.concat([a, b], axis=2), [-1, copies * c_out, h, w])
+    else:
+        y = paddle.concat([a, b], axis=1)
+    return batch_norm(ps, name + '.bn', y, affine)
+
+
+def sep_conv(ps, name, x_relu, c_out, kernel, stride, affine, copies=1):
+    """Separable conv twice: BN(pw(dw_k(ReLU(.)))), stride on the first depthwise only.
+
+    With copies=n, x_relu holds n stacked inputs ([N, n * C, H, W]) and n independent
+    sep convs run as grouped convolutions (depthwise per channel, pointwise per copy).
+    """
+    c_in = x_relu.shape[1]
+    pad = kernel // 2
+    y = conv(ps, name + '.dw1', x_relu, c_in, kernel, stride, pad, groups=c_in)
+    y = batch_norm(ps, name + '.bn1', conv(ps, name + '.pw1', y, c_in, 1, groups=copies), affine)
+    y = conv(ps, name + '.dw2', F.relu(y), c_in, kernel, 1, pad, groups=c_in)
+    return batch_norm(ps, name + '.bn2', conv(ps, name + '.pw2', y, copies * c_out, 1, groups=copies), affine)
+
+
+def dil_conv(ps, name, x_relu, c_out, kernel, stride, affine, dilation=2, copies=1):
+    """BN(pw(dilated dw_k(ReLU(x)))), dilation 2; copies as in sep_conv."""
+    c_in = x_relu.shape[1]
+    pad = dilation * (kernel - 1) // 2
+    y = conv(ps, name + '.dw', x_relu, c_in, kernel, stride, pad, dilation, groups=c_in)
+    return batch_norm(ps, name + '.bn', conv(ps, name + '.pw', y, copies * c_out, 1, groups=copies), affine)
+
+
+def max_pool(x, stride):
+    return F.max_pool2d(x, 3, stride, 1)
+
+
+def avg_pool(x, stride):
+    """3x3 average that does not count the zero padding (count_include_pad=False)."""
+    return F.avg_pool2d(x, 3, stride, 1, exclusive=True)
+
+
+def apply_primitive(ps, name, op, h, h_relu, c, stride, affine):
+    """One primitive on node h (h_relu = ReLU(h)), for the discrete cells of model.py.
+
+    'none' is never kept in a discrete cell.
+    """
+    if op == 'max_pool_3x3':
+        return max_pool(h, stride)
+    if op == 'avg_pool_3x3':
+        return avg_pool(h, stride)
+    if op == 'skip_connect':
+        return h if stride == 1 else factorized_reduce(ps, name, h_relu, c, affine)
+    if op == 'sep_conv_3x3':
+        return sep_conv(ps, name, h_relu, c, 3, stride, affine)
+    if op == 'sep_conv_5x5':
+        return sep_conv(ps, name, h_relu, c, 5, stride, affine)
+    if op == 'dil_conv_3x3':
+        return dil_conv(ps, name, h_relu, c, 3, stride, affine)
+    if op == 'dil_conv_5x5':
+        return dil_conv(ps, name, h_relu, c, 5, stride, affine)
+    raise ValueError(f'unknown primitive {op!r}')
