@@ -58,6 +58,7 @@ class SearchConfig:
     arch_weight_decay: float = 1e-3
     arch_betas: tuple = (0.5, 0.999)
     second_order: bool = True
+    r_scale: float = R_SCALE  # R = r_scale / ||dw'||; the paper's 0.01
 
 
 @dataclass
@@ -193,7 +194,7 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
             w_prime, a = declare('arch/w_prime', [p], trainable=True), alphas(True)
             loss, _ = loss_at(w_prime, a, data('val_x'), data('val_y'), bn_prefix=UNROLLED_BN_PREFIX)
             *dalpha, dw = paddle.static.gradients(loss, a + [w_prime])
-            r = R_SCALE / global_norm([dw])
+            r = cfg.r_scale / global_norm([dw])
             w = declare(WEIGHTS, [p])
             store(w + r * dw, 'arch/w_plus', [p])
             store(w - r * dw, 'arch/w_minus', [p])

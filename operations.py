@@ -99,7 +99,14 @@ class ParamSet:
         self.layout, self.bn_stats, self.buffer_prefix = layout, bn_stats, buffer_prefix
         pieces = paddle.split(flat, layout.sizes) if len(layout.sizes) > 1 else [flat]
         self.pieces = {n: paddle.reshape(p, s) for n, p, s in zip(layout.names, pieces, layout.shapes)}
-        self.buffers = {}
+        self.buffers, self.constants = {}, {}
+        self.dtype = flat.dtype
+
+    def constant(self, n, value):
+        """A length-n vector filled with value, built once per ParamSet."""
+        if (n, value) not in self.constants:
+            self.constants[n, value] = paddle.full([n], value, self.dtype)
+        return self.constants[n, value]
 
     def weight(self, name, shape, init):
         w = self.pieces[name]
@@ -111,7 +118,7 @@ class ParamSet:
             if in_static_mode():
                 self.buffers[name] = declare(self.buffer_prefix + name, shape)
             else:
-                self.buffers[name] = paddle.full(shape, value, 'float32')
+                self.buffers[name] = paddle.full(shape, value, self.dtype)
         return self.buffers[name]
 
 
@@ -134,6 +141,9 @@ class _Recorder:
         self.layout.buffers.setdefault(name, (list(shape), value))
         return paddle.full(shape, value)
 
+    def constant(self, n, value):
+        return paddle.full([n], value, 'float32')
+
 
 def uniform_fan_in(fan_in):
     """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch's default conv/linear init."""
@@ -143,8 +153,11 @@ def uniform_fan_in(fan_in):
 def batch_norm(ps, name, x, affine):
     """y = (x - mean) / sqrt(var + eps) [* gamma + beta when affine]."""
     c = x.shape[1]
-    gamma = ps.weight(name + '.gamma', [c], ('constant', 1.0)) if affine else None
-    beta = ps.weight(name + '.beta', [c], ('constant', 0.0)) if affine else None
+    if affine:
+        gamma = ps.weight(name + '.gamma', [c], ('constant', 1.0))
+        beta = ps.weight(name + '.beta', [c], ('constant', 0.0))
+    else:  # constant 1 and 0 rather than None: oneDNN's batch norm crashes without them
+        gamma, beta = ps.constant(c, 1.0), ps.constant(c, 0.0)
     mean = ps.buffer(name + '.running_mean', [c], 0.0)
     var = ps.buffer(name + '.running_var', [c], 1.0)
     return F.batch_norm(x, mean, var, gamma, beta, training=ps.bn_stats != 'running',

@@ -1,0 +1,92 @@
+"""Seconds per search step and peak memory, first and second order, as JSON.
+
+    python benchmarks/search_step.py --batch_size 16 --init_channels 8 --layers 5 --image_size 32
+
+Each order runs in its own process so its peak resident memory (ru_maxrss) is its own.
+Reported: build time, time to the end of the first step (Paddle prepares each program
+on its first run), and the median of --steps steps after --warmup.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+
+def measure(args, second_order):
+    import numpy as np
+    import utils  # noqa: F401  (environment flags)
+    import paddle
+    from architect import (SearchConfig, build_search_programs, count_ops, initial_state,
+                           run_search_step, scratch_state, set_tensors)
+    paddle.enable_static()
+    place = utils.select_place(args.device)
+    cfg = SearchConfig(init_channels=args.init_channels, layers=args.layers, image_size=args.image_size,
+                       second_order=second_order)
+    t0 = time.time()
+    progs = build_search_programs(cfg)
+    build = time.time() - t0
+    exe = paddle.static.Executor(place)
+    scope = paddle.static.global_scope()
+    set_tensors(scope, place, {**initial_state(progs.layout, 0), **scratch_state(progs.layout)})
+    rng = np.random.default_rng(0)
+    b, s = args.batch_size, args.image_size
+    batch = dict(train_x=rng.standard_normal((b, 3, s, s)).astype('float32'), train_y=rng.integers(0, 10, b),
+                 val_x=rng.standard_normal((b, 3, s, s)).astype('float32'), val_y=rng.integers(0, 10, b))
+    times = []
+    for i in range(args.warmup + args.steps):
+        t = time.time()
+        run_search_step(exe, progs, batch, 0.025)
+        times.append(time.time() - t)
+    timed = times[args.warmup:]
+    return dict(order='second' if second_order else 'first', seconds_per_step_median=statistics.median(timed),
+                seconds_per_step_min=min(timed), steps_timed=len(timed), first_step_seconds=times[0],
+                build_seconds=build, ops=sum(count_ops(p) for p in progs.programs.values()),
+                weights=progs.layout.size,
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--batch_size', type=int, default=16)
+    p.add_argument('--init_channels', type=int, default=8)
+    p.add_argument('--layers', type=int, default=5)
+    p.add_argument('--image_size', type=int, default=32)
+    p.add_argument('--steps', type=int, default=10)
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--order', choices=['first', 'second', 'both'], default='both')
+    p.add_argument('--device', default='cpu', choices=['cpu', 'gpu', 'auto'])
+    p.add_argument('--out', default=None, help='also write the JSON here')
+    p.add_argument('--_child', choices=['first', 'second'], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._child:
+        print(json.dumps(measure(args, args._child == 'second')))
+        return
+    orders = ['first', 'second'] if args.order == 'both' else [args.order]
+    results = []
+    for order in orders:
+        cmd = [sys.executable, __file__, '--_child', order] + [
+            f'--{k}={getattr(args, k)}' for k in ('batch_size', 'init_channels', 'layers', 'image_size',
+                                                   'steps', 'warmup', 'device')]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    report = dict(config=dict(batch_size=args.batch_size, init_channels=args.init_channels, layers=args.layers,
+                              image_size=args.image_size, device=args.device, threads=os.cpu_count()),
+                  results=results)
+    if len(results) == 2:
+        report['second_over_first'] = results[1]['seconds_per_step_median'] / results[0]['seconds_per_step_median']
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, 'w') as f:
+            f.write(text + '\n')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,258 @@
+"""Data: CIFAR-10 from its python format, the embedded digits set, augmentation, batches.
+
+Batches are produced by worker processes (`num_workers`); each batch's augmentation
+is drawn from its own seed (run seed, epoch, batch index), so the data a step sees
+does not depend on how many workers made it, and a resumed run sees the same data.
+"""
+import hashlib
+import io
+import multiprocessing as mp
+import os
+import pickle
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
+CIFAR_MD5 = 'c58f30108f718f92721af3b95e74349a'
+CIFAR_ARCHIVE = 'cifar-10-python.tar.gz'
+CIFAR_DIR = 'cifar-10-batches-py'
+CIFAR_TRAIN_FILES = [f'data_batch_{i}' for i in range(1, 6)]
+CIFAR_TEST_FILE = 'test_batch'
+CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], 'float32')
+CIFAR_STD = np.array([0.2470, 0.2435, 0.2616], 'float32')
+
+
+class DataError(Exception):
+    """Bad or missing data: the message is one line for the user."""
+
+
+# ---------------------------------------------------------------- CIFAR-10 on disk
+
+def _unpickle_batch(raw, where):
+    try:
+        d = pickle.loads(raw, encoding='bytes')
+        data = np.asarray(d[b'data'], dtype=np.uint8)
+        labels = np.asarray(d[b'labels'], dtype=np.int64)
+    except Exception as e:  # truncated or not a CIFAR batch: say where, not a traceback
+        raise DataError(f'{where} is not a readable CIFAR-10 batch ({type(e).__name__}: {e})') from None
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise DataError(f'{where}: expected N x 3072 images and N labels, got {data.shape} and {labels.shape}')
+    if labels.min() < 0 or labels.max() > 9:
+        raise DataError(f'{where}: labels outside 0..9')
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _find_cifar(root):
+    """The folder holding the batch files, or the archive, under root; None if absent."""
+    for folder in (os.path.join(root, CIFAR_DIR), root):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in CIFAR_TRAIN_FILES + [CIFAR_TEST_FILE]):
+            return folder
+    archive = os.path.join(root, CIFAR_ARCHIVE)
+    return archive if os.path.isfile(archive) else None
+
+
+def _read_cifar_files(source, names):
+    out = []
+    if os.path.isdir(source):
+        for n in names:
+            with open(os.path.join(source, n), 'rb') as f:
+                out.append(_unpickle_batch(f.read(), os.path.join(source, n)))
+        return out
+    try:
+        with tarfile.open(source, 'r:gz') as tar:
+            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+            missing = [n for n in names if n not in members]
+            if missing:
+                raise DataError(f'{source} lacks {", ".join(missing)}: not a CIFAR-10 python archive')
+            for n in names:
+                out.append(_unpickle_batch(tar.extractfile(members[n]).read(), f'{source}:{n}'))
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f'{source} is not a readable tar.gz archive ({e})') from None
+    return out
+
+
+def missing_cifar_message(root):
+    return (f'no CIFAR-10 in {root}: expected {CIFAR_DIR}/ with {", ".join(CIFAR_TRAIN_FILES)} and '
+            f'{CIFAR_TEST_FILE}, or {CIFAR_ARCHIVE} (the python version from {CIFAR_URL})')
+
+
+def load_cifar10(root, download=True, url=CIFAR_URL, md5=CIFAR_MD5):
+    """(train_x, train_y, test_x, test_y): uint8 [N, 3, 32, 32] and int64 labels."""
+    source = _find_cifar(root)
+    if source is None and download:
+        download_cifar10(root, url, md5)
+        source = _find_cifar(root)
+    if source is None:
+        raise DataError(missing_cifar_message(root))
+    batches = _read_cifar_files(source, CIFAR_TRAIN_FILES + [CIFAR_TEST_FILE])
+    train_x = np.concatenate([b[0] for b in batches[:-1]])
+    train_y = np.concatenate([b[1] for b in batches[:-1]])
+    return train_x, train_y, batches[-1][0], batches[-1][1]
+
+
+def download_cifar10(root, url=CIFAR_URL, md5=CIFAR_MD5, timeout=20):
+    """Fetch the archive into root (progress on stderr), check its MD5, keep it as is.
+
+    Written to a .part file and renamed only once complete and verified.
+    """
+    os.makedirs(root, exist_ok=True)
+    dest = os.path.join(root, CIFAR_ARCHIVE)
+    part = dest + '.part'
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(part, 'wb') as f:
+            total = int(response.headers.get('Content-Length') or 0)
+            digest, done = hashlib.md5(), 0
+            while True:
+                chunk = response.read(1 << 20)
+                if not chunk:
+                    break
+                f.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                pct = f' {100 * done / total:5.1f}%' if total else ''
+                print(f'\rdownloading {url}: {done / 2**20:.1f} MiB{pct}', end='', file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        if os.path.exists(part):
+            os.remove(part)
+        reason = getattr(e, 'reason', e)
+        raise DataError(f'{missing_cifar_message(root)}; downloading it failed ({reason}): '
+                        f'put the archive there by hand') from None
+    if md5 and digest.hexdigest() != md5:
+        os.remove(part)
+        raise DataError(f'download from {url} has MD5 {digest.hexdigest()}, expected {md5}: not kept')
+    os.replace(part, dest)
+
+
+# ---------------------------------------------------------------- embedded digits
+
+def load_digits(test_fraction=1 / 6, seed=0):
+    """scikit-learn's 1,797 real 8x8 handwritten digits as 32x32 RGB uint8, split train/test."""
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ImportError:
+        raise DataError('--dataset digits needs scikit-learn (pip install scikit-learn)') from None
+    d = sk_digits()
+    gray = (d.images / 16.0 * 255.0).clip(0, 255)
+    # 8x8 -> 32x32 by repeating each pixel 4x4, then the same value in R, G and B.
+    big = gray.repeat(4, axis=1).repeat(4, axis=2).astype(np.uint8)
+    x = np.repeat(big[:, None], 3, axis=1)
+    y = d.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(round(len(x) * test_fraction))
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def load_dataset(name, root, download=True, url=CIFAR_URL, md5=CIFAR_MD5):
+    """(train_x, train_y, test_x, test_y, mean, std) for 'cifar10' or 'digits'."""
+    if name == 'cifar10':
+        return (*load_cifar10(root, download, url, md5), CIFAR_MEAN, CIFAR_STD)
+    if name == 'digits':
+        tx, ty, vx, vy = load_digits()
+        mean = tx.reshape(len(tx), 3, -1).mean(axis=(0, 2)) / 255.0
+        std = tx.reshape(len(tx), 3, -1).std(axis=(0, 2)) / 255.0
+        return tx, ty, vx, vy, mean.astype('float32'), std.astype('float32')
+    raise DataError(f'unknown dataset {name!r}: cifar10 or digits')
+
+
+def search_split(n, train_portion=0.5, seed=0):
+    """Disjoint (search-train, search-val) index arrays from a fixed-seed permutation."""
+    order = np.random.default_rng(seed).permutation(n)
+    k = int(np.floor(train_portion * n))
+    return np.sort(order[:k]), np.sort(order[k:])
+
+
+# ---------------------------------------------------------------- augmentation
+
+def augment_cifar(images, rng, crop_padding=4, flip=True, cutout=0):
+    """Random crop with zero padding, horizontal flip, cutout (length `cutout`) on uint8 NCHW."""
+    n, c, h, w = images.shape
+    out = images
+    if crop_padding:
+        padded = np.zeros((n, c, h + 2 * crop_padding, w + 2 * crop_padding), np.uint8)
+        padded[:, :, crop_padding:crop_padding + h, crop_padding:crop_padding + w] = images
+        dy = rng.integers(0, 2 * crop_padding + 1, n)
+        dx = rng.integers(0, 2 * crop_padding + 1, n)
+        out = np.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    if flip:
+        mask = rng.random(n) < 0.5
+        out = out.copy() if out is images else out
+        out[mask] = out[mask][..., ::-1]
+    if cutout:
+        out = out.copy() if out is images else out
+        cy, cx = rng.integers(0, h, n), rng.integers(0, w, n)
+        for i in range(n):
+            y0, y1 = max(cy[i] - cutout // 2, 0), min(cy[i] + cutout // 2, h)
+            x0, x1 = max(cx[i] - cutout // 2, 0), min(cx[i] + cutout // 2, w)
+            out[i, :, y0:y1, x0:x1] = 0
+    return out
+
+
+def normalize(images, mean, std):
+    """(x / 255 - mean) / std per channel, float32 NCHW."""
+    return ((images.astype(np.float32) / 255.0 - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
+
+
+# ---------------------------------------------------------------- batches
+
+class ArrayBatches:
+    """Batches of (x, y) from in-memory uint8 images, optionally augmented.
+
+    Batch b of epoch e uses indices from a permutation seeded by (seed, e) and
+    augmentation seeded by (seed, e, b).  Work is done by `num_workers` forked
+    processes (0: in this process), ahead of the consumer.
+    """
+
+    def __init__(self, images, labels, batch_size, mean, std, shuffle, augment,
+                 seed=0, num_workers=0, drop_last=False, cutout=0, stream=0):
+        self.images, self.labels = images, labels
+        self.batch_size, self.mean, self.std = batch_size, mean, std
+        self.shuffle, self.augment, self.cutout = shuffle, augment, cutout
+        self.seed, self.stream, self.num_workers, self.drop_last = seed, stream, num_workers, drop_last
+
+    def __len__(self):
+        n = len(self.images)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _plan(self, epoch):
+        n = len(self.images)
+        order = (np.random.default_rng([self.seed, self.stream, epoch]).permutation(n)
+                 if self.shuffle else np.arange(n))
+        return [(order[b * self.batch_size:(b + 1) * self.batch_size], epoch, b) for b in range(len(self))]
+
+    def make(self, job):
+        idx, epoch, b = job
+        x = self.images[idx]
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.stream, epoch, b])
+            x = augment_cifar(x, rng, cutout=self.cutout)
+        return normalize(x, self.mean, self.std), self.labels[idx]
+
+    def epoch(self, epoch, start=0):
+        """Iterate the batches of `epoch`, from batch `start`."""
+        jobs = self._plan(epoch)[start:]
+        if self.num_workers <= 0:
+            for job in jobs:
+                yield self.make(job)
+            return
+        # Forked workers inherit the arrays; only (key, indices) cross the pipe.
+        key = id(self)
+        _SOURCES[key] = self
+        try:
+            with mp.get_context('fork').Pool(self.num_workers) as pool:
+                yield from pool.imap(_make_batch, [(key, job) for job in jobs], chunksize=1)
+        finally:
+            _SOURCES.pop(key, None)
+
+
+_SOURCES = {}
+
+
+def _make_batch(task):
+    key, job = task
+    return _SOURCES[key].make(job)

@@ -1,0 +1,72 @@
+"""Shared test helpers: small data sets written in the real on-disk formats."""
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault('GLOG_minloglevel', '2')
+
+# Four classes told apart by colour (plus noise and a random bright square), so a
+# tiny network can learn them in a few epochs; chance is 25 %.
+COLOURS = np.array([[220, 40, 40], [40, 200, 40], [40, 60, 220], [200, 200, 200]], np.float64)
+
+
+def make_images(n, seed, classes=4):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    x = COLOURS[labels][:, :, None, None] + rng.normal(0, 30, (n, 3, 32, 32))
+    for i in range(n):
+        y0, x0 = rng.integers(0, 24, 2)
+        x[i, :, y0:y0 + 8, x0:x0 + 8] = 255
+    return np.clip(x, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+
+def cifar_batch_bytes(images, labels, name):
+    d = {b'batch_label': name.encode(), b'labels': [int(v) for v in labels],
+         b'data': images.reshape(len(images), -1), b'filenames': [f'{i}.png'.encode() for i in range(len(images))]}
+    return pickle.dumps(d, protocol=2)
+
+
+def write_cifar(root, per_batch=40, test=40, seed=0, archive=False):
+    """A CIFAR-10 python-format data set: cifar-10-batches-py/ (or the .tar.gz) under root."""
+    files = {}
+    for k in range(5):
+        x, y = make_images(per_batch, seed + k)
+        files[f'data_batch_{k + 1}'] = cifar_batch_bytes(x, y, f'training batch {k + 1}')
+    x, y = make_images(test, seed + 99)
+    files['test_batch'] = cifar_batch_bytes(x, y, 'testing batch')
+    os.makedirs(root, exist_ok=True)
+    if archive:
+        path = os.path.join(root, 'cifar-10-python.tar.gz')
+        with tarfile.open(path, 'w:gz') as tar:
+            for name, raw in files.items():
+                info = tarfile.TarInfo(f'cifar-10-batches-py/{name}')
+                info.size = len(raw)
+                tar.addfile(info, io.BytesIO(raw))
+        return path
+    folder = os.path.join(root, 'cifar-10-batches-py')
+    os.makedirs(folder, exist_ok=True)
+    for name, raw in files.items():
+        with open(os.path.join(folder, name), 'wb') as f:
+            f.write(raw)
+    return folder
+
+
+def run_script(script, *args, timeout=900):
+    """Run a project script as a user would; returns CompletedProcess (text)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope='session')
+def cifar_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp('cifar')
+    write_cifar(str(root))
+    return str(root)

@@ -1,0 +1,86 @@
+import json
+
+import numpy as np
+import pytest
+
+import genotypes
+from genotypes import PRIMITIVES, Genotype, derive, derive_cell, num_edges
+
+
+def test_named_genotypes_are_valid_and_listed():
+    for name in ('DARTS_V1', 'DARTS_V2', 'DARTS_PADDLE'):
+        g = genotypes.by_name(name)
+        genotypes.validate(g)
+        assert len(g.normal) == len(g.reduce) == 8
+    with pytest.raises(genotypes.GenotypeError, match='DARTS_V1.*DARTS_V2.*DARTS_PADDLE'):
+        genotypes.by_name('NOPE')
+
+
+def _weights(entries):
+    """Softmax-like rows: small noise, with given (edge, op) -> weight."""
+    w = np.full((num_edges(), len(PRIMITIVES)), 0.01)
+    for (e, op), v in entries.items():
+        w[e, PRIMITIVES.index(op)] = v
+    return w
+
+
+def test_derive_keeps_two_strongest_edges_and_their_best_op():
+    # node 0: edges 0, 1; node 1: edges 2, 3, 4; node 2: 5..8; node 3: 9..13
+    w = _weights({(0, 'sep_conv_3x3'): 0.5, (1, 'max_pool_3x3'): 0.3,
+                  (2, 'skip_connect'): 0.2, (3, 'dil_conv_5x5'): 0.6, (4, 'sep_conv_5x5'): 0.4,
+                  (5, 'avg_pool_3x3'): 0.1, (7, 'sep_conv_3x3'): 0.7, (8, 'dil_conv_3x3'): 0.3,
+                  (13, 'sep_conv_3x3'): 0.9, (11, 'skip_connect'): 0.8})
+    gene = derive_cell(w)
+    assert gene == [('sep_conv_3x3', 0), ('max_pool_3x3', 1),
+                    ('dil_conv_5x5', 1), ('sep_conv_5x5', 2),
+                    ('sep_conv_3x3', 2), ('dil_conv_3x3', 3),
+                    ('sep_conv_3x3', 4), ('skip_connect', 2)]
+
+
+def test_derive_ignores_none_even_when_it_dominates():
+    # `none` has the largest weight everywhere; it must neither pick edges nor be kept.
+    w = _weights({(e, 'none'): 0.9 for e in range(num_edges())})
+    w[1, PRIMITIVES.index('sep_conv_5x5')] = 0.05   # node 0: edge 1 beats edge 0 on non-none ops
+    w[0, PRIMITIVES.index('avg_pool_3x3')] = 0.04
+    gene = derive_cell(w)
+    assert all(op != 'none' for op, _ in gene)
+    assert gene[:2] == [('sep_conv_5x5', 1), ('avg_pool_3x3', 0)]
+
+
+def test_derive_ties_go_to_lower_edge_and_earlier_op():
+    w = np.full((num_edges(), len(PRIMITIVES)), 0.125)  # all equal
+    gene = derive_cell(w)
+    # every node: edges 0 and 1, op = first non-none primitive
+    assert gene == [('max_pool_3x3', 0), ('max_pool_3x3', 1)] * 4
+
+
+def test_json_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    g = derive(rng.random((14, 8)), rng.random((14, 8)))
+    path = str(tmp_path / 'g.json')
+    genotypes.save(g, path)
+    assert genotypes.load(path) == g
+    assert genotypes.load(path).normal_concat == [2, 3, 4, 5]
+    assert isinstance(genotypes.load(path).normal[0], tuple)
+
+
+@pytest.mark.parametrize('mutate, message', [
+    (lambda d: d['normal'].__setitem__(0, ['conv_7x7', 0]), 'unknown op'),
+    (lambda d: d['reduce'].__setitem__(2, ['skip_connect', 3]), 'node 1 can take inputs 0..2'),
+    (lambda d: d.pop('reduce_concat'), 'missing reduce_concat'),
+    (lambda d: d['normal'].pop(), 'two .op, input. pairs'),
+])
+def test_invalid_genotype_files_say_what_is_wrong(tmp_path, mutate, message):
+    d = json.loads(genotypes.to_json(genotypes.DARTS_V2))
+    mutate(d)
+    path = tmp_path / 'bad.json'
+    path.write_text(json.dumps(d))
+    with pytest.raises(genotypes.GenotypeError, match=message):
+        genotypes.load(str(path))
+
+
+def test_not_json(tmp_path):
+    path = tmp_path / 'x.json'
+    path.write_text('{not json')
+    with pytest.raises(genotypes.GenotypeError, match='not JSON'):
+        genotypes.load(str(path))

@@ -1,0 +1,197 @@
+"""DARTS architecture search (second order by default) on CIFAR-10 or the embedded digits.
+
+    python train_search.py --data ./data                 # CIFAR-10, paper settings
+    python train_search.py --dataset digits --epochs 5   # small offline demo
+
+Writes RUN_DIR/{args.json, log.txt, checkpoint.npz, genotype.json, history.jsonl}.
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+import utils  # first: sets Paddle's environment flags before paddle is imported
+import genotypes
+from reader import CIFAR_MD5, CIFAR_URL, ArrayBatches, load_dataset, search_split
+from utils import UserError
+
+# Flags a resumed run may change; everything else is taken from the run's args.json.
+RESUMABLE_OVERRIDES = ('epochs', 'device', 'num_workers', 'report_freq', 'data')
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a('--dataset', default='cifar10', choices=['cifar10', 'digits'], help='digits: 1,797 8x8 digits shipped with scikit-learn')
+    a('--data', default='./data', help='folder with cifar-10-batches-py/ or cifar-10-python.tar.gz')
+    a('--data_url', default=CIFAR_URL, help='where to download CIFAR-10 from when --data has none')
+    a('--data_md5', default=CIFAR_MD5, help='MD5 the downloaded archive must have')
+    a('--no_download', action='store_true', help='never download; fail if --data has no CIFAR-10')
+    a('--epochs', type=int, default=50)
+    a('--batch_size', type=int, default=64)
+    a('--init_channels', type=int, default=16)
+    a('--layers', type=int, default=8)
+    a('--learning_rate', type=float, default=0.025)
+    a('--learning_rate_min', type=float, default=0.001)
+    a('--momentum', type=float, default=0.9)
+    a('--weight_decay', type=float, default=3e-4)
+    a('--grad_clip', type=float, default=5.0)
+    a('--arch_learning_rate', type=float, default=3e-4)
+    a('--arch_weight_decay', type=float, default=1e-3)
+    a('--train_portion', type=float, default=0.5)
+    a('--first_order', action='store_true', help='first-order alpha gradient (DARTS V1)')
+    a('--image_size', type=int, default=32, help=argparse.SUPPRESS)
+    a('--device', default='auto', choices=['auto', 'gpu', 'cpu'], help='auto: the GPU when there is one')
+    a('--seed', type=int, default=2)
+    a('--num_workers', type=int, default=min(2, os.cpu_count() or 1), help='batch-making processes (0: none)')
+    a('--report_freq', type=int, default=50, help='progress line every N steps')
+    a('--save', default=None, help='run folder (default runs/search-DATE-TIME); must not exist')
+    a('--resume', default=None, metavar='RUN_DIR', help='continue the run in RUN_DIR from its last checkpoint')
+    args = p.parse_args(argv)
+    for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'report_freq'):
+        if getattr(args, name) < 1:
+            p.error(f'--{name} must be at least 1')
+    if not 0 < args.train_portion < 1:
+        p.error('--train_portion must be between 0 and 1')
+    return args
+
+
+def merge_resumed_args(args):
+    """The resumed run's own settings, with the few that may change taken from the command line."""
+    with open(os.path.join(args.resume, 'args.json')) as f:
+        saved = json.load(f)
+    defaults = vars(parse_args([]))
+    for name in RESUMABLE_OVERRIDES:
+        if getattr(args, name) != defaults[name]:
+            saved[name] = getattr(args, name)
+    saved['resume'] = args.resume
+    return argparse.Namespace(**saved)
+
+
+def search(args):
+    if args.resume:
+        args = merge_resumed_args(args)
+    run_dir = utils.prepare_run_dir(args.save, args.resume, 'search')
+    log = utils.Log(run_dir)
+    if not args.resume:
+        utils.write_json(os.path.join(run_dir, 'args.json'), vars(args))
+
+    train_x, train_y, _, _, mean, std = load_dataset(args.dataset, args.data, not args.no_download,
+                                                     args.data_url, args.data_md5)
+    search_train, search_val = search_split(len(train_x), args.train_portion, seed=args.seed)
+    smallest = min(len(search_train), len(search_val))
+    if args.batch_size > smallest:
+        raise UserError(f'--batch_size {args.batch_size} is larger than the search split '
+                        f'({len(search_train)} train / {len(search_val)} val images)')
+
+    import paddle
+    from architect import (SearchConfig, build_search_programs, count_ops, evaluate_batch, get_tensors,
+                           initial_state, run_search_step, scratch_state, set_tensors, softmax)
+    place = utils.select_place(args.device)
+    paddle.enable_static()
+    cfg = SearchConfig(init_channels=args.init_channels, layers=args.layers, num_classes=10,
+                       image_size=args.image_size, momentum=args.momentum, weight_decay=args.weight_decay,
+                       grad_clip=args.grad_clip, arch_learning_rate=args.arch_learning_rate,
+                       arch_weight_decay=args.arch_weight_decay, second_order=not args.first_order)
+
+    t0 = time.time()
+    progs = build_search_programs(cfg)  # the only place programs are built
+    log(f'run folder {run_dir}; {"first" if args.first_order else "second"}-order search, '
+        f'{progs.layout.size / 1e6:.3f}M weights; programs built in {time.time() - t0:.1f}s '
+        f'({sum(count_ops(p) for p in progs.programs.values())} ops)')
+
+    scope = paddle.static.Scope()
+    exe = paddle.static.Executor(place)
+    state = initial_state(progs.layout, args.seed)
+    history, start_epoch = [], 0
+    ckpt_path = os.path.join(run_dir, 'checkpoint.npz')
+    if args.resume:
+        arrays, meta = utils.load_checkpoint(ckpt_path)
+        if set(arrays) != set(state) or any(arrays[k].shape != state[k].shape for k in state):
+            raise UserError(f'{ckpt_path} does not match this network (different flags?)')
+        state, history, start_epoch = arrays, meta['history'], meta['epoch'] + 1
+        _rewrite_history(run_dir, history)
+        log(f'resumed from epoch {meta["epoch"] + 1} of {args.epochs}')
+
+    train_batches = ArrayBatches(train_x[search_train], train_y[search_train], args.batch_size, mean, std,
+                                 shuffle=True, augment=True, seed=args.seed, num_workers=args.num_workers,
+                                 drop_last=True, stream=0)
+    val_batches = ArrayBatches(train_x[search_val], train_y[search_val], args.batch_size, mean, std,
+                               shuffle=True, augment=True, seed=args.seed, num_workers=args.num_workers,
+                               drop_last=True, stream=1)
+    val_eval = ArrayBatches(train_x[search_val], train_y[search_val], max(args.batch_size, 256), mean, std,
+                            shuffle=False, augment=False, num_workers=0)
+
+    with paddle.static.scope_guard(scope):
+        set_tensors(scope, place, {**state, **scratch_state(progs.layout)})
+        steps = min(len(train_batches), len(val_batches))
+        for epoch in range(start_epoch, args.epochs):
+            lr = utils.cosine_lr(epoch, args.epochs, args.learning_rate, args.learning_rate_min)
+            t_epoch, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+            t_mark = time.time()
+            for step, ((tx, ty), (vx, vy)) in enumerate(zip(train_batches.epoch(epoch), val_batches.epoch(epoch))):
+                loss, logits, _ = run_search_step(exe, progs, dict(train_x=tx, train_y=ty, val_x=vx, val_y=vy), lr)
+                if not np.isfinite(loss):
+                    raise UserError(f'training loss became {loss} at epoch {epoch + 1} step {step + 1}; '
+                                    f'lower --learning_rate (the last checkpoint is kept)')
+                seen += len(ty)
+                loss_sum += loss * len(ty)
+                correct += int((logits.argmax(1) == ty).sum())
+                if (step + 1) % args.report_freq == 0 or step + 1 == steps:
+                    rate = seen / (time.time() - t_epoch)
+                    log(f'epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} '
+                        f'train loss {loss_sum / seen:.4f} top1 {100 * correct / seen:.2f}% '
+                        f'{rate:.1f} img/s')
+            train_time = time.time() - t_epoch
+            val_loss, val_acc = _evaluate(exe, progs, val_eval)
+            alphas = get_tensors(scope, ['alpha_normal', 'alpha_reduce'])
+            w_normal, w_reduce = softmax(alphas['alpha_normal']), softmax(alphas['alpha_reduce'])
+            genotype = genotypes.derive(w_normal, w_reduce)
+            record = dict(epoch=epoch + 1, lr=lr, train_loss=loss_sum / seen, train_acc=correct / seen,
+                          val_loss=val_loss, val_acc=val_acc, images_per_sec=seen / train_time,
+                          epoch_time=time.time() - t_epoch, genotype=json.loads(genotypes.to_json(genotype)),
+                          alpha_normal=w_normal.round(6).tolist(), alpha_reduce=w_reduce.round(6).tolist())
+            history.append(record)
+            names = list(state)
+            utils.save_checkpoint(ckpt_path, get_tensors(scope, names),
+                                  dict(epoch=epoch, history=history, seed=args.seed,
+                                       note='data order and augmentation are seeded by (seed, epoch, batch)'))
+            with open(os.path.join(run_dir, 'history.jsonl'), 'a') as f:
+                f.write(json.dumps(record) + '\n')
+            genotypes.save(genotype, os.path.join(run_dir, 'genotype.json'))
+            log(f'epoch {epoch + 1}/{args.epochs} lr {lr:.5f} train loss {record["train_loss"]:.4f} '
+                f'top1 {100 * record["train_acc"]:.2f}% | search-val loss {val_loss:.4f} top1 {100 * val_acc:.2f}% '
+                f'| {record["images_per_sec"]:.1f} img/s, epoch {record["epoch_time"]:.1f}s')
+            log(f'genotype = {genotype}')
+    log(f'done: genotype in {os.path.join(run_dir, "genotype.json")}')
+    return run_dir
+
+
+def _evaluate(exe, progs, batches):
+    from architect import evaluate_batch
+    loss_sum, correct, n = 0.0, 0, 0
+    for x, y in batches.epoch(0):
+        loss, logits = evaluate_batch(exe, progs, x, y)
+        loss_sum += loss * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    return loss_sum / n, correct / n
+
+
+def _rewrite_history(run_dir, history):
+    """history.jsonl as the checkpoint knows it: epochs written after it are dropped."""
+    tmp = os.path.join(run_dir, 'history.jsonl.tmp')
+    with open(tmp, 'w') as f:
+        for r in history:
+            f.write(json.dumps(r) + '\n')
+    os.replace(tmp, os.path.join(run_dir, 'history.jsonl'))
+
+
+def main(argv=None):
+    return utils.run_main(search, argv, parse_args)
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""Run plumbing shared by the training scripts: errors, device, run folder, log, checkpoints."""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+# Paddle's C++ logging (executor banners, PIR warnings) is noise for a user.
+os.environ.setdefault('GLOG_minloglevel', '2')
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: reported as one line, exit status 2."""
+
+
+def run_main(run, argv, parse):
+    """Parse, run, and turn expected failures into one line on stderr and an exit code."""
+    from genotypes import GenotypeError
+    from reader import DataError
+    args = parse(argv)
+    try:
+        run(args)
+    except (UserError, DataError, GenotypeError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('\ninterrupted: the last checkpoint is kept; continue with --resume RUN_DIR', file=sys.stderr)
+        return 130
+    return 0
+
+
+def select_place(device):
+    """The Paddle place for --device gpu|cpu|auto (auto: the GPU when there is one)."""
+    import paddle
+    has_cuda = paddle.is_compiled_with_cuda()
+    count = paddle.device.cuda.device_count() if has_cuda else 0
+    if device == 'auto':
+        device = 'gpu' if count > 0 else 'cpu'
+    if device == 'gpu':
+        if not has_cuda:
+            raise UserError('--device gpu: this Paddle build has no CUDA support; install '
+                            'paddlepaddle-gpu from Paddle\'s package index, or use --device cpu')
+        if count == 0:
+            raise UserError('--device gpu: Paddle has CUDA support but sees no GPU; use --device cpu')
+        paddle.set_device('gpu:0')
+        return paddle.CUDAPlace(0)
+    paddle.set_device('cpu')
+    return paddle.CPUPlace()
+
+
+def prepare_run_dir(save, resume, prefix):
+    """The run folder: a new one (refusing to reuse an existing one) or the resumed one."""
+    if resume:
+        if not os.path.isfile(os.path.join(resume, 'checkpoint.npz')):
+            raise UserError(f'--resume {resume}: no checkpoint.npz there (a run writes one after its first epoch)')
+        return resume
+    path = save or os.path.join('runs', time.strftime(f'{prefix}-%Y%m%d-%H%M%S'))
+    if os.path.exists(path) and os.listdir(path):
+        raise UserError(f'{path} already exists; continue it with --resume {path}, or pick another --save')
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+class Log:
+    """print() that also appends to RUN_DIR/log.txt."""
+
+    def __init__(self, run_dir):
+        self.path = os.path.join(run_dir, 'log.txt')
+
+    def __call__(self, *parts, end='\n'):
+        line = ' '.join(str(p) for p in parts)
+        print(line, end=end, flush=True)
+        with open(self.path, 'a') as f:
+            f.write(line + ('\n' if end == '\r' else end))
+
+
+def save_checkpoint(path, arrays, meta):
+    """All tensors and a JSON meta record in one .npz, replaced atomically.
+
+    The file is written beside the target and renamed over it, so a kill during the
+    write leaves the previous checkpoint whole.
+    """
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    try:
+        with np.load(path) as z:
+            meta = json.loads(str(z['__meta__']))
+            arrays = {k: z[k] for k in z.files if k != '__meta__'}
+    except Exception as e:
+        raise UserError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e})') from None
+    return arrays, meta
+
+
+def write_json(path, obj):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+        f.write('\n')
+    os.replace(tmp, path)
+
+
+def cosine_lr(epoch, epochs, lr_max, lr_min):
+    """lr_min + (lr_max - lr_min) * (1 + cos(pi * epoch / epochs)) / 2."""
+    import math
+    return lr_min + (lr_max - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def accuracy(logits, labels, k=1):
+    """Fraction of rows whose label is among the k largest logits."""
+    top = np.argsort(-logits, axis=1)[:, :k]
+    return float((top == labels[:, None]).any(axis=1).mean())
