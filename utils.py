@@ -3,11 +3,13 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
 # Paddle's C++ logging (executor banners, PIR warnings) is noise for a user.
 os.environ.setdefault('GLOG_minloglevel', '2')
+warnings.filterwarnings('ignore', category=UserWarning, module=r'paddle\b.*')
 
 
 class UserError(Exception):

@@ -1,0 +1,189 @@
+"""train_search.py as a user runs it: a real (tiny) search, resume after kills, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_script, write_cifar
+
+TINY = ['--init_channels', '4', '--layers', '3', '--batch_size', '20', '--epochs', '3',
+        '--num_workers', '0', '--seed', '5', '--no_download']
+
+
+def history(run_dir):
+    with open(os.path.join(run_dir, 'history.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='module')
+def reference(cifar_dir, tmp_path_factory):
+    """An uninterrupted 3-epoch search, run in this process with the program builder counted."""
+    import architect
+    import train_search
+    calls = []
+    real_build = architect.build_search_programs
+
+    def counting_build(cfg):
+        progs = real_build(cfg)
+        calls.append({k: architect.count_ops(p) for k, p in progs.programs.items()})
+        calls[-1]['_progs'] = progs
+        return progs
+
+    run_dir = str(tmp_path_factory.mktemp('search') / 'ref')
+    architect.build_search_programs = counting_build
+    try:
+        assert train_search.main(['--data', cifar_dir, '--save', run_dir, '--report_freq', '2', *TINY]) == 0
+    finally:
+        architect.build_search_programs = real_build
+    return run_dir, calls
+
+
+def test_programs_are_built_once_and_never_change(reference):
+    run_dir, calls = reference
+    assert len(calls) == 1                      # 3 epochs x 5 steps, one build
+    progs = calls[0].pop('_progs')
+    assert {k: architect_ops(p) for k, p in progs.programs.items()} == calls[0]
+    assert len(history(run_dir)) == 3
+
+
+def architect_ops(p):
+    import architect
+    return architect.count_ops(p)
+
+
+def test_search_learns_and_writes_its_run_folder(reference):
+    run_dir, _ = reference
+    h = history(run_dir)
+    assert [r['epoch'] for r in h] == [1, 2, 3]
+    assert h[-1]['val_acc'] > 0.5, h[-1]['val_acc']       # 4 colour classes: chance is 0.25
+    for r in h:
+        assert np.allclose(np.sum(r['alpha_normal'], axis=1), 1, atol=1e-4)
+        assert len(r['genotype']['normal']) == 8
+    import genotypes
+    g = genotypes.load(os.path.join(run_dir, 'genotype.json'))
+    assert json.loads(genotypes.to_json(g)) == h[-1]['genotype']
+    log = open(os.path.join(run_dir, 'log.txt')).read()
+    assert 'img/s' in log and 'step 2/5' in log and 'genotype = Genotype(' in log
+    args = json.load(open(os.path.join(run_dir, 'args.json')))
+    assert args['layers'] == 3 and args['first_order'] is False
+
+
+def _kill_when(cmd, run_dir, ready):
+    """Start a search, SIGKILL it once ready(stdout so far) holds; return what it printed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    seen = ''
+    deadline = time.time() + 600
+    for line in proc.stdout:
+        seen += line
+        if ready(seen):
+            proc.send_signal(signal.SIGKILL)
+            break
+        assert time.time() < deadline
+    proc.wait()
+    return seen
+
+
+@pytest.mark.parametrize('where', ['between_epochs', 'mid_epoch'])
+def test_resume_after_kill_reaches_the_same_history(reference, cifar_dir, tmp_path, where):
+    ref_dir, _ = reference
+    run_dir = str(tmp_path / 'run')
+    cmd = [sys.executable, os.path.join(ROOT, 'train_search.py'), '--data', cifar_dir, '--save', run_dir,
+           '--report_freq', '1', *TINY]
+    if where == 'between_epochs':   # right after epoch 1's summary line: its checkpoint is on disk
+        out = _kill_when(cmd, run_dir, lambda s: 'genotype = ' in s)
+    else:                           # in the middle of epoch 2
+        out = _kill_when(cmd, run_dir, lambda s: 'epoch 2/3 step 3/5' in s)
+    assert 'done' not in out
+    assert len(history(run_dir)) == 1
+    r = run_script('train_search.py', '--resume', run_dir)
+    assert r.returncode == 0, r.stderr
+    assert 'resumed from epoch 1' in r.stdout
+    ours, ref = history(run_dir), history(ref_dir)
+    assert [x['genotype'] for x in ours] == [x['genotype'] for x in ref]
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a['alpha_normal'], b['alpha_normal'], atol=1e-5)
+        np.testing.assert_allclose(a['alpha_reduce'], b['alpha_reduce'], atol=1e-5)
+        assert abs(a['val_acc'] - b['val_acc']) < 0.02
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    import utils
+    path = str(tmp_path / 'checkpoint.npz')
+    utils.save_checkpoint(path, {'w': np.arange(3.0)}, {'epoch': 0})
+
+    def dies_half_way(f, **arrays):
+        f.write(b'PK\x03\x04 partial')
+        raise KeyboardInterrupt  # as if killed during the write
+    monkeypatch.setattr(np, 'savez', dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        utils.save_checkpoint(path, {'w': np.zeros(3)}, {'epoch': 1})
+    arrays, meta = utils.load_checkpoint(path)
+    assert meta['epoch'] == 0 and arrays['w'].tolist() == [0.0, 1.0, 2.0]
+
+
+def _one_line_error(r, *phrases):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: '), r.stderr
+    for p in phrases:
+        assert p in lines[0], lines[0]
+
+
+def test_missing_data_says_what_is_expected(tmp_path):
+    r = run_script('train_search.py', '--data', tmp_path / 'nothing', '--save', tmp_path / 'run', '--no_download')
+    _one_line_error(r, 'no CIFAR-10 in', 'data_batch_1', 'cifar-10-python.tar.gz')
+
+
+def test_offline_download_fails_cleanly(tmp_path):
+    # a port on this machine where nothing listens: the download fails at once
+    r = run_script('train_search.py', '--data', tmp_path / 'd', '--save', tmp_path / 'run',
+                   '--data_url', 'http://127.0.0.1:9/cifar-10-python.tar.gz')
+    _one_line_error(r, 'downloading it failed')
+    assert not os.path.exists(tmp_path / 'd' / 'cifar-10-python.tar.gz.part')
+
+
+def test_truncated_batch_file(tmp_path):
+    folder = write_cifar(str(tmp_path / 'c'))
+    path = os.path.join(folder, 'data_batch_3')
+    raw = open(path, 'rb').read()
+    open(path, 'wb').write(raw[: len(raw) // 2])
+    r = run_script('train_search.py', '--data', tmp_path / 'c', '--save', tmp_path / 'run', '--no_download')
+    _one_line_error(r, 'data_batch_3', 'not a readable CIFAR-10 batch')
+
+
+def test_corrupt_archive(tmp_path):
+    (tmp_path / 'c').mkdir()
+    (tmp_path / 'c' / 'cifar-10-python.tar.gz').write_bytes(b'\x1f\x8b garbage')
+    r = run_script('train_search.py', '--data', tmp_path / 'c', '--save', tmp_path / 'run', '--no_download')
+    _one_line_error(r, 'not a readable tar.gz')
+
+
+def test_gpu_requested_without_cuda(cifar_dir, tmp_path):
+    r = run_script('train_search.py', '--data', cifar_dir, '--save', tmp_path / 'run', '--device', 'gpu', *TINY)
+    _one_line_error(r, '--device gpu', '--device cpu')
+
+
+def test_batch_larger_than_split(cifar_dir, tmp_path):
+    r = run_script('train_search.py', '--data', cifar_dir, '--save', tmp_path / 'run', '--batch_size', '500',
+                   '--no_download')
+    _one_line_error(r, '--batch_size 500', '100 train / 100 val')
+
+
+def test_existing_run_dir_is_not_overwritten(cifar_dir, tmp_path):
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    (run_dir / 'log.txt').write_text('precious\n')
+    r = run_script('train_search.py', '--data', cifar_dir, '--save', run_dir, *TINY)
+    _one_line_error(r, 'already exists', '--resume')
+    assert (run_dir / 'log.txt').read_text() == 'precious\n'
+    assert sorted(os.listdir(run_dir)) == ['log.txt']
+
+
+def test_bad_flag_value():
+    r = run_script('train_search.py', '--epochs', '0')
+    assert r.returncode == 2 and '--epochs must be at least 1' in r.stderr
