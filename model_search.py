@@ -42,42 +42,52 @@ def targets(j, steps=STEPS):
 
 
 def _source_weights(alpha):
-    """softmax(alpha) regrouped by source node: {j: [w_o of shape [1, n_j, 1, 1, 1] for each op o]}."""
+    """softmax(alpha) regrouped by source node: {j: [n_j, |PRIMITIVES|]}, row t for target j - 1 + t."""
     order = [(j, i) for j in range(STEPS + 1) for i in targets(j)]
     rows = paddle.gather(F.softmax(alpha, axis=-1), paddle.to_tensor([edge_index(i, j) for j, i in order]))
     sizes = [len(targets(j)) for j in range(STEPS + 1)]
-    per_source = paddle.split(paddle.transpose(rows, [1, 0]), sizes, axis=1)  # [ops, n_j]
-    return {j: paddle.unbind(paddle.reshape(w, [len(PRIMITIVES), 1, n, 1, 1, 1]), axis=0)
-            for j, (w, n) in enumerate(zip(per_source, sizes))}
+    return dict(enumerate(paddle.split(rows, sizes, axis=0)))
+
+
+def _mixture_terms(w, c, strided):
+    """What a wide block needs from its [n, ops] weights at width c:
+    per-channel BN scales [n * c] for the parametric ops (skip too when strided),
+    and the [n, k] matrix that mixes the k shared terms (max, avg[, identity])."""
+    def per_channel(o):
+        return paddle.repeat_interleave(w[:, o], c)
+    parametric = ['skip_connect'] * strided + ['sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5']
+    scales = {op: per_channel(PRIMITIVES.index(op)) for op in parametric}
+    shared = w[:, 1:3] if strided else w[:, 1:4]
+    return scales, shared
 
 
 def _wide_block(ps, name, h, w, c, stride):
-    """sum_o w_o * o(h) for every edge leaving h: [N, n, C, H', W'], n = len(w[0]).
+    """sum_o w_o * o(h) for every edge leaving h: [N, n, C, H', W'] with n = rows of w.
 
-    Uses w[1..7] (max, avg, skip, sep3, sep5, dil3, dil5); none is left out.
+    Parametric ops (and the strided skip) get their weight as BN gamma; the shared
+    terms (max, avg, and identity skip) are mixed for all n targets by one matmul.
     """
-    n = w[0].shape[1]
+    n = w.shape[0]
+    scales, shared_w = _mixture_terms(w, c, stride == 2)
     h_relu = F.relu(h)
     stacked = paddle.tile(h_relu, [1, n, 1, 1]) if n > 1 else h_relu
-
-    def per_edge(y):  # [N, n * C, H, W] -> [N, n, C, H, W]
-        return paddle.reshape(y, [-1, n, c, y.shape[2], y.shape[3]])
-
-    def shared(y):  # [N, C, H, W] -> [N, 1, C, H, W], broadcast over the n edges
-        return paddle.unsqueeze(y, 1)
-
-    h_max = batch_norm(ps, name + '.max_bn', max_pool(h, stride), affine=False)
-    h_avg = batch_norm(ps, name + '.avg_bn', avg_pool(h, stride), affine=False)
+    shared = [batch_norm(ps, name + '.max_bn', max_pool(h, stride), affine=False),
+              batch_norm(ps, name + '.avg_bn', avg_pool(h, stride), affine=False)]
+    wide = []
     if stride == 1:
-        skip = shared(h)
+        shared.append(h)
     else:
-        skip = per_edge(factorized_reduce(ps, name + '.skip', h_relu, c, affine=False, copies=n))
-    terms = [w[1] * shared(h_max), w[2] * shared(h_avg), w[3] * skip,
-             w[4] * per_edge(sep_conv(ps, name + '.sep3', stacked, c, 3, stride, False, copies=n)),
-             w[5] * per_edge(sep_conv(ps, name + '.sep5', stacked, c, 5, stride, False, copies=n)),
-             w[6] * per_edge(dil_conv(ps, name + '.dil3', stacked, c, 3, stride, False, copies=n)),
-             w[7] * per_edge(dil_conv(ps, name + '.dil5', stacked, c, 5, stride, False, copies=n))]
-    return paddle.add_n(terms)
+        wide.append(factorized_reduce(ps, name + '.skip', h_relu, c, False, copies=n, scale=scales['skip_connect']))
+    wide += [sep_conv(ps, name + '.sep3', stacked, c, 3, stride, False, copies=n, scale=scales['sep_conv_3x3']),
+             sep_conv(ps, name + '.sep5', stacked, c, 5, stride, False, copies=n, scale=scales['sep_conv_5x5']),
+             dil_conv(ps, name + '.dil3', stacked, c, 3, stride, False, copies=n, scale=scales['dil_conv_3x3']),
+             dil_conv(ps, name + '.dil5', stacked, c, 5, stride, False, copies=n, scale=scales['dil_conv_5x5'])]
+    hh, ww = shared[0].shape[2], shared[0].shape[3]
+    # [N, k, C*H*W] -> [n, k] @ . -> [N, n, C*H*W]: every target's mix of the shared terms at once
+    mixed = paddle.matmul(shared_w, paddle.reshape(paddle.stack(shared, axis=1), [-1, len(shared), c * hh * ww]))
+    block = paddle.add_n([paddle.reshape(y, [-1, n * c * hh * ww]) for y in wide]
+                         + [paddle.reshape(mixed, [-1, n * c * hh * ww])])
+    return paddle.reshape(block, [-1, n, c, hh, ww])
 
 
 def search_cell(ps, name, s0, s1, source_weights, c, reduction, reduction_prev):

@@ -150,10 +150,19 @@ def uniform_fan_in(fan_in):
     return ('uniform', 1.0 / math.sqrt(fan_in))
 
 
-def batch_norm(ps, name, x, affine):
-    """y = (x - mean) / sqrt(var + eps) [* gamma + beta when affine]."""
+def batch_norm(ps, name, x, affine, scale=None):
+    """y = (x - mean) / sqrt(var + eps) [* gamma + beta when affine].
+
+    scale (non-affine only): a per-channel factor applied as the BN's gamma, y * scale,
+    so a mixture weight costs no separate multiply.
+    """
     c = x.shape[1]
-    if affine:
+    if scale is not None:
+        assert not affine
+        # beta derived from scale: Paddle 3.3's batch_norm_grad fails when gamma needs a
+        # gradient and beta does not
+        gamma, beta = scale, scale * 0.0
+    elif affine:
         gamma = ps.weight(name + '.gamma', [c], ('constant', 1.0))
         beta = ps.weight(name + '.beta', [c], ('constant', 0.0))
     else:  # constant 1 and 0 rather than None: oneDNN's batch norm crashes without them
@@ -185,7 +194,7 @@ def relu_conv_bn(ps, name, x, c_out, kernel, stride, padding, affine):
     return batch_norm(ps, name + '.bn', conv(ps, name + '.conv', F.relu(x), c_out, kernel, stride, padding), affine)
 
 
-def factorized_reduce(ps, name, x_relu, c_out, affine, copies=1):
+def factorized_reduce(ps, name, x_relu, c_out, affine, copies=1, scale=None):
     """Halve H and W: BN(concat(conv1x1_s2(x), conv1x1_s2(x[:, :, 1:, 1:]))), x = ReLU(h).
 
     copies=n builds n independent reductions of the same input at once; the result
@@ -201,10 +210,10 @@ def factorized_reduce(ps, name, x_relu, c_out, affine, copies=1):
         y = paddle.reshape(paddle.concat([a, b], axis=2), [-1, copies * c_out, h, w])
     else:
         y = paddle.concat([a, b], axis=1)
-    return batch_norm(ps, name + '.bn', y, affine)
+    return batch_norm(ps, name + '.bn', y, affine, scale)
 
 
-def sep_conv(ps, name, x_relu, c_out, kernel, stride, affine, copies=1):
+def sep_conv(ps, name, x_relu, c_out, kernel, stride, affine, copies=1, scale=None):
     """Separable conv twice: BN(pw(dw_k(ReLU(.)))), stride on the first depthwise only.
 
     With copies=n, x_relu holds n stacked inputs ([N, n * C, H, W]) and n independent
@@ -215,15 +224,15 @@ def sep_conv(ps, name, x_relu, c_out, kernel, stride, affine, copies=1):
     y = conv(ps, name + '.dw1', x_relu, c_in, kernel, stride, pad, groups=c_in)
     y = batch_norm(ps, name + '.bn1', conv(ps, name + '.pw1', y, c_in, 1, groups=copies), affine)
     y = conv(ps, name + '.dw2', F.relu(y), c_in, kernel, 1, pad, groups=c_in)
-    return batch_norm(ps, name + '.bn2', conv(ps, name + '.pw2', y, copies * c_out, 1, groups=copies), affine)
+    return batch_norm(ps, name + '.bn2', conv(ps, name + '.pw2', y, copies * c_out, 1, groups=copies), affine, scale)
 
 
-def dil_conv(ps, name, x_relu, c_out, kernel, stride, affine, dilation=2, copies=1):
+def dil_conv(ps, name, x_relu, c_out, kernel, stride, affine, dilation=2, copies=1, scale=None):
     """BN(pw(dilated dw_k(ReLU(x)))), dilation 2; copies as in sep_conv."""
     c_in = x_relu.shape[1]
     pad = dilation * (kernel - 1) // 2
     y = conv(ps, name + '.dw', x_relu, c_in, kernel, stride, pad, dilation, groups=c_in)
-    return batch_norm(ps, name + '.bn', conv(ps, name + '.pw', y, copies * c_out, 1, groups=copies), affine)
+    return batch_norm(ps, name + '.bn', conv(ps, name + '.pw', y, copies * c_out, 1, groups=copies), affine, scale)
 
 
 def max_pool(x, stride):
