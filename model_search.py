@@ -10,15 +10,16 @@ Exact rewrites that make the graph small and the kernels large:
   the target node i: computed once per source node j;
 - all edges leaving node j are computed together ("wide"): the n_j copies of each
   parametric op run as one grouped convolution over n_j stacked copies of ReLU(x_j),
-  and the mixture for every target is one broadcast multiply-add per op, giving
-  a [N, n_j, C, H, W] block whose slice t feeds target node i = j - 1 + t (j >= 1).
+  giving a [N, n_j, C, H, W] block whose slice t feeds target node i = max(j - 1, 0) + t;
+- a parametric op's mixture weight is its final (non-affine) BN's gamma, and the
+  shared terms (max, avg, identity) are mixed for all targets by one matmul.
 Per-channel BN over the stacked copies equals separate BNs per edge.
 """
 import paddle
 import paddle.nn.functional as F
 
 from genotypes import PRIMITIVES, STEPS, num_edges
-from operations import (avg_pool, batch_norm, conv, dil_conv, factorized_reduce, linear,
+from operations import (Layout, avg_pool, batch_norm, conv, dil_conv, factorized_reduce, linear,
                         max_pool, relu_conv_bn, sep_conv)
 
 MULTIPLIER = 4
@@ -134,7 +135,6 @@ def cross_entropy(logits, labels):
 
 def network_layout(c, num_classes, layers, image_size):
     """The search network's weights and buffers (names, shapes, inits), in build order."""
-    from operations import Layout
 
     def build(ps):
         x = paddle.zeros([1, 3, image_size, image_size])

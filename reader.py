@@ -5,7 +5,6 @@ is drawn from its own seed (run seed, epoch, batch index), so the data a step se
 does not depend on how many workers made it, and a resumed run sees the same data.
 """
 import hashlib
-import io
 import multiprocessing as mp
 import os
 import pickle

@@ -87,8 +87,8 @@ def search(args):
                         f'({len(search_train)} train / {len(search_val)} val images)')
 
     import paddle
-    from architect import (SearchConfig, build_search_programs, count_ops, evaluate_batch, get_tensors,
-                           initial_state, run_search_step, scratch_state, set_tensors, softmax)
+    from architect import (SearchConfig, build_search_programs, count_ops, get_tensors, initial_state,
+                           run_search_step, scratch_state, set_tensors, softmax)
     place = utils.select_place(args.device)
     paddle.enable_static()
     cfg = SearchConfig(init_channels=args.init_channels, layers=args.layers, num_classes=10,
@@ -130,7 +130,6 @@ def search(args):
         for epoch in range(start_epoch, args.epochs):
             lr = utils.cosine_lr(epoch, args.epochs, args.learning_rate, args.learning_rate_min)
             t_epoch, seen, loss_sum, correct = time.time(), 0, 0.0, 0
-            t_mark = time.time()
             for step, ((tx, ty), (vx, vy)) in enumerate(zip(train_batches.epoch(epoch), val_batches.epoch(epoch))):
                 loss, logits, _ = run_search_step(exe, progs, dict(train_x=tx, train_y=ty, val_x=vx, val_y=vy), lr)
                 if not np.isfinite(loss):

@@ -15,7 +15,7 @@ import shutil
 import sys
 
 import genotypes
-from utils import UserError
+from utils import UserError, run_main
 
 CELLS = ('normal', 'reduce')
 
@@ -194,11 +194,6 @@ def visualize(args):
 
 
 def main(argv=None):
-    return _run_main(argv)
-
-
-def _run_main(argv):
-    from utils import run_main
     return run_main(visualize, argv, parse_args)
 
 

@@ -1,5 +1,4 @@
 """The static search step against an independent dygraph computation of the DARTS formulas."""
-import dataclasses
 
 import numpy as np
 import paddle

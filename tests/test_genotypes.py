@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import genotypes
-from genotypes import PRIMITIVES, Genotype, derive, derive_cell, num_edges
+from genotypes import PRIMITIVES, derive, derive_cell, num_edges
 
 
 def test_named_genotypes_are_valid_and_listed():
