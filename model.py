@@ -1,0 +1,108 @@
+"""Evaluation networks for a discrete genotype, as graph-building functions.
+
+NetworkCIFAR: stem conv 3x3 -> 3C + BN; `layers` cells, reductions at 1/3 and 2/3
+depth; auxiliary head after the second reduction; global average pool; linear.
+NetworkImageNet: stem0 = two stride-2 3x3 convs (C/2 then C), stem1 = one more
+stride-2 conv, so cells start at 28x28 from 224x224; auxiliary head; 7x7 average pool.
+
+Every BN is affine; pools carry no BN.  Each cell applies its genotype's two ops per
+node and concatenates the genotype's concat nodes.  Drop path (on every op but the
+identity skip) takes the probability as a tensor, so it is fed per epoch:
+    drop_path(x, p) = x / (1 - p) * floor(1 - p + U[0, 1)),  one draw per sample.
+"""
+import paddle
+import paddle.nn.functional as F
+
+from operations import (Layout, apply_primitive, batch_norm, conv, factorized_reduce, linear,
+                        relu_conv_bn)
+
+STEM_MULTIPLIER = 3
+
+
+def drop_path(x, drop_prob):
+    """Zero whole samples with probability drop_prob and rescale the rest by 1 / (1 - drop_prob).
+
+    Exactly the identity at drop_prob = 0 (floor(1 + u) = 1 for u in [0, 1)).
+    """
+    keep = 1.0 - drop_prob
+    mask = paddle.floor(keep + paddle.rand([paddle.shape(x)[0], 1, 1, 1], dtype=x.dtype))
+    return x / keep * mask
+
+
+def eval_cell(ps, name, genotype, s0, s1, c, reduction, reduction_prev, drop_prob=None):
+    """One discrete cell; drop_prob None = evaluation (no drop path)."""
+    pairs = genotype.reduce if reduction else genotype.normal
+    concat = genotype.reduce_concat if reduction else genotype.normal_concat
+    if reduction_prev:
+        s0 = factorized_reduce(ps, name + '.pre0', F.relu(s0), c, affine=True)
+    else:
+        s0 = relu_conv_bn(ps, name + '.pre0', s0, c, 1, 1, 0, affine=True)
+    s1 = relu_conv_bn(ps, name + '.pre1', s1, c, 1, 1, 0, affine=True)
+    states, relus = [s0, s1], {}
+    for i in range(len(pairs) // 2):
+        node = []
+        for k in (2 * i, 2 * i + 1):
+            op, j = pairs[k]
+            stride = 2 if reduction and j < 2 else 1
+            if j not in relus:  # ReLU(h_j) once, shared by the ops that read node j
+                relus[j] = F.relu(states[j])
+            h = apply_primitive(ps, f'{name}.op{k}', op, states[j], relus[j], c, stride, affine=True)
+            is_identity = op == 'skip_connect' and stride == 1
+            if drop_prob is not None and not is_identity:
+                h = drop_path(h, drop_prob)
+            node.append(h)
+        states.append(node[0] + node[1])
+    return paddle.concat([states[j] for j in concat], axis=1)
+
+
+def auxiliary_head(ps, name, x, num_classes, pool_stride):
+    """ReLU, 5x5 avg pool, 1x1 conv 128 + BN + ReLU, 2x2 conv 768 + BN + ReLU, linear."""
+    y = F.avg_pool2d(F.relu(x), 5, pool_stride, 0, exclusive=True)
+    y = F.relu(batch_norm(ps, name + '.bn1', conv(ps, name + '.conv1', y, 128, 1), affine=True))
+    y = F.relu(batch_norm(ps, name + '.bn2', conv(ps, name + '.conv2', y, 768, 2), affine=True))
+    return linear(ps, name + '.classifier', paddle.flatten(y, 1), num_classes)
+
+
+def _cells(ps, genotype, s0, s1, c, layers, c_curr, reduction_prev, drop_prob, aux_fn):
+    aux_logits = None
+    for k in range(layers):
+        reduction = k in (layers // 3, 2 * layers // 3)
+        if reduction:
+            c_curr *= 2
+        out = eval_cell(ps, f'cell{k}', genotype, s0, s1, c_curr, reduction, reduction_prev, drop_prob)
+        s0, s1, reduction_prev = s1, out, reduction
+        if k == 2 * layers // 3 and aux_fn is not None:
+            aux_logits = aux_fn(s1)
+    return s1, aux_logits
+
+
+def network_cifar(ps, x, genotype, c=36, num_classes=10, layers=20, auxiliary=True, drop_prob=None):
+    """(logits, auxiliary logits or None).  The auxiliary head is built only when asked for."""
+    s = batch_norm(ps, 'stem.bn', conv(ps, 'stem.conv', x, STEM_MULTIPLIER * c, 3, padding=1), affine=True)
+    aux = (lambda h: auxiliary_head(ps, 'auxiliary', h, num_classes, 3)) if auxiliary else None
+    out, aux_logits = _cells(ps, genotype, s, s, c, layers, c, False, drop_prob, aux)
+    logits = linear(ps, 'classifier', paddle.flatten(F.adaptive_avg_pool2d(out, 1), 1), num_classes)
+    return logits, aux_logits
+
+
+def network_imagenet(ps, x, genotype, c=48, num_classes=1000, layers=14, auxiliary=True, drop_prob=None):
+    """(logits, auxiliary logits or None) for 224x224 input."""
+    y = F.relu(batch_norm(ps, 'stem0.bn1', conv(ps, 'stem0.conv1', x, c // 2, 3, 2, 1), affine=True))
+    s0 = batch_norm(ps, 'stem0.bn2', conv(ps, 'stem0.conv2', y, c, 3, 2, 1), affine=True)
+    s1 = batch_norm(ps, 'stem1.bn', conv(ps, 'stem1.conv', F.relu(s0), c, 3, 2, 1), affine=True)
+    aux = (lambda h: auxiliary_head(ps, 'auxiliary', h, num_classes, 2)) if auxiliary else None
+    out, aux_logits = _cells(ps, genotype, s0, s1, c, layers, c, True, drop_prob, aux)
+    logits = linear(ps, 'classifier', paddle.flatten(F.avg_pool2d(out, 7), 1), num_classes)
+    return logits, aux_logits
+
+
+def layout_of(build, image_size, **kw):
+    """The Layout (weights, shapes) of network_cifar / network_imagenet at these settings."""
+    def record(ps):
+        build(ps, paddle.zeros([1, 3, image_size, image_size]), **kw)
+    return Layout.record(record)
+
+
+def count_parameters(layout, exclude_prefix='auxiliary'):
+    """Trainable parameters, those whose name starts with exclude_prefix left out (as the paper counts)."""
+    return sum(size for name, size in zip(layout.names, layout.sizes) if not name.startswith(exclude_prefix))

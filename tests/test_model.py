@@ -1,0 +1,72 @@
+"""Evaluation networks: parameter counts against the paper, drop path, auxiliary head."""
+import numpy as np
+import paddle
+import pytest
+
+import genotypes
+import model
+from operations import Layout, ParamSet
+
+
+@pytest.fixture
+def static_mode():
+    paddle.enable_static()
+    yield
+
+
+def test_cifar_parameter_count_matches_paper(static_mode):
+    layout = model.layout_of(model.network_cifar, 32, genotype=genotypes.DARTS_V2, c=36, layers=20, auxiliary=True)
+    n = model.count_parameters(layout)                  # auxiliary head excluded, as the paper counts
+    assert round(n / 1e6, 1) == 3.3
+    assert n == 3349342                                 # the official code's count for this network
+    assert model.count_parameters(layout, exclude_prefix='-') > n   # the head has parameters of its own
+
+
+def test_imagenet_parameter_count_matches_paper(static_mode):
+    layout = model.layout_of(model.network_imagenet, 224, genotype=genotypes.DARTS_V2, c=48, layers=14,
+                             auxiliary=True, num_classes=1000)
+    n = model.count_parameters(layout)
+    assert round(n / 1e6, 1) == 4.7
+    assert n == 4718752
+
+
+def _eager_cell_outputs(drop_prob, seed=0):
+    """A small DARTS_PADDLE cell (reduction, with a strided skip) run eagerly at drop_prob."""
+    paddle.enable_static()
+    g = genotypes.DARTS_PADDLE
+    layout = Layout.record(lambda ps: model.eval_cell(ps, 'c', g, paddle.zeros([1, 8, 8, 8]), paddle.zeros([1, 8, 8, 8]),
+                                                      8, True, False))
+    paddle.disable_static()
+    try:
+        ps = ParamSet(layout, paddle.to_tensor(layout.initial_weights(np.random.default_rng(seed))))
+        rng = np.random.default_rng(1)
+        s0 = paddle.to_tensor(rng.standard_normal((16, 8, 8, 8)).astype('float32'))
+        s1 = paddle.to_tensor(rng.standard_normal((16, 8, 8, 8)).astype('float32'))
+        p = None if drop_prob is None else paddle.to_tensor([drop_prob], dtype='float32')
+        paddle.seed(3)
+        return model.eval_cell(ps, 'c', g, s0, s1, 8, True, False, p).numpy()
+    finally:
+        paddle.enable_static()
+
+
+def test_drop_path_is_identity_at_zero_and_drops_samples_otherwise():
+    no_drop = _eager_cell_outputs(None)
+    assert no_drop.shape == (16, 32, 4, 4)
+    np.testing.assert_array_equal(_eager_cell_outputs(0.0), no_drop)
+    dropped = _eager_cell_outputs(0.6)
+    assert not np.allclose(dropped, no_drop)
+
+
+def test_drop_path_zeroes_whole_samples_and_rescales():
+    paddle.disable_static()
+    try:
+        paddle.seed(0)
+        x = paddle.ones([2000, 2, 3, 3])
+        y = model.drop_path(x, paddle.to_tensor([0.25])).numpy()
+    finally:
+        paddle.enable_static()
+    per_sample = y.reshape(2000, -1)
+    values = np.unique(per_sample)
+    assert len(values) == 2 and values[0] == 0 and np.isclose(values[1], 1 / 0.75)
+    assert np.all(per_sample.min(1) == per_sample.max(1))        # a whole sample or nothing
+    assert abs((per_sample[:, 0] == 0).mean() - 0.25) < 0.04
