@@ -1,0 +1,151 @@
+"""train.py: evaluation training of a genotype, as a user runs it, and its programs."""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import pytest
+
+import genotypes
+from conftest import ROOT, run_script
+
+TINY = ['--arch', 'DARTS_V2', '--init_channels', '8', '--layers', '3', '--batch_size', '20', '--epochs', '3',
+        '--num_workers', '0', '--seed', '1', '--no_download', '--report_freq', '2', '--learning_rate', '0.05']
+
+
+def history(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, 'history.jsonl'))]
+
+
+@pytest.fixture(scope='module')
+def reference(cifar_dir, tmp_path_factory):
+    """3 epochs in this process, counting program builds."""
+    import train
+    calls, real = [], train.build_programs
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    run_dir = str(tmp_path_factory.mktemp('eval') / 'ref')
+    train.build_programs = counting
+    try:
+        assert train.main(['--data', cifar_dir, '--save', run_dir, *TINY]) == 0
+    finally:
+        train.build_programs = real
+    return run_dir, calls
+
+
+def test_built_once_learns_and_logs(reference):
+    run_dir, calls = reference
+    assert calls == [1]
+    h = history(run_dir)
+    assert [r['epoch'] for r in h] == [1, 2, 3]
+    assert [round(r['drop_prob'], 6) for r in h] == [0.0, round(0.2 / 3, 6), round(0.4 / 3, 6)]
+    assert max(r['val_acc'] for r in h) > 0.5        # 4 colour classes: chance 0.25
+    assert all(r['val_top5'] >= r['val_acc'] for r in h)
+    assert os.path.isfile(os.path.join(run_dir, 'best.npz'))
+
+
+def test_eval_only_reproduces_the_logged_accuracy(reference):
+    run_dir, _ = reference
+    best = max(history(run_dir), key=lambda r: r['val_acc'])
+    r = run_script('train.py', '--eval_only', os.path.join(run_dir, 'best.npz'))
+    assert r.returncode == 0, r.stderr
+    assert f'top1 {100 * best["val_acc"]:.2f}%' in r.stdout and f'top5 {100 * best["val_top5"]:.2f}%' in r.stdout
+
+
+def test_resume_continues_with_the_same_schedule(reference, cifar_dir, tmp_path):
+    ref_dir, _ = reference
+    run_dir = str(tmp_path / 'run')
+    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), '--data', cifar_dir, '--save', run_dir, *TINY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    for line in proc.stdout:
+        if line.startswith('epoch 1/3 lr'):   # epoch 1 summary: its checkpoint is written
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert len(history(run_dir)) == 1
+    r = run_script('train.py', '--resume', run_dir)
+    assert r.returncode == 0, r.stderr
+    ours, ref = history(run_dir), history(ref_dir)
+    assert [x['lr'] for x in ours] == [x['lr'] for x in ref]
+    assert [x['drop_prob'] for x in ours] == [x['drop_prob'] for x in ref]
+    np.testing.assert_allclose([x['val_acc'] for x in ours], [x['val_acc'] for x in ref], atol=0.03)
+
+
+def _programs(auxiliary_weight=0.4):
+    import train
+    paddle.enable_static()
+    args = train.parse_args(['--init_channels', '4', '--layers', '3', '--auxiliary_weight', str(auxiliary_weight)])
+    return train, train.build_programs(genotypes.DARTS_V2, args, image_size=32)
+
+
+def _run(train, progs, state, fetch, program, **feed):
+    from architect import set_tensors
+    scope, place = paddle.static.Scope(), paddle.CPUPlace()
+    with paddle.static.scope_guard(scope):
+        set_tensors(scope, place, state)
+        return paddle.static.Executor(place).run(program, feed=feed, fetch_list=fetch)
+
+
+def test_drop_path_probability_is_fed_and_auxiliary_loss_is_weighted():
+    train, progs = _programs()
+    state = train.initial_state(progs['layout'], 0)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((8, 3, 32, 32)).astype('float32'), rng.integers(0, 10, 8)
+    ops = len(progs['train'].global_block().ops)
+
+    def losses(drop):
+        return _run(train, progs, state, progs['train_fetch'], progs['train'], x=x, y=y,
+                    lr=np.array([0.0], 'float32'), drop_prob=np.array([drop], 'float32'))
+    main0, _, total0 = losses(0.0)
+    main_drop, _, _ = losses(0.9)
+    assert float(main0) != pytest.approx(float(main_drop), rel=1e-3)   # the fed value acts
+    assert len(progs['train'].global_block().ops) == ops               # ... without rebuilding
+    # total = CE(main) + 0.4 * CE(aux): recover CE(aux) from a program with weight 0 vs 0.4
+    train0, progs0 = _programs(auxiliary_weight=0.0)
+    _, _, total_w0 = _run(train0, progs0, state, progs0['train_fetch'], progs0['train'], x=x, y=y,
+                          lr=np.array([0.0], 'float32'), drop_prob=np.array([0.0], 'float32'))
+    assert float(total_w0) == pytest.approx(float(main0), rel=1e-5)
+    aux_ce = (float(total0) - float(main0)) / 0.4
+    assert 1.0 < aux_ce < 5.0          # a cross-entropy over 10 classes near initialisation
+
+
+def test_auxiliary_head_is_absent_from_evaluation():
+    train, progs = _programs()
+    layout = progs['layout']
+    state = train.initial_state(layout, 0)
+    off = 0
+    for name, size in zip(layout.names, layout.sizes):   # poison the auxiliary head's weights
+        if name.startswith('auxiliary'):
+            state['weights'][off:off + size] = np.nan
+        off += size
+    x, y = np.zeros((4, 3, 32, 32), 'float32'), np.zeros(4, 'int64')
+    test_loss, logits = _run(train, progs, state, progs['test_fetch'], progs['test'], x=x, y=y)
+    assert np.all(np.isfinite(logits))
+    _, _, total = _run(train, progs, state, progs['train_fetch'], progs['train'], x=x, y=y,
+                       lr=np.array([0.0], 'float32'), drop_prob=np.array([0.0], 'float32'))
+    assert np.isnan(total)              # ... while training does use it
+
+
+def test_unknown_arch_lists_names(tmp_path):
+    r = run_script('train.py', '--arch', 'RESNET', '--save', tmp_path / 'r')
+    assert r.returncode == 2 and 'DARTS_V1, DARTS_V2, DARTS_PADDLE' in r.stderr
+    assert not os.path.exists(tmp_path / 'r')
+
+
+def test_bad_genotype_file_says_what_is_wrong(tmp_path):
+    path = tmp_path / 'g.json'
+    path.write_text(json.dumps({'normal': [['sep_conv_3x3', 0]] * 8}))
+    r = run_script('train.py', '--genotype_file', path, '--save', tmp_path / 'r')
+    assert r.returncode == 2 and 'missing normal_concat, reduce, reduce_concat' in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_data(tmp_path):
+    r = run_script('train.py', '--data', tmp_path / 'none', '--no_download', '--save', tmp_path / 'r')
+    assert r.returncode == 2 and 'no CIFAR-10 in' in r.stderr

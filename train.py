@@ -1,0 +1,243 @@
+"""Train a genotype from scratch on CIFAR-10 (or the embedded digits) and report its test accuracy.
+
+    python train.py --arch DARTS_PADDLE --data ./data           # paper settings: C=36, 20 cells, 600 epochs
+    python train.py --genotype_file runs/demo/genotype.json --dataset digits --epochs 5 --layers 6 --init_channels 8
+    python train.py --eval_only runs/eval-X/best.npz
+
+Writes RUN_DIR/{args.json, log.txt, checkpoint.npz, best.npz, history.jsonl}.
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+import utils  # first: sets Paddle's environment flags before paddle is imported
+import genotypes
+from reader import CIFAR_MD5, CIFAR_URL, ArrayBatches, load_dataset
+from utils import UserError
+
+RESUMABLE_OVERRIDES = ('epochs', 'device', 'num_workers', 'report_freq', 'data')
+WEIGHTS, MOMENTUM = 'weights', 'weights.momentum'
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a('--arch', default='DARTS_PADDLE', help=f'a named genotype: {", ".join(genotypes.NAMED)}')
+    a('--genotype_file', default=None, help='a genotype JSON written by train_search.py (overrides --arch)')
+    a('--dataset', default='cifar10', choices=['cifar10', 'digits'])
+    a('--data', default='./data', help='folder with cifar-10-batches-py/ or cifar-10-python.tar.gz')
+    a('--data_url', default=CIFAR_URL)
+    a('--data_md5', default=CIFAR_MD5)
+    a('--no_download', action='store_true')
+    a('--epochs', type=int, default=600)
+    a('--batch_size', type=int, default=96)
+    a('--learning_rate', type=float, default=0.025)
+    a('--learning_rate_min', type=float, default=0.0)
+    a('--momentum', type=float, default=0.9)
+    a('--weight_decay', type=float, default=3e-4)
+    a('--grad_clip', type=float, default=5.0)
+    a('--init_channels', type=int, default=36)
+    a('--layers', type=int, default=20)
+    a('--no_auxiliary', action='store_true', help='train without the auxiliary head')
+    a('--auxiliary_weight', type=float, default=0.4)
+    a('--cutout_length', type=int, default=16, help='0: no cutout')
+    a('--drop_path_prob', type=float, default=0.2, help='reached linearly at the last epoch')
+    a('--device', default='auto', choices=['auto', 'gpu', 'cpu'])
+    a('--seed', type=int, default=0)
+    a('--num_workers', type=int, default=min(2, os.cpu_count() or 1))
+    a('--report_freq', type=int, default=50)
+    a('--save', default=None, help='run folder (default runs/eval-DATE-TIME); must not exist')
+    a('--resume', default=None, metavar='RUN_DIR')
+    a('--eval_only', default=None, metavar='CHECKPOINT', help='evaluate a checkpoint (best.npz) on the test set')
+    args = p.parse_args(argv)
+    for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'report_freq'):
+        if getattr(args, name) < 1:
+            p.error(f'--{name} must be at least 1')
+    return args
+
+
+def load_genotype(args):
+    return genotypes.load(args.genotype_file) if args.genotype_file else genotypes.by_name(args.arch)
+
+
+def build_programs(genotype, args, image_size=32, num_classes=10):
+    """Startup-free train and test programs over flat weights, built once per run.
+
+    train: loss = CE(logits) + aux_weight * CE(aux_logits); g = clip(grad_w loss);
+           v = mu v + g + wd w;  w = w - lr v.   lr and drop_prob are fed.
+    test:  logits with BN running statistics, no auxiliary head, no drop path.
+    """
+    import paddle
+    import model
+    from architect import clip_by_global_norm, sgd_momentum_step
+    from operations import ParamSet, declare
+    auxiliary = not args.no_auxiliary
+    kw = dict(genotype=genotype, c=args.init_channels, num_classes=num_classes, layers=args.layers)
+    layout = model.layout_of(model.network_cifar, image_size, auxiliary=auxiliary, **kw)
+    p = layout.size
+
+    def data(name, shape, dtype='float32'):
+        return paddle.static.data(name, shape, dtype)
+
+    train = paddle.static.Program()
+    with paddle.static.program_guard(train, paddle.static.Program()):
+        x, y = data('x', [-1, 3, image_size, image_size]), data('y', [-1], 'int64')
+        lr, drop_prob = data('lr', [1]), data('drop_prob', [1])
+        w, v = declare(WEIGHTS, [p], trainable=True), declare(MOMENTUM, [p])
+        logits, aux_logits = model.network_cifar(ParamSet(layout, w, 'update'), x, auxiliary=auxiliary,
+                                                 drop_prob=drop_prob, **kw)
+        loss = paddle.nn.functional.cross_entropy(logits, y)
+        total = loss + args.auxiliary_weight * paddle.nn.functional.cross_entropy(aux_logits, y) if auxiliary else loss
+        g = clip_by_global_norm(paddle.static.gradients(total, [w])[0], args.grad_clip)
+        w_new, v_new = sgd_momentum_step(w, g, v, lr, args.momentum, args.weight_decay)
+        paddle.assign(v_new, output=v)
+        paddle.assign(w_new, output=w)
+    test = paddle.static.Program()
+    with paddle.static.program_guard(test, paddle.static.Program()):
+        tx, ty = data('x', [-1, 3, image_size, image_size]), data('y', [-1], 'int64')
+        test_logits, _ = model.network_cifar(ParamSet(layout, declare(WEIGHTS, [p]), 'running'), tx,
+                                             auxiliary=False, **kw)
+        test_loss = paddle.nn.functional.cross_entropy(test_logits, ty)
+    return dict(layout=layout, train=train, test=test, train_fetch=[loss, logits, total],
+                test_fetch=[test_loss, test_logits], aux=auxiliary)
+
+
+def initial_state(layout, seed):
+    rng = np.random.default_rng(seed)
+    state = {WEIGHTS: layout.initial_weights(rng), MOMENTUM: np.zeros(layout.size, 'float32')}
+    for name, (shape, value) in layout.buffers.items():
+        state[name] = np.full(shape, value, 'float32')
+    return state
+
+
+def evaluate(exe, progs, batches):
+    """(loss, top-1, top-5) over every test batch."""
+    loss_sum, top1, top5, n = 0.0, 0.0, 0.0, 0
+    for x, y in batches.epoch(0):
+        loss, logits = exe.run(progs['test'], feed={'x': x, 'y': y}, fetch_list=progs['test_fetch'])
+        loss_sum += float(loss) * len(y)
+        top1 += utils.accuracy(logits, y, 1) * len(y)
+        top5 += utils.accuracy(logits, y, 5) * len(y)
+        n += len(y)
+    return loss_sum / n, top1 / n, top5 / n
+
+
+def train(args):
+    import paddle
+    if args.eval_only:
+        return eval_only(args)
+    if args.resume:
+        with open(os.path.join(args.resume, 'args.json')) as f:
+            saved = json.load(f)
+        defaults = vars(parse_args([]))
+        saved.update({k: getattr(args, k) for k in RESUMABLE_OVERRIDES if getattr(args, k) != defaults[k]})
+        saved['resume'] = args.resume
+        args = argparse.Namespace(**saved)
+    genotype = load_genotype(args)   # a bad name or file fails before anything is written
+    run_dir = utils.prepare_run_dir(args.save, args.resume, 'eval')
+    log = utils.Log(run_dir)
+    if not args.resume:
+        utils.write_json(os.path.join(run_dir, 'args.json'), vars(args))
+    train_x, train_y, test_x, test_y, mean, std = load_dataset(args.dataset, args.data, not args.no_download,
+                                                               args.data_url, args.data_md5)
+    if args.batch_size > len(train_x):
+        raise UserError(f'--batch_size {args.batch_size} is larger than the training set ({len(train_x)} images)')
+    place = utils.select_place(args.device)
+    paddle.enable_static()
+    t0 = time.time()
+    progs = build_programs(genotype, args)
+    from model import count_parameters
+    log(f'run folder {run_dir}; genotype {genotype}')
+    log(f'{count_parameters(progs["layout"]) / 1e6:.3f}M parameters (auxiliary head excluded); '
+        f'programs built in {time.time() - t0:.1f}s')
+
+    state, history, start_epoch, best = initial_state(progs['layout'], args.seed), [], 0, 0.0
+    ckpt = os.path.join(run_dir, 'checkpoint.npz')
+    if args.resume:
+        arrays, meta = utils.load_checkpoint(ckpt)
+        if set(arrays) != set(state) or any(arrays[k].shape != state[k].shape for k in state):
+            raise UserError(f'{ckpt} does not match this network')
+        state, history, start_epoch, best = arrays, meta['history'], meta['epoch'] + 1, meta['best_top1']
+        log(f'resumed from epoch {start_epoch} of {args.epochs}')
+
+    train_batches = ArrayBatches(train_x, train_y, args.batch_size, mean, std, shuffle=True, augment=True,
+                                 seed=args.seed, num_workers=args.num_workers, drop_last=True,
+                                 cutout=args.cutout_length)
+    test_batches = ArrayBatches(test_x, test_y, max(args.batch_size, 256), mean, std, shuffle=False, augment=False)
+    scope, exe = paddle.static.Scope(), paddle.static.Executor(place)
+    from architect import get_tensors, set_tensors
+    with paddle.static.scope_guard(scope):
+        set_tensors(scope, place, state)
+        for epoch in range(start_epoch, args.epochs):
+            lr = utils.cosine_lr(epoch, args.epochs, args.learning_rate, args.learning_rate_min)
+            drop_prob = args.drop_path_prob * epoch / args.epochs
+            t_epoch, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+            feed_const = dict(lr=np.array([lr], 'float32'), drop_prob=np.array([drop_prob], 'float32'))
+            for step, (x, y) in enumerate(train_batches.epoch(epoch)):
+                loss, logits, _ = exe.run(progs['train'], feed=dict(feed_const, x=x, y=y),
+                                          fetch_list=progs['train_fetch'])
+                loss = float(loss)
+                if not np.isfinite(loss):
+                    raise UserError(f'training loss became {loss} at epoch {epoch + 1}; lower --learning_rate')
+                seen += len(y)
+                loss_sum += loss * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                if (step + 1) % args.report_freq == 0:
+                    log(f'epoch {epoch + 1}/{args.epochs} step {step + 1}/{len(train_batches)} loss {loss_sum / seen:.4f} '
+                        f'top1 {100 * correct / seen:.2f}% {seen / (time.time() - t_epoch):.1f} img/s')
+            train_time = time.time() - t_epoch
+            test_loss, top1, top5 = evaluate(exe, progs, test_batches)
+            record = dict(epoch=epoch + 1, lr=lr, drop_prob=drop_prob, train_loss=loss_sum / seen,
+                          train_acc=correct / seen, val_loss=test_loss, val_acc=top1, val_top5=top5,
+                          images_per_sec=seen / train_time, epoch_time=time.time() - t_epoch)
+            history.append(record)
+            arrays = get_tensors(scope, list(state))
+            if top1 > best:
+                best = top1
+                utils.save_checkpoint(os.path.join(run_dir, 'best.npz'), arrays,
+                                      dict(epoch=epoch, top1=top1, top5=top5, args=vars(args)))
+            utils.save_checkpoint(ckpt, arrays, dict(epoch=epoch, history=history, best_top1=best, args=vars(args)))
+            with open(os.path.join(run_dir, 'history.jsonl'), 'w') as f:
+                f.writelines(json.dumps(r) + '\n' for r in history)
+            log(f'epoch {epoch + 1}/{args.epochs} lr {lr:.5f} drop_path {drop_prob:.3f} train loss '
+                f'{record["train_loss"]:.4f} top1 {100 * record["train_acc"]:.2f}% | test loss {test_loss:.4f} '
+                f'top1 {100 * top1:.2f}% top5 {100 * top5:.2f}% (best {100 * best:.2f}%) | '
+                f'{record["images_per_sec"]:.1f} img/s, {record["epoch_time"]:.1f}s')
+    log(f'done: best test top-1 {100 * best:.2f}% (checkpoint {os.path.join(run_dir, "best.npz")})')
+
+
+def eval_only(args):
+    """Evaluate a checkpoint written by this script, with the network settings it was trained with."""
+    import paddle
+    if not os.path.isfile(args.eval_only):
+        raise UserError(f'--eval_only {args.eval_only}: no such checkpoint')
+    arrays, meta = utils.load_checkpoint(args.eval_only)
+    defaults = vars(parse_args([]))
+    overrides = {k: getattr(args, k) for k in ('device', 'data', 'no_download') if getattr(args, k) != defaults[k]}
+    saved = argparse.Namespace(**dict(meta['args'], **overrides))
+    genotype = load_genotype(saved)
+    _, _, test_x, test_y, mean, std = load_dataset(saved.dataset, saved.data, not saved.no_download,
+                                                   saved.data_url, saved.data_md5)
+    place = utils.select_place(saved.device)
+    paddle.enable_static()
+    progs = build_programs(genotype, saved)
+    scope, exe = paddle.static.Scope(), paddle.static.Executor(place)
+    from architect import set_tensors
+    with paddle.static.scope_guard(scope):
+        set_tensors(scope, place, arrays)
+        loss, top1, top5 = evaluate(exe, progs, ArrayBatches(test_x, test_y, 256, mean, std, shuffle=False,
+                                                             augment=False))
+    print(f'test loss {loss:.4f} top1 {100 * top1:.2f}% top5 {100 * top5:.2f}% '
+          f'(checkpoint of epoch {meta["epoch"] + 1})')
+    return top1, top5
+
+
+def main(argv=None):
+    return utils.run_main(train, argv, parse_args)
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
