@@ -10,6 +10,7 @@ node and concatenates the genotype's concat nodes.  Drop path (on every op but t
 identity skip) takes the probability as a tensor, so it is fed per epoch:
     drop_path(x, p) = x / (1 - p) * floor(1 - p + U[0, 1)),  one draw per sample.
 """
+import numpy as np
 import paddle
 import paddle.nn.functional as F
 
@@ -56,8 +57,15 @@ def eval_cell(ps, name, genotype, s0, s1, c, reduction, reduction_prev, drop_pro
 
 
 def auxiliary_head(ps, name, x, num_classes, pool_stride):
-    """ReLU, 5x5 avg pool, 1x1 conv 128 + BN + ReLU, 2x2 conv 768 + BN + ReLU, linear."""
-    y = F.avg_pool2d(F.relu(x), 5, pool_stride, 0, exclusive=True)
+    """ReLU, 5x5 avg pool, 1x1 conv 128 + BN + ReLU, 2x2 conv 768 + BN + ReLU, linear.
+
+    The pool expects the 8x8 (CIFAR) or 7x7 (ImageNet at 224) map of the paper's
+    inputs; a smaller map (small test images) is pooled adaptively to 2x2 instead.
+    """
+    if x.shape[2] >= 7:
+        y = F.avg_pool2d(F.relu(x), 5, pool_stride, 0, exclusive=True)
+    else:
+        y = F.adaptive_avg_pool2d(F.relu(x), 2)
     y = F.relu(batch_norm(ps, name + '.bn1', conv(ps, name + '.conv1', y, 128, 1), affine=True))
     y = F.relu(batch_norm(ps, name + '.bn2', conv(ps, name + '.conv2', y, 768, 2), affine=True))
     return linear(ps, name + '.classifier', paddle.flatten(y, 1), num_classes)
@@ -92,7 +100,8 @@ def network_imagenet(ps, x, genotype, c=48, num_classes=1000, layers=14, auxilia
     s1 = batch_norm(ps, 'stem1.bn', conv(ps, 'stem1.conv', F.relu(s0), c, 3, 2, 1), affine=True)
     aux = (lambda h: auxiliary_head(ps, 'auxiliary', h, num_classes, 2)) if auxiliary else None
     out, aux_logits = _cells(ps, genotype, s0, s1, c, layers, c, True, drop_prob, aux)
-    logits = linear(ps, 'classifier', paddle.flatten(F.avg_pool2d(out, 7), 1), num_classes)
+    # global average: the paper's 7x7 pool at 224 input, and any input size otherwise
+    logits = linear(ps, 'classifier', paddle.flatten(F.adaptive_avg_pool2d(out, 1), 1), num_classes)
     return logits, aux_logits
 
 
@@ -106,3 +115,25 @@ def layout_of(build, image_size, **kw):
 def count_parameters(layout, exclude_prefix='auxiliary'):
     """Trainable parameters, those whose name starts with exclude_prefix left out (as the paper counts)."""
     return sum(size for name, size in zip(layout.names, layout.sizes) if not name.startswith(exclude_prefix))
+
+
+def count_multiply_adds(build, image_size, **kw):
+    """Multiply-adds of one image through conv and matmul ops of the built network (no
+    auxiliary head): a conv output element costs C_in/groups * k * k, a matmul column `in`.
+    BN, pooling, ReLU and additions are not counted (as in the official code's figure)."""
+    from operations import ParamSet, declare
+    layout = layout_of(build, image_size, auxiliary=False, **kw)
+    program = paddle.static.Program()
+    with paddle.static.program_guard(program, paddle.static.Program()):
+        x = paddle.static.data('x', [1, 3, image_size, image_size], 'float32')
+        build(ParamSet(layout, declare('weights', [layout.size]), 'running'), x, auxiliary=False, **kw)
+    total = 0
+    for op in program.global_block().ops:
+        name = op.name()
+        if name in ('pd_op.conv2d', 'pd_op.depthwise_conv2d'):
+            out, w = op.result(0).shape, op.operand_source(1).shape
+            total += int(np.prod(out[1:])) * w[1] * w[2] * w[3]
+        elif name == 'pd_op.matmul':
+            a, b = op.operand_source(0).shape, op.operand_source(1).shape
+            total += a[-1] * b[-1]
+    return total

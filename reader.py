@@ -255,3 +255,133 @@ _SOURCES = {}
 def _make_batch(task):
     key, job = task
     return _SOURCES[key].make(job)
+
+
+# ---------------------------------------------------------------- ImageNet on disk
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], 'float32')
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], 'float32')
+IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.bmp', '.webp')
+
+
+def scan_imagenet(root, split):
+    """[(path, label)] for split 'train' or 'val', and the number of classes.
+
+    Either a list file root/{split}_list.txt with lines `relative/path label`, or
+    class folders root/{split}/<class>/<image> (labels: sorted class names).
+    """
+    list_file = os.path.join(root, f'{split}_list.txt')
+    folder = os.path.join(root, split)
+    if os.path.isfile(list_file):
+        samples = []
+        with open(list_file) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                parts = line.split()
+                if len(parts) != 2 or not parts[1].lstrip('-').isdigit():
+                    raise DataError(f'{list_file}:{n}: expected "relative/path label", got {line.strip()!r}')
+                samples.append((os.path.join(root, parts[0]), int(parts[1])))
+        if not samples:
+            raise DataError(f'{list_file} lists no images')
+        return samples, max(label for _, label in samples) + 1
+    if not os.path.isdir(folder):
+        raise DataError(f'no ImageNet {split} data in {root}: expected {split}/<class>/<images> '
+                        f'or {split}_list.txt with lines "relative/path label"')
+    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    if not classes:
+        raise DataError(f'{folder} has no class folders')
+    samples = []
+    for label, c in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(folder, c)) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise DataError(f'class folder {os.path.join(folder, c)} has no images')
+        samples += [(os.path.join(folder, c, f), label) for f in files]
+    return samples, len(classes)
+
+
+def _random_resized_crop(img, size, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """A random area fraction and aspect ratio of the image, resized to size x size."""
+    from PIL import Image
+    w, h = img.size
+    for _ in range(10):
+        area = w * h * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+            return img.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
+    side = min(w, h)  # fall back to a centre crop
+    x0, y0 = (w - side) // 2, (h - side) // 2
+    return img.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
+
+
+def _colour_jitter(img, rng, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1):
+    """Brightness, contrast, saturation by factors in [1-x, 1+x] (random order), hue shifted by up to +-hue."""
+    from PIL import Image, ImageEnhance
+    ops = [(ImageEnhance.Brightness, brightness), (ImageEnhance.Contrast, contrast), (ImageEnhance.Color, saturation)]
+    for k in rng.permutation(3):
+        enhancer, amount = ops[k]
+        img = enhancer(img).enhance(rng.uniform(1 - amount, 1 + amount))
+    if hue:
+        h, s, v = img.convert('HSV').split()
+        shift = int(round(rng.uniform(-hue, hue) * 255))
+        h = h.point(lambda p: (p + shift) % 256)
+        img = Image.merge('HSV', (h, s, v)).convert('RGB')
+    return img
+
+
+def load_image(path, train, size, rng):
+    """Decode and transform one image to uint8 CHW: train = random-resized-crop, flip, colour
+    jitter; eval = resize the short side to size * 256/224, centre crop size."""
+    from PIL import Image
+    with Image.open(path) as im:
+        img = im.convert('RGB')
+    if train:
+        img = _random_resized_crop(img, size, rng)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img = _colour_jitter(img, rng)
+    else:
+        short = int(round(size * 256 / 224))
+        w, h = img.size
+        scale = short / min(w, h)
+        img = img.resize((max(short, int(round(w * scale))), max(short, int(round(h * scale)))), Image.BILINEAR)
+        w, h = img.size
+        x0, y0 = (w - size) // 2, (h - size) // 2
+        img = img.crop((x0, y0, x0 + size, y0 + size))
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+class FileBatches(ArrayBatches):
+    """Batches decoded from image files in worker processes.
+
+    A file that cannot be decoded is reported on stderr (path and reason) and left out
+    of its batch; a batch with no readable image is skipped.
+    """
+
+    def __init__(self, samples, batch_size, train, image_size=224, seed=0, num_workers=0, drop_last=False):
+        self.paths = [p for p, _ in samples]
+        labels = np.array([label for _, label in samples], np.int64)
+        super().__init__(self.paths, labels, batch_size, IMAGENET_MEAN, IMAGENET_STD, shuffle=train,
+                         augment=train, seed=seed, num_workers=num_workers, drop_last=drop_last)
+        self.image_size = image_size
+
+    def make(self, job):
+        idx, epoch, b = job
+        rng = np.random.default_rng([self.seed, self.stream, epoch, b])
+        images, keep = [], []
+        for i in idx:
+            try:
+                images.append(load_image(self.paths[i], self.augment, self.image_size, rng))
+                keep.append(i)
+            except Exception as e:  # noqa: BLE001 - any decode failure: report, skip, go on
+                print(f'skipping unreadable image {self.paths[i]}: {type(e).__name__}: {e}', file=sys.stderr)
+        if not images:
+            return None
+        return normalize(np.stack(images), self.mean, self.std), self.labels[np.array(keep)]
+
+    def epoch(self, epoch, start=0):
+        for batch in super().epoch(epoch, start):
+            if batch is not None:
+                yield batch

@@ -63,7 +63,7 @@ def load_genotype(args):
     return genotypes.load(args.genotype_file) if args.genotype_file else genotypes.by_name(args.arch)
 
 
-def build_programs(genotype, args, image_size=32, num_classes=10):
+def build_programs(genotype, args, image_size=32, num_classes=10, network=None, label_smoothing=0.0):
     """Startup-free train and test programs over flat weights, built once per run.
 
     train: loss = CE(logits) + aux_weight * CE(aux_logits); g = clip(grad_w loss);
@@ -74,9 +74,18 @@ def build_programs(genotype, args, image_size=32, num_classes=10):
     import model
     from architect import clip_by_global_norm, sgd_momentum_step
     from operations import ParamSet, declare
+    network = network or model.network_cifar
     auxiliary = not args.no_auxiliary
     kw = dict(genotype=genotype, c=args.init_channels, num_classes=num_classes, layers=args.layers)
-    layout = model.layout_of(model.network_cifar, image_size, auxiliary=auxiliary, **kw)
+    layout = model.layout_of(network, image_size, auxiliary=auxiliary, **kw)
+
+    def train_loss(logits, y):
+        """mean_n [(1 - eps) * -log p(y_n) + eps * mean_k -log p(k)]  (label smoothing eps)."""
+        if not label_smoothing:
+            return paddle.nn.functional.cross_entropy(logits, y)
+        logp = paddle.nn.functional.log_softmax(logits, axis=-1)
+        nll = -paddle.take_along_axis(logp, paddle.unsqueeze(y, 1), axis=1)
+        return paddle.mean((1 - label_smoothing) * paddle.squeeze(nll, 1) - label_smoothing * paddle.mean(logp, -1))
     p = layout.size
 
     def data(name, shape, dtype='float32'):
@@ -87,10 +96,9 @@ def build_programs(genotype, args, image_size=32, num_classes=10):
         x, y = data('x', [-1, 3, image_size, image_size]), data('y', [-1], 'int64')
         lr, drop_prob = data('lr', [1]), data('drop_prob', [1])
         w, v = declare(WEIGHTS, [p], trainable=True), declare(MOMENTUM, [p])
-        logits, aux_logits = model.network_cifar(ParamSet(layout, w, 'update'), x, auxiliary=auxiliary,
-                                                 drop_prob=drop_prob, **kw)
-        loss = paddle.nn.functional.cross_entropy(logits, y)
-        total = loss + args.auxiliary_weight * paddle.nn.functional.cross_entropy(aux_logits, y) if auxiliary else loss
+        logits, aux_logits = network(ParamSet(layout, w, 'update'), x, auxiliary=auxiliary, drop_prob=drop_prob, **kw)
+        loss = train_loss(logits, y)
+        total = loss + args.auxiliary_weight * train_loss(aux_logits, y) if auxiliary else loss
         g = clip_by_global_norm(paddle.static.gradients(total, [w])[0], args.grad_clip)
         w_new, v_new = sgd_momentum_step(w, g, v, lr, args.momentum, args.weight_decay)
         paddle.assign(v_new, output=v)
@@ -98,8 +106,7 @@ def build_programs(genotype, args, image_size=32, num_classes=10):
     test = paddle.static.Program()
     with paddle.static.program_guard(test, paddle.static.Program()):
         tx, ty = data('x', [-1, 3, image_size, image_size]), data('y', [-1], 'int64')
-        test_logits, _ = model.network_cifar(ParamSet(layout, declare(WEIGHTS, [p]), 'running'), tx,
-                                             auxiliary=False, **kw)
+        test_logits, _ = network(ParamSet(layout, declare(WEIGHTS, [p]), 'running'), tx, auxiliary=False, **kw)
         test_loss = paddle.nn.functional.cross_entropy(test_logits, ty)
     return dict(layout=layout, train=train, test=test, train_fetch=[loss, logits, total],
                 test_fetch=[test_loss, test_logits], aux=auxiliary)
@@ -125,30 +132,51 @@ def evaluate(exe, progs, batches):
     return loss_sum / n, top1 / n, top5 / n
 
 
-def train(args):
+class Task:
+    """What differs between CIFAR and ImageNet training; the loop below is shared.
+
+    data(args, for_eval) -> (train_batches or None, test_batches, num_classes)
+    lr_at(args, epoch) -> the learning rate of that epoch
+    label_smoothing(args) -> eps of the training loss
+    """
+
+    def __init__(self, data, network, image_size, lr_at, label_smoothing=lambda args: 0.0, prefix='eval', parse=None):
+        self.data, self.network, self.image_size = data, network, image_size
+        self.lr_at, self.label_smoothing, self.prefix, self.parse = lr_at, label_smoothing, prefix, parse
+
+    def programs(self, genotype, args, num_classes):
+        return build_programs(genotype, args, self.image_size(args), num_classes, self.network,
+                              self.label_smoothing(args))
+
+
+def _saved_args(args, saved, names, parse):
+    """The saved settings, with those of `names` that the command line set explicitly."""
+    defaults = vars(parse([]))
+    saved = dict(saved)
+    saved.update({k: getattr(args, k) for k in names if getattr(args, k) != defaults[k]})
+    return argparse.Namespace(**saved)
+
+
+def fit(task, args):
+    """Train from scratch (or --resume), evaluating on the test set after every epoch."""
     import paddle
     if args.eval_only:
-        return eval_only(args)
+        return eval_only(task, args)
     if args.resume:
-        with open(os.path.join(args.resume, 'args.json')) as f:
-            saved = json.load(f)
-        defaults = vars(parse_args([]))
-        saved.update({k: getattr(args, k) for k in RESUMABLE_OVERRIDES if getattr(args, k) != defaults[k]})
-        saved['resume'] = args.resume
-        args = argparse.Namespace(**saved)
+        resume = args.resume
+        with open(os.path.join(resume, 'args.json')) as f:
+            args = _saved_args(args, json.load(f), RESUMABLE_OVERRIDES, task.parse)
+        args.resume = resume
     genotype = load_genotype(args)   # a bad name or file fails before anything is written
-    run_dir = utils.prepare_run_dir(args.save, args.resume, 'eval')
+    run_dir = utils.prepare_run_dir(args.save, args.resume, task.prefix)
     log = utils.Log(run_dir)
     if not args.resume:
         utils.write_json(os.path.join(run_dir, 'args.json'), vars(args))
-    train_x, train_y, test_x, test_y, mean, std = load_dataset(args.dataset, args.data, not args.no_download,
-                                                               args.data_url, args.data_md5)
-    if args.batch_size > len(train_x):
-        raise UserError(f'--batch_size {args.batch_size} is larger than the training set ({len(train_x)} images)')
+    train_batches, test_batches, num_classes = task.data(args, for_eval=False)
     place = utils.select_place(args.device)
     paddle.enable_static()
     t0 = time.time()
-    progs = build_programs(genotype, args)
+    progs = task.programs(genotype, args, num_classes)
     from model import count_parameters
     log(f'run folder {run_dir}; genotype {genotype}')
     log(f'{count_parameters(progs["layout"]) / 1e6:.3f}M parameters (auxiliary head excluded); '
@@ -163,16 +191,12 @@ def train(args):
         state, history, start_epoch, best = arrays, meta['history'], meta['epoch'] + 1, meta['best_top1']
         log(f'resumed from epoch {start_epoch} of {args.epochs}')
 
-    train_batches = ArrayBatches(train_x, train_y, args.batch_size, mean, std, shuffle=True, augment=True,
-                                 seed=args.seed, num_workers=args.num_workers, drop_last=True,
-                                 cutout=args.cutout_length)
-    test_batches = ArrayBatches(test_x, test_y, max(args.batch_size, 256), mean, std, shuffle=False, augment=False)
     scope, exe = paddle.static.Scope(), paddle.static.Executor(place)
     from architect import get_tensors, set_tensors
     with paddle.static.scope_guard(scope):
         set_tensors(scope, place, state)
         for epoch in range(start_epoch, args.epochs):
-            lr = utils.cosine_lr(epoch, args.epochs, args.learning_rate, args.learning_rate_min)
+            lr = task.lr_at(args, epoch)
             drop_prob = args.drop_path_prob * epoch / args.epochs
             t_epoch, seen, loss_sum, correct = time.time(), 0, 0.0, 0
             feed_const = dict(lr=np.array([lr], 'float32'), drop_prob=np.array([drop_prob], 'float32'))
@@ -188,6 +212,8 @@ def train(args):
                 if (step + 1) % args.report_freq == 0:
                     log(f'epoch {epoch + 1}/{args.epochs} step {step + 1}/{len(train_batches)} loss {loss_sum / seen:.4f} '
                         f'top1 {100 * correct / seen:.2f}% {seen / (time.time() - t_epoch):.1f} img/s')
+            if not seen:
+                raise UserError(f'epoch {epoch + 1} had no readable training images')
             train_time = time.time() - t_epoch
             test_loss, top1, top5 = evaluate(exe, progs, test_batches)
             record = dict(epoch=epoch + 1, lr=lr, drop_prob=drop_prob, train_loss=loss_sum / seen,
@@ -209,34 +235,47 @@ def train(args):
     log(f'done: best test top-1 {100 * best:.2f}% (checkpoint {os.path.join(run_dir, "best.npz")})')
 
 
-def eval_only(args):
+def eval_only(task, args):
     """Evaluate a checkpoint written by this script, with the network settings it was trained with."""
     import paddle
     if not os.path.isfile(args.eval_only):
         raise UserError(f'--eval_only {args.eval_only}: no such checkpoint')
     arrays, meta = utils.load_checkpoint(args.eval_only)
-    defaults = vars(parse_args([]))
-    overrides = {k: getattr(args, k) for k in ('device', 'data', 'no_download') if getattr(args, k) != defaults[k]}
-    saved = argparse.Namespace(**dict(meta['args'], **overrides))
+    saved = _saved_args(args, meta['args'], ('device', 'data', 'no_download', 'num_workers'), task.parse)
     genotype = load_genotype(saved)
-    _, _, test_x, test_y, mean, std = load_dataset(saved.dataset, saved.data, not saved.no_download,
-                                                   saved.data_url, saved.data_md5)
+    _, test_batches, num_classes = task.data(saved, for_eval=True)
     place = utils.select_place(saved.device)
     paddle.enable_static()
-    progs = build_programs(genotype, saved)
+    progs = task.programs(genotype, saved, num_classes)
     scope, exe = paddle.static.Scope(), paddle.static.Executor(place)
     from architect import set_tensors
     with paddle.static.scope_guard(scope):
         set_tensors(scope, place, arrays)
-        loss, top1, top5 = evaluate(exe, progs, ArrayBatches(test_x, test_y, 256, mean, std, shuffle=False,
-                                                             augment=False))
+        loss, top1, top5 = evaluate(exe, progs, test_batches)
     print(f'test loss {loss:.4f} top1 {100 * top1:.2f}% top5 {100 * top5:.2f}% '
           f'(checkpoint of epoch {meta["epoch"] + 1})')
     return top1, top5
 
 
+def cifar_data(args, for_eval):
+    train_x, train_y, test_x, test_y, mean, std = load_dataset(args.dataset, args.data, not args.no_download,
+                                                               args.data_url, args.data_md5)
+    if args.batch_size > len(train_x):
+        raise UserError(f'--batch_size {args.batch_size} is larger than the training set ({len(train_x)} images)')
+    train_batches = None if for_eval else ArrayBatches(
+        train_x, train_y, args.batch_size, mean, std, shuffle=True, augment=True, seed=args.seed,
+        num_workers=args.num_workers, drop_last=True, cutout=args.cutout_length)
+    test_batches = ArrayBatches(test_x, test_y, max(args.batch_size, 256), mean, std, shuffle=False, augment=False)
+    return train_batches, test_batches, 10
+
+
+CIFAR = Task(data=cifar_data, network=None, image_size=lambda args: 32,
+             lr_at=lambda args, epoch: utils.cosine_lr(epoch, args.epochs, args.learning_rate, args.learning_rate_min),
+             prefix='eval', parse=parse_args)
+
+
 def main(argv=None):
-    return utils.run_main(train, argv, parse_args)
+    return utils.run_main(lambda args: fit(CIFAR, args), argv, parse_args)
 
 
 if __name__ == '__main__':

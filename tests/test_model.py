@@ -70,3 +70,14 @@ def test_drop_path_zeroes_whole_samples_and_rescales():
     assert len(values) == 2 and values[0] == 0 and np.isclose(values[1], 1 / 0.75)
     assert np.all(per_sample.min(1) == per_sample.max(1))        # a whole sample or nothing
     assert abs((per_sample[:, 0] == 0).mean() - 0.25) < 0.04
+
+
+def test_imagenet_multiply_adds_are_counted_from_the_program(static_mode):
+    n = model.count_multiply_adds(model.network_imagenet, 224, genotype=genotypes.DARTS_V2, c=48, layers=14,
+                                  num_classes=1000)
+    # the official code's network counts about 530M (convs + classifier); the paper quotes 574M
+    assert 525e6 < n < 535e6, n
+    # a count, not a constant: a narrower network costs less, roughly quadratically in C
+    narrow = model.count_multiply_adds(model.network_imagenet, 224, genotype=genotypes.DARTS_V2, c=24, layers=14,
+                                       num_classes=1000)
+    assert 0.2 < narrow / n < 0.35

@@ -1,0 +1,79 @@
+"""Train a genotype from scratch on ImageNet (mobile setting) and report top-1/top-5.
+
+    python train_imagenet.py --arch DARTS_PADDLE --data /data/imagenet
+
+--data holds train/<class>/<images> and val/<class>/<images>, or train_list.txt and
+val_list.txt with lines `relative/path label`.  Images are decoded and augmented by
+--num_workers processes; an unreadable image is reported and skipped.
+Paper settings: C=48, 14 cells, auxiliary 0.4, label smoothing 0.1, 250 epochs,
+batch 128, lr 0.1 decayed by 0.97 per epoch, momentum 0.9, wd 3e-5, clip 5.
+"""
+import argparse
+import os
+
+import utils  # first: sets Paddle's environment flags before paddle is imported
+import genotypes
+import model
+from reader import FileBatches, scan_imagenet
+from train import Task, fit
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a('--arch', default='DARTS_PADDLE', help=f'a named genotype: {", ".join(genotypes.NAMED)}')
+    a('--genotype_file', default=None, help='a genotype JSON written by train_search.py (overrides --arch)')
+    a('--data', default='./data/imagenet')
+    a('--epochs', type=int, default=250)
+    a('--batch_size', type=int, default=128)
+    a('--learning_rate', type=float, default=0.1)
+    a('--decay_rate', type=float, default=0.97, help='lr of epoch e = learning_rate * decay_rate ** e')
+    a('--momentum', type=float, default=0.9)
+    a('--weight_decay', type=float, default=3e-5)
+    a('--grad_clip', type=float, default=5.0)
+    a('--init_channels', type=int, default=48)
+    a('--layers', type=int, default=14)
+    a('--no_auxiliary', action='store_true')
+    a('--auxiliary_weight', type=float, default=0.4)
+    a('--label_smoothing', type=float, default=0.1)
+    a('--drop_path_prob', type=float, default=0.0)
+    a('--image_size', type=int, default=224, help='training crop; validation resizes to size*256/224 first')
+    a('--device', default='auto', choices=['auto', 'gpu', 'cpu'])
+    a('--seed', type=int, default=0)
+    a('--num_workers', type=int, default=min(4, os.cpu_count() or 1))
+    a('--report_freq', type=int, default=100)
+    a('--save', default=None, help='run folder (default runs/imagenet-DATE-TIME); must not exist')
+    a('--resume', default=None, metavar='RUN_DIR')
+    a('--eval_only', default=None, metavar='CHECKPOINT')
+    args = p.parse_args(argv)
+    for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'report_freq', 'image_size'):
+        if getattr(args, name) < 1:
+            p.error(f'--{name} must be at least 1')
+    return args
+
+
+def imagenet_data(args, for_eval):
+    val, val_classes = scan_imagenet(args.data, 'val')
+    train_batches, num_classes = None, val_classes
+    if not for_eval:
+        train, num_classes = scan_imagenet(args.data, 'train')
+        if args.batch_size > len(train):
+            raise utils.UserError(f'--batch_size {args.batch_size} is larger than the training set ({len(train)} images)')
+        train_batches = FileBatches(train, args.batch_size, True, args.image_size, args.seed, args.num_workers,
+                                    drop_last=True)
+    test_batches = FileBatches(val, min(args.batch_size, 256), False, args.image_size, num_workers=args.num_workers)
+    return train_batches, test_batches, max(num_classes, val_classes)
+
+
+IMAGENET = Task(data=imagenet_data, network=model.network_imagenet, image_size=lambda args: args.image_size,
+                lr_at=lambda args, epoch: args.learning_rate * args.decay_rate ** epoch,
+                label_smoothing=lambda args: args.label_smoothing,
+                prefix='imagenet', parse=parse_args)
+
+
+def main(argv=None):
+    return utils.run_main(lambda args: fit(IMAGENET, args), argv, parse_args)
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
