@@ -52,6 +52,8 @@ def parse_args(argv=None):
     a('--save', default=None, help='run folder (default runs/eval-DATE-TIME); must not exist')
     a('--resume', default=None, metavar='RUN_DIR')
     a('--eval_only', default=None, metavar='CHECKPOINT', help='evaluate a checkpoint (best.npz) on the test set')
+    a('--predict', nargs='+', default=None, metavar=('MODEL', 'IMAGE'),
+      help='classify image files with an exported model (RUN_DIR/inference/model)')
     args = p.parse_args(argv)
     for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'report_freq'):
         if getattr(args, name) < 1:
@@ -108,8 +110,9 @@ def build_programs(genotype, args, image_size=32, num_classes=10, network=None, 
         tx, ty = data('x', [-1, 3, image_size, image_size]), data('y', [-1], 'int64')
         test_logits, _ = network(ParamSet(layout, declare(WEIGHTS, [p]), 'running'), tx, auxiliary=False, **kw)
         test_loss = paddle.nn.functional.cross_entropy(test_logits, ty)
+        test_probs = paddle.nn.functional.softmax(test_logits, axis=-1)
     return dict(layout=layout, train=train, test=test, train_fetch=[loss, logits, total],
-                test_fetch=[test_loss, test_logits], aux=auxiliary)
+                test_fetch=[test_loss, test_logits], test_x=tx, test_probs=test_probs, aux=auxiliary)
 
 
 def initial_state(layout, seed):
@@ -140,8 +143,9 @@ class Task:
     label_smoothing(args) -> eps of the training loss
     """
 
-    def __init__(self, data, network, image_size, lr_at, label_smoothing=lambda args: 0.0, prefix='eval', parse=None):
-        self.data, self.network, self.image_size = data, network, image_size
+    def __init__(self, data, network, image_size, lr_at, label_smoothing=lambda args: 0.0, prefix='eval', parse=None,
+                 preprocess=None):
+        self.data, self.network, self.image_size, self.preprocess = data, network, image_size, preprocess
         self.lr_at, self.label_smoothing, self.prefix, self.parse = lr_at, label_smoothing, prefix, parse
 
     def programs(self, genotype, args, num_classes):
@@ -159,6 +163,10 @@ def _saved_args(args, saved, names, parse):
 
 def fit(task, args):
     """Train from scratch (or --resume), evaluating on the test set after every epoch."""
+    if getattr(args, 'predict', None):
+        if len(args.predict) < 2:
+            raise UserError('--predict takes the model (RUN_DIR/inference/model) and at least one image')
+        return predict(args.predict[0], args.predict[1:], args.device)
     import paddle
     if args.eval_only:
         return eval_only(task, args)
@@ -232,7 +240,55 @@ def fit(task, args):
                 f'{record["train_loss"]:.4f} top1 {100 * record["train_acc"]:.2f}% | test loss {test_loss:.4f} '
                 f'top1 {100 * top1:.2f}% top5 {100 * top5:.2f}% (best {100 * best:.2f}%) | '
                 f'{record["images_per_sec"]:.1f} img/s, {record["epoch_time"]:.1f}s')
-    log(f'done: best test top-1 {100 * best:.2f}% (checkpoint {os.path.join(run_dir, "best.npz")})')
+        best_arrays, _ = utils.load_checkpoint(os.path.join(run_dir, 'best.npz'))
+        set_tensors(scope, place, best_arrays)
+        exported = export_inference(exe, progs, run_dir, task.preprocess(args))
+    log(f'done: best test top-1 {100 * best:.2f}% (checkpoint {os.path.join(run_dir, "best.npz")}); '
+        f'inference model {exported}; classify images with: python train.py --predict {exported} IMAGE...')
+
+
+def export_inference(exe, progs, run_dir, preprocess):
+    """The test network at the current weights as a Paddle inference model (image -> class
+    probabilities), with the preprocessing it expects in preprocess.json beside it."""
+    import paddle
+    folder = os.path.join(run_dir, 'inference')
+    os.makedirs(folder, exist_ok=True)
+    prefix = os.path.join(folder, 'model')
+    paddle.static.save_inference_model(prefix, [progs['test_x']], [progs['test_probs']], exe, program=progs['test'])
+    utils.write_json(os.path.join(folder, 'preprocess.json'), preprocess)
+    return prefix
+
+
+def predict(prefix, images, device='auto'):
+    """Classify image files with an exported model; prints `path<TAB>class<TAB>probability`."""
+    import paddle
+    from reader import load_image, normalize
+    meta_path = os.path.join(os.path.dirname(prefix), 'preprocess.json')
+    if not os.path.isfile(prefix + '.json') and not os.path.isfile(prefix + '.pdmodel'):
+        raise UserError(f'--predict {prefix}: no exported model there (a finished run writes RUN_DIR/inference/model)')
+    with open(meta_path) as f:
+        meta = json.load(f)
+    place = utils.select_place(device)
+    paddle.enable_static()
+    exe = paddle.static.Executor(place)
+    program, feeds, fetches = paddle.static.load_inference_model(prefix, exe)
+    mean, std = np.array(meta['mean'], 'float32'), np.array(meta['std'], 'float32')
+    results = []
+    for path in images:
+        try:
+            if meta['resize'] == 'center_crop':
+                x = load_image(path, False, meta['image_size'], None)
+            else:  # CIFAR-style: the whole image, resized to image_size x image_size
+                from PIL import Image
+                with Image.open(path) as im:
+                    x = np.asarray(im.convert('RGB').resize((meta['image_size'],) * 2, Image.BILINEAR)).transpose(2, 0, 1)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f'cannot read image {path}: {type(e).__name__}: {e}') from None
+        (probs,) = exe.run(program, feed={feeds[0]: normalize(x[None], mean, std)}, fetch_list=fetches)
+        k = int(probs[0].argmax())
+        results.append((path, k, float(probs[0, k])))
+        print(f'{path}\t{k}\t{probs[0, k]:.4f}')
+    return results
 
 
 def eval_only(task, args):
@@ -269,9 +325,18 @@ def cifar_data(args, for_eval):
     return train_batches, test_batches, 10
 
 
+def cifar_preprocess(args):
+    from reader import CIFAR_MEAN, CIFAR_STD
+    if args.dataset == 'digits':
+        *_, mean, std = load_dataset('digits', args.data)
+    else:
+        mean, std = CIFAR_MEAN, CIFAR_STD
+    return dict(image_size=32, resize='whole', mean=[float(v) for v in mean], std=[float(v) for v in std])
+
+
 CIFAR = Task(data=cifar_data, network=None, image_size=lambda args: 32,
              lr_at=lambda args, epoch: utils.cosine_lr(epoch, args.epochs, args.learning_rate, args.learning_rate_min),
-             prefix='eval', parse=parse_args)
+             prefix='eval', parse=parse_args, preprocess=cifar_preprocess)
 
 
 def main(argv=None):

@@ -14,7 +14,7 @@ import os
 import utils  # first: sets Paddle's environment flags before paddle is imported
 import genotypes
 import model
-from reader import FileBatches, scan_imagenet
+from reader import IMAGENET_MEAN, IMAGENET_STD, FileBatches, scan_imagenet
 from train import Task, fit
 
 
@@ -68,7 +68,9 @@ def imagenet_data(args, for_eval):
 IMAGENET = Task(data=imagenet_data, network=model.network_imagenet, image_size=lambda args: args.image_size,
                 lr_at=lambda args, epoch: args.learning_rate * args.decay_rate ** epoch,
                 label_smoothing=lambda args: args.label_smoothing,
-                prefix='imagenet', parse=parse_args)
+                prefix='imagenet', parse=parse_args,
+                preprocess=lambda args: dict(image_size=args.image_size, resize='center_crop',
+                                             mean=IMAGENET_MEAN.tolist(), std=IMAGENET_STD.tolist()))
 
 
 def main(argv=None):

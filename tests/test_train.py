@@ -149,3 +149,27 @@ def test_bad_genotype_file_says_what_is_wrong(tmp_path):
 def test_missing_data(tmp_path):
     r = run_script('train.py', '--data', tmp_path / 'none', '--no_download', '--save', tmp_path / 'r')
     assert r.returncode == 2 and 'no CIFAR-10 in' in r.stderr
+
+
+def test_exported_model_classifies_image_files_like_the_test_program(reference, cifar_dir, tmp_path):
+    from PIL import Image
+    import reader
+    run_dir, _ = reference
+    _, _, test_x, test_y = reader.load_cifar10(cifar_dir, download=False)
+    paths = []
+    for i, img in enumerate(test_x):       # the test set, as PNG files (lossless)
+        paths.append(str(tmp_path / f'{i}.png'))
+        Image.fromarray(img.transpose(1, 2, 0)).save(paths[-1])
+    r = run_script('train.py', '--predict', os.path.join(run_dir, 'inference', 'model'), *paths)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split('\t') for line in r.stdout.strip().splitlines()]
+    assert [row[0] for row in rows] == paths
+    predicted = np.array([int(row[1]) for row in rows])
+    assert all(0 < float(row[2]) <= 1 for row in rows)
+    best = max(history(run_dir), key=lambda x: x['val_acc'])['val_acc']
+    assert (predicted == test_y).mean() == pytest.approx(best, abs=1e-9)
+
+
+def test_predict_without_a_model(tmp_path):
+    r = run_script('train.py', '--predict', tmp_path / 'nope' / 'model', tmp_path / 'a.png')
+    assert r.returncode == 2 and 'no exported model there' in r.stderr
