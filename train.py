@@ -153,14 +153,6 @@ class Task:
                               self.label_smoothing(args))
 
 
-def _saved_args(args, saved, names, parse):
-    """The saved settings, with those of `names` that the command line set explicitly."""
-    defaults = vars(parse([]))
-    saved = dict(saved)
-    saved.update({k: getattr(args, k) for k in names if getattr(args, k) != defaults[k]})
-    return argparse.Namespace(**saved)
-
-
 def fit(task, args):
     """Train from scratch (or --resume), evaluating on the test set after every epoch."""
     if getattr(args, 'predict', None):
@@ -172,8 +164,7 @@ def fit(task, args):
         return eval_only(task, args)
     if args.resume:
         resume = args.resume
-        with open(os.path.join(resume, 'args.json')) as f:
-            args = _saved_args(args, json.load(f), RESUMABLE_OVERRIDES, task.parse)
+        args = utils.saved_args(args, utils.load_run_args(resume), RESUMABLE_OVERRIDES, task.parse)
         args.resume = resume
     genotype = load_genotype(args)   # a bad name or file fails before anything is written
     run_dir = utils.prepare_run_dir(args.save, args.resume, task.prefix)
@@ -297,7 +288,7 @@ def eval_only(task, args):
     if not os.path.isfile(args.eval_only):
         raise UserError(f'--eval_only {args.eval_only}: no such checkpoint')
     arrays, meta = utils.load_checkpoint(args.eval_only)
-    saved = _saved_args(args, meta['args'], ('device', 'data', 'no_download', 'num_workers'), task.parse)
+    saved = utils.saved_args(args, meta['args'], ('device', 'data', 'no_download', 'num_workers'), task.parse)
     genotype = load_genotype(saved)
     _, test_batches, num_classes = task.data(saved, for_eval=True)
     place = utils.select_place(saved.device)

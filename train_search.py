@@ -58,21 +58,11 @@ def parse_args(argv=None):
     return args
 
 
-def merge_resumed_args(args):
-    """The resumed run's own settings, with the few that may change taken from the command line."""
-    with open(os.path.join(args.resume, 'args.json')) as f:
-        saved = json.load(f)
-    defaults = vars(parse_args([]))
-    for name in RESUMABLE_OVERRIDES:
-        if getattr(args, name) != defaults[name]:
-            saved[name] = getattr(args, name)
-    saved['resume'] = args.resume
-    return argparse.Namespace(**saved)
-
-
 def search(args):
     if args.resume:
-        args = merge_resumed_args(args)
+        resume = args.resume
+        args = utils.saved_args(args, utils.load_run_args(resume), RESUMABLE_OVERRIDES, parse_args)
+        args.resume = resume
     run_dir = utils.prepare_run_dir(args.save, args.resume, 'search')
     log = utils.Log(run_dir)
     if not args.resume:

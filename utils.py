@@ -32,6 +32,26 @@ def run_main(run, argv, parse):
     return 0
 
 
+def load_run_args(run_dir):
+    """The args.json a run wrote when it started."""
+    path = os.path.join(run_dir, 'args.json')
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f'--resume {run_dir}: cannot read {path} ({e}); is it a run folder?') from None
+
+
+def saved_args(args, saved, names, parse):
+    """A run's saved settings (a dict), with those of `names` that the command line set
+    explicitly (differing from the parser's default) taken from `args`."""
+    import argparse
+    defaults = vars(parse([]))
+    merged = dict(saved)
+    merged.update({k: getattr(args, k) for k in names if getattr(args, k) != defaults[k]})
+    return argparse.Namespace(**merged)
+
+
 def select_place(device):
     """The Paddle place for --device gpu|cpu|auto (auto: the GPU when there is one)."""
     import paddle

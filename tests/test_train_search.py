@@ -187,3 +187,8 @@ def test_existing_run_dir_is_not_overwritten(cifar_dir, tmp_path):
 def test_bad_flag_value():
     r = run_script('train_search.py', '--epochs', '0')
     assert r.returncode == 2 and '--epochs must be at least 1' in r.stderr
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
+    r = run_script('train_search.py', '--resume', tmp_path)
+    _one_line_error(r, 'is it a run folder')
