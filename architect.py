@@ -120,8 +120,7 @@ def initial_state(layout, seed):
         state[name] = (1e-3 * rng.standard_normal(ALPHA_SHAPE)).astype('float32')
         state[name + '.adam_m'] = np.zeros(ALPHA_SHAPE, 'float32')
         state[name + '.adam_v'] = np.zeros(ALPHA_SHAPE, 'float32')
-    for name, (shape, value) in layout.buffers.items():
-        state[name] = np.full(shape, value, 'float32')
+    state.update(layout.initial_buffers())
     return state
 
 
@@ -133,8 +132,7 @@ def scratch_state(layout):
     for name in ALPHA_NAMES:
         for what in ('dalpha', 'g_plus', 'hessian', 'grad'):
             out[f'arch/{what}_{name}'] = np.zeros(ALPHA_SHAPE, 'float32')
-    for name, (shape, value) in layout.buffers.items():
-        out[UNROLLED_BN_PREFIX + name] = np.full(shape, value, 'float32')
+    out.update(layout.initial_buffers(UNROLLED_BN_PREFIX))
     return out
 
 

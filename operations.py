@@ -74,6 +74,10 @@ class Layout:
             parts.append(rng.uniform(-arg, arg, n) if kind == 'uniform' else np.full(n, arg))
         return np.concatenate(parts).astype('float32')
 
+    def initial_buffers(self, prefix=''):
+        """BN running statistics at their starting values (mean 0, var 1), named prefix + name."""
+        return {prefix + name: np.full(shape, value, 'float32') for name, (shape, value) in self.buffers.items()}
+
     def unflatten(self, flat):
         """{name: array} from a flat vector."""
         out, off = {}, 0

@@ -16,10 +16,10 @@ import numpy as np
 import utils  # first: sets Paddle's environment flags before paddle is imported
 import genotypes
 from reader import CIFAR_MD5, CIFAR_URL, ArrayBatches, load_dataset
+from architect import MOMENTUM, WEIGHTS
 from utils import UserError
 
 RESUMABLE_OVERRIDES = ('epochs', 'device', 'num_workers', 'report_freq', 'data')
-WEIGHTS, MOMENTUM = 'weights', 'weights.momentum'
 
 
 def parse_args(argv=None):
@@ -112,15 +112,13 @@ def build_programs(genotype, args, image_size=32, num_classes=10, network=None, 
         test_loss = paddle.nn.functional.cross_entropy(test_logits, ty)
         test_probs = paddle.nn.functional.softmax(test_logits, axis=-1)
     return dict(layout=layout, train=train, test=test, train_fetch=[loss, logits, total],
-                test_fetch=[test_loss, test_logits], test_x=tx, test_probs=test_probs, aux=auxiliary)
+                test_fetch=[test_loss, test_logits], test_x=tx, test_probs=test_probs)
 
 
 def initial_state(layout, seed):
     rng = np.random.default_rng(seed)
-    state = {WEIGHTS: layout.initial_weights(rng), MOMENTUM: np.zeros(layout.size, 'float32')}
-    for name, (shape, value) in layout.buffers.items():
-        state[name] = np.full(shape, value, 'float32')
-    return state
+    return {WEIGHTS: layout.initial_weights(rng), MOMENTUM: np.zeros(layout.size, 'float32'),
+            **layout.initial_buffers()}
 
 
 def evaluate(exe, progs, batches):

@@ -1,5 +1,4 @@
 """train.py: evaluation training of a genotype, as a user runs it, and its programs."""
-import argparse
 import json
 import os
 import signal
