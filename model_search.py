@@ -10,9 +10,12 @@ Exact rewrites that make the graph small and the kernels large:
   the target node i: computed once per source node j;
 - all edges leaving node j are computed together ("wide"): the n_j copies of each
   parametric op run as one grouped convolution over n_j stacked copies of ReLU(x_j),
-  giving a [N, n_j, C, H, W] block whose slice t feeds target node i = max(j - 1, 0) + t;
+  giving a [N, n_j * C, H, W] block whose channels [t * C, (t + 1) * C) feed target
+  node i = max(j - 1, 0) + t;
 - a parametric op's mixture weight is its final (non-affine) BN's gamma, and the
-  shared terms (max, avg, identity) are mixed for all targets by one matmul.
+  shared terms (max, avg, identity) are mixed for all targets by one matmul;
+- the per-channel mixture weights are laid out once per (alpha, cell width), not per
+  cell (mixture_weights).
 Per-channel BN over the stacked copies equals separate BNs per edge.
 """
 import paddle
@@ -20,7 +23,7 @@ import paddle.nn.functional as F
 
 from genotypes import PRIMITIVES, STEPS, num_edges
 from operations import (Layout, avg_pool, batch_norm, conv, dil_conv, factorized_reduce, linear,
-                        max_pool, relu_conv_bn, sep_conv)
+                        max_pool, relu_conv_bn, sep_conv, sum_all)
 
 MULTIPLIER = 4
 STEM_MULTIPLIER = 3
@@ -42,34 +45,46 @@ def targets(j, steps=STEPS):
     return list(range(max(0, j - 1), steps))
 
 
-def _source_weights(alpha):
-    """softmax(alpha) regrouped by source node: {j: [n_j, |PRIMITIVES|]}, row t for target j - 1 + t."""
-    order = [(j, i) for j in range(STEPS + 1) for i in targets(j)]
-    rows = paddle.gather(F.softmax(alpha, axis=-1), paddle.to_tensor([edge_index(i, j) for j, i in order]))
+PARAMETRIC = ('skip_connect', 'sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5')
+SHARED = ('max_pool_3x3', 'avg_pool_3x3', 'skip_connect')
+
+
+def mixture_weights(alpha, c):
+    """softmax(alpha) laid out for the wide blocks of a cell of width c, per source node j:
+
+      gamma[op]  [n_j * c]  the weight of op on each of the n_j edges leaving j, repeated
+                            per channel (the final BN's gamma of op's wide block);
+      beta[op]   [n_j * c]  zeros derived from gamma (see operations.batch_norm);
+      shared     [n_j, 3]   the weights of max, avg and skip on those edges.
+
+    Built once per (alpha, c) and shared by every cell with that alpha and width.
+    (skip_connect is parametric, FactorizedReduce, only on the strided edges.)
+    """
+    order = [edge_index(i, j) for j in range(STEPS + 1) for i in targets(j)]
+    rows = paddle.gather(F.softmax(alpha, axis=-1), paddle.to_tensor(order))      # [14, |ops|]
     sizes = [len(targets(j)) for j in range(STEPS + 1)]
-    return dict(enumerate(paddle.split(rows, sizes, axis=0)))
+    columns = paddle.to_tensor([PRIMITIVES.index(op) for op in PARAMETRIC])
+    per_channel = paddle.repeat_interleave(paddle.transpose(paddle.gather(rows, columns, axis=1), [1, 0]), c, axis=1)
+    gammas = paddle.split(per_channel, [n * c for n in sizes], axis=1)
+    betas = paddle.split(per_channel * 0.0, [n * c for n in sizes], axis=1)
+    first = PRIMITIVES.index(SHARED[0])
+    shared = paddle.split(rows[:, first:first + len(SHARED)], sizes, axis=0)
+    return [dict(gamma=dict(zip(PARAMETRIC, paddle.unbind(g, axis=0))),
+                 beta=dict(zip(PARAMETRIC, paddle.unbind(b, axis=0))), shared=sh)
+            for g, b, sh in zip(gammas, betas, shared)]
 
 
-def _mixture_terms(w, c, strided):
-    """What a wide block needs from its [n, ops] weights at width c:
-    per-channel BN scales [n * c] for the parametric ops (skip too when strided),
-    and the [n, k] matrix that mixes the k shared terms (max, avg[, identity])."""
-    def per_channel(o):
-        return paddle.repeat_interleave(w[:, o], c)
-    parametric = ['skip_connect'] * strided + ['sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5']
-    scales = {op: per_channel(PRIMITIVES.index(op)) for op in parametric}
-    shared = w[:, 1:3] if strided else w[:, 1:4]
-    return scales, shared
-
-
-def _wide_block(ps, name, h, w, c, stride):
-    """sum_o w_o * o(h) for every edge leaving h: [N, n, C, H', W'] with n = rows of w.
+def _wide_block(ps, name, h, mix, c, stride):
+    """sum_o w_o * o(h) for every edge leaving h: [N, n * C, H', W'], edge t in channels
+    [t * C, (t + 1) * C), n = the number of edges leaving h.
 
     Parametric ops (and the strided skip) get their weight as BN gamma; the shared
     terms (max, avg, and identity skip) are mixed for all n targets by one matmul.
     """
-    n = w.shape[0]
-    scales, shared_w = _mixture_terms(w, c, stride == 2)
+    n = mix['shared'].shape[0]
+
+    def weights(op):
+        return mix['gamma'][op], mix['beta'][op]
     h_relu = F.relu(h)
     stacked = paddle.tile(h_relu, [1, n, 1, 1]) if n > 1 else h_relu
     shared = [batch_norm(ps, name + '.max_bn', max_pool(h, stride), affine=False),
@@ -77,21 +92,21 @@ def _wide_block(ps, name, h, w, c, stride):
     wide = []
     if stride == 1:
         shared.append(h)
+        shared_w = mix['shared']
     else:
-        wide.append(factorized_reduce(ps, name + '.skip', h_relu, c, False, copies=n, scale=scales['skip_connect']))
-    wide += [sep_conv(ps, name + '.sep3', stacked, c, 3, stride, False, copies=n, scale=scales['sep_conv_3x3']),
-             sep_conv(ps, name + '.sep5', stacked, c, 5, stride, False, copies=n, scale=scales['sep_conv_5x5']),
-             dil_conv(ps, name + '.dil3', stacked, c, 3, stride, False, copies=n, scale=scales['dil_conv_3x3']),
-             dil_conv(ps, name + '.dil5', stacked, c, 5, stride, False, copies=n, scale=scales['dil_conv_5x5'])]
+        shared_w = mix['shared'][:, :2]
+        wide.append(factorized_reduce(ps, name + '.skip', h_relu, c, False, copies=n, mix=weights('skip_connect')))
+    wide += [sep_conv(ps, name + '.sep3', stacked, c, 3, stride, False, copies=n, mix=weights('sep_conv_3x3')),
+             sep_conv(ps, name + '.sep5', stacked, c, 5, stride, False, copies=n, mix=weights('sep_conv_5x5')),
+             dil_conv(ps, name + '.dil3', stacked, c, 3, stride, False, copies=n, mix=weights('dil_conv_3x3')),
+             dil_conv(ps, name + '.dil5', stacked, c, 5, stride, False, copies=n, mix=weights('dil_conv_5x5'))]
     hh, ww = shared[0].shape[2], shared[0].shape[3]
-    # [N, k, C*H*W] -> [n, k] @ . -> [N, n, C*H*W]: every target's mix of the shared terms at once
+    # [n, k] @ [N, k, C*H*W] -> [N, n, C*H*W]: every target's mix of the shared terms at once
     mixed = paddle.matmul(shared_w, paddle.reshape(paddle.stack(shared, axis=1), [-1, len(shared), c * hh * ww]))
-    block = paddle.add_n([paddle.reshape(y, [-1, n * c * hh * ww]) for y in wide]
-                         + [paddle.reshape(mixed, [-1, n * c * hh * ww])])
-    return paddle.reshape(block, [-1, n, c, hh, ww])
+    return sum_all(wide + [paddle.reshape(mixed, [-1, n * c, hh, ww])])
 
 
-def search_cell(ps, name, s0, s1, source_weights, c, reduction, reduction_prev):
+def search_cell(ps, name, s0, s1, mixes, c, reduction, reduction_prev):
     if reduction_prev:
         s0 = factorized_reduce(ps, name + '.pre0', F.relu(s0), c, affine=False)
     else:
@@ -100,18 +115,25 @@ def search_cell(ps, name, s0, s1, source_weights, c, reduction, reduction_prev):
     states, contributions = [s0, s1], [[] for _ in range(STEPS)]
     for j in range(STEPS + 1):
         if j >= 2:  # node j - 2 has all its inputs now
-            states.append(paddle.add_n(contributions[j - 2]))
+            states.append(sum_all(contributions[j - 2]))
         stride = 2 if reduction and j < 2 else 1
-        block = _wide_block(ps, f'{name}.n{j}', states[j], source_weights[j], c, stride)
-        for i, part in zip(targets(j), paddle.unbind(block, axis=1)):
+        block = _wide_block(ps, f'{name}.n{j}', states[j], mixes[j], c, stride)
+        n = len(targets(j))
+        parts = paddle.split(block, n, axis=1) if n > 1 else [block]
+        for i, part in zip(targets(j), parts):
             contributions[i].append(part)
-    states.append(paddle.add_n(contributions[STEPS - 1]))
+    states.append(sum_all(contributions[STEPS - 1]))
     return paddle.concat(states[-MULTIPLIER:], axis=1)
 
 
 def search_network(ps, x, alpha_normal, alpha_reduce, c=16, num_classes=10, layers=8):
     """logits = classifier(GAP(cells(stem(x)))), every mixed edge weighted by softmax(alpha)."""
-    normal_w, reduce_w = _source_weights(alpha_normal), _source_weights(alpha_reduce)
+    mixes = {}  # (reduction, width) -> mixture_weights, built once per network
+
+    def mix(reduction, width):
+        if (reduction, width) not in mixes:
+            mixes[reduction, width] = mixture_weights(alpha_reduce if reduction else alpha_normal, width)
+        return mixes[reduction, width]
     c_curr = STEM_MULTIPLIER * c
     # The official search stem's BN is affine (torch default); the cells' BNs are not.
     s = batch_norm(ps, 'stem.bn', conv(ps, 'stem.conv', x, c_curr, 3, padding=1), affine=True)
@@ -121,8 +143,7 @@ def search_network(ps, x, alpha_normal, alpha_reduce, c=16, num_classes=10, laye
         reduction = k in reduction_layers(layers)
         if reduction:
             c_curr *= 2
-        out = search_cell(ps, f'cell{k}', s0, s1, reduce_w if reduction else normal_w,
-                          c_curr, reduction, reduction_prev)
+        out = search_cell(ps, f'cell{k}', s0, s1, mix(reduction, c_curr), c_curr, reduction, reduction_prev)
         s0, s1, reduction_prev = s1, out, reduction
     pooled = paddle.flatten(F.adaptive_avg_pool2d(s1, 1), 1)
     return linear(ps, 'classifier', pooled, num_classes)

@@ -5,11 +5,13 @@ Every function takes a ParamSet `ps` and a name, and reads its weights with
 tensors gives the same network at w, w', w+ or w-, without copying a model or
 swapping weights in place.
 
-Weights live in one flat vector per ParamSet (`Layout` says where each tensor sits):
-one split op hands the pieces to the builder, its gradient is one concat, and the
-optimiser and the architect's w' / w+- arithmetic are a few ops on whole vectors.
-(Paddle 3.3's PIR interpreter spends time quadratic in a program's op count before
-its first run, so every op saved matters.)
+Weights live in one flat vector per ParamSet (`Layout` says where each tensor sits), so
+the optimiser and the architect's w' / w+- arithmetic are a few ops on whole vectors.
+The flat vector is ordered by *trailing shape* (shape[1:]): tensors that differ only in
+their first dimension sit side by side, and each such group becomes its tensors by one
+reshape and one split along axis 0, so the whole weight set costs a few dozen ops, not
+a reshape per tensor.  (Paddle 3.3's PIR interpreter spends time and memory quadratic
+in a program's op count when it prepares the program, so every op saved matters.)
 
 Functions whose first conv is preceded by a ReLU take the *already rectified* input
 (`x_relu`), so a cell can compute ReLU(h_j) once per node.
@@ -60,11 +62,26 @@ class Layout:
 
     @classmethod
     def record(cls, build):
-        """Run build(ps) in a throw-away program with a recording ParamSet."""
+        """Run build(ps) in a throw-away program with a recording ParamSet, then order the
+        tensors by group (first appearance), build order within a group."""
         layout = cls()
         with paddle.static.program_guard(paddle.static.Program(), paddle.static.Program()):
             build(_Recorder(layout))
+        keys = list(dict.fromkeys(group_key(s) for s in layout.shapes))
+        order = sorted(range(len(layout.names)), key=lambda i: keys.index(group_key(layout.shapes[i])))
+        layout.names, layout.shapes, layout.inits = ([lst[i] for i in order]
+                                                     for lst in (layout.names, layout.shapes, layout.inits))
         return layout
+
+    def groups(self):
+        """[(trailing shape, [tensor indices])] in flat order; each group is contiguous."""
+        out = []
+        for i, shape in enumerate(self.shapes):
+            if out and out[-1][0] == group_key(shape):
+                out[-1][1].append(i)
+            else:
+                out.append((group_key(shape), [i]))
+        return out
 
     def initial_weights(self, rng):
         """The flat initial weight vector: U(-b, b) or a constant per tensor."""
@@ -101,8 +118,16 @@ class ParamSet:
     def __init__(self, layout, flat, bn_stats='update', buffer_prefix=''):
         assert bn_stats in ('update', 'running')
         self.layout, self.bn_stats, self.buffer_prefix = layout, bn_stats, buffer_prefix
-        pieces = paddle.split(flat, layout.sizes) if len(layout.sizes) > 1 else [flat]
-        self.pieces = {n: paddle.reshape(p, s) for n, p, s in zip(layout.names, pieces, layout.shapes)}
+        self.pieces = {}
+        groups = layout.groups()
+        sizes = [sum(layout.sizes[i] for i in members) for _, members in groups]
+        chunks = paddle.split(flat, sizes) if len(groups) > 1 else [flat]
+        for (trailing, members), chunk in zip(groups, chunks):
+            # [sum of first dims, *trailing] -> one tensor per member along axis 0
+            leading = [layout.shapes[i][0] for i in members]
+            stacked = paddle.reshape(chunk, [sum(leading)] + list(trailing)) if trailing else chunk
+            parts = paddle.split(stacked, leading, axis=0) if len(members) > 1 else [stacked]
+            self.pieces.update((layout.names[i], p) for i, p in zip(members, parts))
         self.buffers, self.constants = {}, {}
         self.dtype = flat.dtype
 
@@ -149,23 +174,28 @@ class _Recorder:
         return paddle.full([n], value, 'float32')
 
 
+def group_key(shape):
+    """Tensors with the same trailing shape share one reshape + split in a ParamSet."""
+    return tuple(shape[1:])
+
+
 def uniform_fan_in(fan_in):
     """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch's default conv/linear init."""
     return ('uniform', 1.0 / math.sqrt(fan_in))
 
 
-def batch_norm(ps, name, x, affine, scale=None):
+def batch_norm(ps, name, x, affine, mix=None):
     """y = (x - mean) / sqrt(var + eps) [* gamma + beta when affine].
 
-    scale (non-affine only): a per-channel factor applied as the BN's gamma, y * scale,
-    so a mixture weight costs no separate multiply.
+    mix (non-affine only): (scale, zeros), a per-channel factor applied as the BN's gamma,
+    y * scale, so a mixture weight costs no separate multiply.  The zero beta must be
+    derived from scale (scale * 0): Paddle 3.3's batch_norm_grad fails when gamma needs
+    a gradient and beta does not.
     """
     c = x.shape[1]
-    if scale is not None:
+    if mix is not None:
         assert not affine
-        # beta derived from scale: Paddle 3.3's batch_norm_grad fails when gamma needs a
-        # gradient and beta does not
-        gamma, beta = scale, scale * 0.0
+        gamma, beta = mix
     elif affine:
         gamma = ps.weight(name + '.gamma', [c], ('constant', 1.0))
         beta = ps.weight(name + '.beta', [c], ('constant', 0.0))
@@ -175,6 +205,21 @@ def batch_norm(ps, name, x, affine, scale=None):
     var = ps.buffer(name + '.running_var', [c], 1.0)
     return F.batch_norm(x, mean, var, gamma, beta, training=ps.bn_stats != 'running',
                         momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
+
+
+def sum_all(tensors):
+    """sum_i t_i, as few ops forward and backward as Paddle allows.
+
+    Not add_n: its backward copies the gradient once per input (a full + scale pair
+    each).  A chain of adds costs one op and one add_grad per input; for many inputs
+    one stack + sum costs a constant number.
+    """
+    if len(tensors) > 3:
+        return paddle.sum(paddle.stack(tensors), axis=0)
+    out = tensors[0]
+    for t in tensors[1:]:
+        out = out + t
+    return out
 
 
 def conv(ps, name, x, c_out, kernel, stride=1, padding=0, dilation=1, groups=1):
@@ -198,7 +243,7 @@ def relu_conv_bn(ps, name, x, c_out, kernel, stride, padding, affine):
     return batch_norm(ps, name + '.bn', conv(ps, name + '.conv', F.relu(x), c_out, kernel, stride, padding), affine)
 
 
-def factorized_reduce(ps, name, x_relu, c_out, affine, copies=1, scale=None):
+def factorized_reduce(ps, name, x_relu, c_out, affine, copies=1, mix=None):
     """Halve H and W: BN(concat(conv1x1_s2(x), conv1x1_s2(x[:, :, 1:, 1:]))), x = ReLU(h).
 
     copies=n builds n independent reductions of the same input at once; the result
@@ -214,10 +259,10 @@ def factorized_reduce(ps, name, x_relu, c_out, affine, copies=1, scale=None):
         y = paddle.reshape(paddle.concat([a, b], axis=2), [-1, copies * c_out, h, w])
     else:
         y = paddle.concat([a, b], axis=1)
-    return batch_norm(ps, name + '.bn', y, affine, scale)
+    return batch_norm(ps, name + '.bn', y, affine, mix)
 
 
-def sep_conv(ps, name, x_relu, c_out, kernel, stride, affine, copies=1, scale=None):
+def sep_conv(ps, name, x_relu, c_out, kernel, stride, affine, copies=1, mix=None):
     """Separable conv twice: BN(pw(dw_k(ReLU(.)))), stride on the first depthwise only.
 
     With copies=n, x_relu holds n stacked inputs ([N, n * C, H, W]) and n independent
@@ -228,15 +273,15 @@ def sep_conv(ps, name, x_relu, c_out, kernel, stride, affine, copies=1, scale=No
     y = conv(ps, name + '.dw1', x_relu, c_in, kernel, stride, pad, groups=c_in)
     y = batch_norm(ps, name + '.bn1', conv(ps, name + '.pw1', y, c_in, 1, groups=copies), affine)
     y = conv(ps, name + '.dw2', F.relu(y), c_in, kernel, 1, pad, groups=c_in)
-    return batch_norm(ps, name + '.bn2', conv(ps, name + '.pw2', y, copies * c_out, 1, groups=copies), affine, scale)
+    return batch_norm(ps, name + '.bn2', conv(ps, name + '.pw2', y, copies * c_out, 1, groups=copies), affine, mix)
 
 
-def dil_conv(ps, name, x_relu, c_out, kernel, stride, affine, dilation=2, copies=1, scale=None):
+def dil_conv(ps, name, x_relu, c_out, kernel, stride, affine, dilation=2, copies=1, mix=None):
     """BN(pw(dilated dw_k(ReLU(x)))), dilation 2; copies as in sep_conv."""
     c_in = x_relu.shape[1]
     pad = dilation * (kernel - 1) // 2
     y = conv(ps, name + '.dw', x_relu, c_in, kernel, stride, pad, dilation, groups=c_in)
-    return batch_norm(ps, name + '.bn', conv(ps, name + '.pw', y, copies * c_out, 1, groups=copies), affine, scale)
+    return batch_norm(ps, name + '.bn', conv(ps, name + '.pw', y, copies * c_out, 1, groups=copies), affine, mix)
 
 
 def max_pool(x, stride):
