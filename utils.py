@@ -1,4 +1,5 @@
 """Run plumbing shared by the training scripts: errors, device, run folder, log, checkpoints."""
+import ctypes
 import json
 import os
 import sys
@@ -10,6 +11,22 @@ import numpy as np
 # Paddle's C++ logging (executor banners, PIR warnings) is noise for a user.
 os.environ.setdefault('GLOG_minloglevel', '2')
 warnings.filterwarnings('ignore', category=UserWarning, module=r'paddle\b.*')
+
+
+def _one_malloc_arena():
+    """Paddle's executor runs kernels on worker threads, and glibc gives each thread its
+    own heap (arena): activations freed in one arena are not reused by allocations in
+    another, so every static program a step runs left its own high-water mark resident
+    (measured: 2.3 GB against 1.3 GB for a second-order step at batch 16, C=8, 5 cells).
+    One arena for the process shares freed memory between them.  Must run before any
+    thread starts, so before paddle is imported."""
+    try:
+        ctypes.CDLL('libc.so.6').mallopt(-8, 1)  # -8: M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+_one_malloc_arena()
 
 
 class UserError(Exception):
