@@ -4,6 +4,7 @@ Batches are produced by worker processes (`num_workers`); each batch's augmentat
 is drawn from its own seed (run seed, epoch, batch index), so the data a step sees
 does not depend on how many workers made it, and a resumed run sees the same data.
 """
+import contextlib
 import hashlib
 import multiprocessing as mp
 import os
@@ -168,6 +169,11 @@ def search_split(n, train_portion=0.5, seed=0):
 
 # ---------------------------------------------------------------- augmentation
 
+def crop_padding_for(image_size):
+    """Zero padding of the random crop: 1/8 of the image side (CIFAR-10: 4 at 32 px)."""
+    return max(1, int(round(image_size / 8)))
+
+
 def augment_cifar(images, rng, crop_padding=4, flip=True, cutout=0):
     """Random crop with zero padding, horizontal flip, cutout (length `cutout`) on uint8 NCHW."""
     n, c, h, w = images.shape
@@ -204,14 +210,17 @@ class ArrayBatches:
 
     Batch b of epoch e uses indices from a permutation seeded by (seed, e) and
     augmentation seeded by (seed, e, b).  Work is done by `num_workers` forked
-    processes (0: in this process), ahead of the consumer.
+    processes (0: in this process), ahead of the consumer.  Augmentation: random crop
+    with `crop_padding` (default: 1/8 of the image side), horizontal flip when `flip`,
+    cutout when `cutout` > 0.
     """
 
     def __init__(self, images, labels, batch_size, mean, std, shuffle, augment,
-                 seed=0, num_workers=0, drop_last=False, cutout=0, stream=0):
+                 seed=0, num_workers=0, drop_last=False, cutout=0, stream=0, flip=True, crop_padding=None):
         self.images, self.labels = images, labels
         self.batch_size, self.mean, self.std = batch_size, mean, std
-        self.shuffle, self.augment, self.cutout = shuffle, augment, cutout
+        self.shuffle, self.augment, self.cutout, self.flip = shuffle, augment, cutout, flip
+        self.crop_padding = crop_padding
         self.seed, self.stream, self.num_workers, self.drop_last = seed, stream, num_workers, drop_last
 
     def __len__(self):
@@ -229,7 +238,8 @@ class ArrayBatches:
         x = self.images[idx]
         if self.augment:
             rng = np.random.default_rng([self.seed, self.stream, epoch, b])
-            x = augment_cifar(x, rng, cutout=self.cutout)
+            pad = crop_padding_for(x.shape[-1]) if self.crop_padding is None else self.crop_padding
+            x = augment_cifar(x, rng, pad, self.flip, self.cutout)
         return normalize(x, self.mean, self.std), self.labels[idx]
 
     def epoch(self, epoch, start=0):
@@ -243,13 +253,39 @@ class ArrayBatches:
         key = id(self)
         _SOURCES[key] = self
         try:
-            with mp.get_context('fork').Pool(self.num_workers) as pool:
+            with worker_pool(self.num_workers) as pool:
                 yield from pool.imap(_make_batch, [(key, job) for job in jobs], chunksize=1)
         finally:
             _SOURCES.pop(key, None)
 
 
 _SOURCES = {}
+
+
+def worker_init():
+    """In a forked worker: Ctrl-C is the main process's to handle (it ends the pool), and
+    SIGTERM from the pool's teardown just ends the worker: the handler inherited from
+    Paddle would print a C++ 'FatalError: Termination signal' block."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def worker_pool(num_workers):
+    """A fork pool whose workers run worker_init; closed and joined when the work is
+    done (no signals sent), terminated only when the consumer stops early."""
+    pool = mp.get_context('fork').Pool(num_workers, initializer=worker_init)
+    finished = False
+    try:
+        yield pool
+        finished = True
+    finally:
+        if finished:
+            pool.close()
+        else:
+            pool.terminate()
+        pool.join()
 
 
 def _make_batch(task):
@@ -265,7 +301,7 @@ IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.bmp', '.webp')
 
 
 def scan_imagenet(root, split):
-    """[(path, label)] for split 'train' or 'val', and the number of classes.
+    """[(path, label)] for split 'train' or 'val', and the class names (index = label).
 
     Either a list file root/{split}_list.txt with lines `relative/path label`, or
     class folders root/{split}/<class>/<image> (labels: sorted class names).
@@ -284,7 +320,7 @@ def scan_imagenet(root, split):
                 samples.append((os.path.join(root, parts[0]), int(parts[1])))
         if not samples:
             raise DataError(f'{list_file} lists no images')
-        return samples, max(label for _, label in samples) + 1
+        return samples, [str(k) for k in range(max(label for _, label in samples) + 1)]
     if not os.path.isdir(folder):
         raise DataError(f'no ImageNet {split} data in {root}: expected {split}/<class>/<images> '
                         f'or {split}_list.txt with lines "relative/path label"')
@@ -297,7 +333,7 @@ def scan_imagenet(root, split):
         if not files:
             raise DataError(f'class folder {os.path.join(folder, c)} has no images')
         samples += [(os.path.join(folder, c, f), label) for f in files]
-    return samples, len(classes)
+    return samples, classes
 
 
 def _random_resized_crop(img, size, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
