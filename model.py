@@ -1,7 +1,9 @@
 """Evaluation networks for a discrete genotype, as graph-building functions.
 
-NetworkCIFAR: stem conv 3x3 -> 3C + BN; `layers` cells, reductions at 1/3 and 2/3
-depth; auxiliary head after the second reduction; global average pool; linear.
+NetworkCIFAR: stem conv 3x3 -> 3C + BN (below 64 px; from 64 px up the downsampling stem
+of operations.stem); `layers` cells, reductions at 1/3 and 2/3 depth; auxiliary head
+after the second reduction; global average pool; linear.  Any input size >= 16, 1 or 3
+channels.
 NetworkImageNet: stem0 = two stride-2 3x3 convs (C/2 then C), stem1 = one more
 stride-2 conv, so cells start at 28x28 from 224x224; auxiliary head; 7x7 average pool.
 
@@ -15,7 +17,7 @@ import paddle
 import paddle.nn.functional as F
 
 from operations import (Layout, apply_primitive, batch_norm, conv, factorized_reduce, linear,
-                        relu_conv_bn)
+                        relu_conv_bn, stem)
 
 STEM_MULTIPLIER = 3
 
@@ -59,12 +61,12 @@ def eval_cell(ps, name, genotype, s0, s1, c, reduction, reduction_prev, drop_pro
 def auxiliary_head(ps, name, x, num_classes, pool_stride):
     """ReLU, 5x5 avg pool, 1x1 conv 128 + BN + ReLU, 2x2 conv 768 + BN + ReLU, linear.
 
-    The pool expects the 8x8 (CIFAR) or 7x7 (ImageNet at 224) map of the paper's
-    inputs; a smaller map (small test images) is pooled adaptively to 2x2 instead.
+    The pool turns the 8x8 (CIFAR, stride 3) or 7x7 (ImageNet at 224, stride 2) map of
+    the paper's inputs into 2x2; a map of any other size is pooled adaptively to 2x2.
     """
-    if x.shape[2] >= 7:
+    if (x.shape[2] - 5) // pool_stride + 1 == 2:
         y = F.avg_pool2d(F.relu(x), 5, pool_stride, 0, exclusive=True)
-    else:
+    else:  # any other size: the same 2 x 2 output, pooled adaptively
         y = F.adaptive_avg_pool2d(F.relu(x), 2)
     y = F.relu(batch_norm(ps, name + '.bn1', conv(ps, name + '.conv1', y, 128, 1), affine=True))
     y = F.relu(batch_norm(ps, name + '.bn2', conv(ps, name + '.conv2', y, 768, 2), affine=True))
@@ -85,8 +87,11 @@ def _cells(ps, genotype, s0, s1, c, layers, c_curr, reduction_prev, drop_prob, a
 
 
 def network_cifar(ps, x, genotype, c=36, num_classes=10, layers=20, auxiliary=True, drop_prob=None):
-    """(logits, auxiliary logits or None).  The auxiliary head is built only when asked for."""
-    s = batch_norm(ps, 'stem.bn', conv(ps, 'stem.conv', x, STEM_MULTIPLIER * c, 3, padding=1), affine=True)
+    """(logits, auxiliary logits or None).  The auxiliary head is built only when asked for.
+
+    x: [N, 1 or 3, S, S], any S >= 16; the CIFAR stem below 64 px, a downsampling stem
+    from 64 px up (operations.stem)."""
+    s = stem(ps, x, STEM_MULTIPLIER * c, affine=True)
     aux = (lambda h: auxiliary_head(ps, 'auxiliary', h, num_classes, 3)) if auxiliary else None
     out, aux_logits = _cells(ps, genotype, s, s, c, layers, c, False, drop_prob, aux)
     logits = linear(ps, 'classifier', paddle.flatten(F.adaptive_avg_pool2d(out, 1), 1), num_classes)
@@ -105,10 +110,10 @@ def network_imagenet(ps, x, genotype, c=48, num_classes=1000, layers=14, auxilia
     return logits, aux_logits
 
 
-def layout_of(build, image_size, **kw):
+def layout_of(build, image_size, in_channels=3, **kw):
     """The Layout (weights, shapes) of network_cifar / network_imagenet at these settings."""
     def record(ps):
-        build(ps, paddle.zeros([1, 3, image_size, image_size]), **kw)
+        build(ps, paddle.zeros([1, in_channels, image_size, image_size]), **kw)
     return Layout.record(record)
 
 

@@ -22,8 +22,8 @@ import paddle
 import paddle.nn.functional as F
 
 from genotypes import PRIMITIVES, STEPS, num_edges
-from operations import (Layout, avg_pool, batch_norm, conv, dil_conv, factorized_reduce, linear,
-                        max_pool, relu_conv_bn, sep_conv, sum_all)
+from operations import (Layout, avg_pool, batch_norm, dil_conv, factorized_reduce, linear, max_pool,
+                        relu_conv_bn, sep_conv, stem, sum_all)
 
 MULTIPLIER = 4
 STEM_MULTIPLIER = 3
@@ -127,16 +127,17 @@ def search_cell(ps, name, s0, s1, mixes, c, reduction, reduction_prev):
 
 
 def search_network(ps, x, alpha_normal, alpha_reduce, c=16, num_classes=10, layers=8):
-    """logits = classifier(GAP(cells(stem(x)))), every mixed edge weighted by softmax(alpha)."""
+    """logits = classifier(GAP(cells(stem(x)))), every mixed edge weighted by softmax(alpha).
+
+    x: [N, 1 or 3, S, S], any S >= 16 (operations.stem downsamples from 64 px up)."""
     mixes = {}  # (reduction, width) -> mixture_weights, built once per network
 
     def mix(reduction, width):
         if (reduction, width) not in mixes:
             mixes[reduction, width] = mixture_weights(alpha_reduce if reduction else alpha_normal, width)
         return mixes[reduction, width]
-    c_curr = STEM_MULTIPLIER * c
     # The official search stem's BN is affine (torch default); the cells' BNs are not.
-    s = batch_norm(ps, 'stem.bn', conv(ps, 'stem.conv', x, c_curr, 3, padding=1), affine=True)
+    s = stem(ps, x, STEM_MULTIPLIER * c, affine=True)
     s0 = s1 = s
     c_curr, reduction_prev = c, False
     for k in range(layers):
@@ -154,11 +155,11 @@ def cross_entropy(logits, labels):
     return F.cross_entropy(logits, labels)
 
 
-def network_layout(c, num_classes, layers, image_size):
+def network_layout(c, num_classes, layers, image_size, in_channels=3):
     """The search network's weights and buffers (names, shapes, inits), in build order."""
 
     def build(ps):
-        x = paddle.zeros([1, 3, image_size, image_size])
+        x = paddle.zeros([1, in_channels, image_size, image_size])
         alphas = [paddle.zeros(ALPHA_SHAPE) for _ in ALPHA_NAMES]
         search_network(ps, x, *alphas, c, num_classes, layers)
     return Layout.record(build)

@@ -239,6 +239,35 @@ def linear(ps, name, x, c_out):
     return paddle.matmul(x, w) + b
 
 
+CELL_INPUT_MAX = 32  # the largest feature map the cells get from a downsampling stem
+
+
+def stem_reductions(image_size):
+    """How many stride-2 convolutions the stem has: none below 64 px (the CIFAR stem, cells
+    at the input size), otherwise the fewest that bring the cells' input to at most
+    CELL_INPUT_MAX px (64 -> 32, 112 -> 28, 224 -> 28, as the ImageNet stems do)."""
+    k = 0
+    if image_size >= 64:
+        while -(-image_size // 2 ** k) > CELL_INPUT_MAX:
+            k += 1
+    return k
+
+
+def stem(ps, x, c_out, affine):
+    """The network's stem for an input of any size and channel count.
+
+    No reduction: BN(conv3x3(x)) to c_out (the CIFAR stem).  k >= 1 reductions:
+    k stride-2 3x3 convs, each but the last to c_out / 2 and followed by BN + ReLU,
+    the last to c_out + BN.  Each conv halves the size, rounding up.
+    """
+    k = stem_reductions(x.shape[2])
+    if k == 0:
+        return batch_norm(ps, 'stem.bn', conv(ps, 'stem.conv', x, c_out, 3, padding=1), affine)
+    for i in range(k - 1):
+        x = F.relu(batch_norm(ps, f'stem.bn{i}', conv(ps, f'stem.conv{i}', x, c_out // 2, 3, 2, 1), affine))
+    return batch_norm(ps, f'stem.bn{k - 1}', conv(ps, f'stem.conv{k - 1}', x, c_out, 3, 2, 1), affine)
+
+
 def relu_conv_bn(ps, name, x, c_out, kernel, stride, padding, affine):
     """BN(conv(ReLU(x))): the cell preprocess for s0/s1."""
     return batch_norm(ps, name + '.bn', conv(ps, name + '.conv', F.relu(x), c_out, kernel, stride, padding), affine)
@@ -252,7 +281,11 @@ def factorized_reduce(ps, name, x_relu, c_out, affine, copies=1, mix=None):
     """
     half = c_out // 2
     a = conv(ps, name + '.conv1', x_relu, copies * half, 1, stride=2)
-    b = conv(ps, name + '.conv2', x_relu[:, :, 1:, 1:], copies * (c_out - half), 1, stride=2)
+    shifted = x_relu[:, :, 1:, 1:]
+    h, w = x_relu.shape[2], x_relu.shape[3]
+    if h % 2 or w % 2:  # odd size: pad the shifted copy back to h x w so both halves give ceil(h / 2)
+        shifted = F.pad(shifted, [0, w % 2, 0, h % 2])
+    b = conv(ps, name + '.conv2', shifted, copies * (c_out - half), 1, stride=2)
     if copies > 1:  # interleave so each copy's two halves sit side by side
         h, w = a.shape[2], a.shape[3]
         a = paddle.reshape(a, [-1, copies, half, h, w])
