@@ -37,10 +37,12 @@ import paddle
 
 from model_search import ALPHA_NAMES, ALPHA_SHAPE, cross_entropy, network_layout, search_network
 from operations import ParamSet, declare
+from optim import (MOMENTUM, WEIGHTS, adam_step, clip_by_global_norm, global_norm,  # noqa: F401
+                   sgd_momentum_step, virtual_step)
+from utils import get_tensors, set_tensors  # noqa: F401  (re-exported for the tests)
 
 R_SCALE = 0.01
 ADAM_EPS = 1e-8
-WEIGHTS, MOMENTUM = 'weights', 'weights.momentum'
 ADAM_T = 'alpha.adam_t'
 UNROLLED_BN_PREFIX = 'unrolled/'
 
@@ -51,6 +53,7 @@ class SearchConfig:
     layers: int = 8
     num_classes: int = 10
     image_size: int = 32
+    in_channels: int = 3
     momentum: float = 0.9
     weight_decay: float = 3e-4
     grad_clip: float = 5.0
@@ -73,41 +76,6 @@ class SearchPrograms:
     @property
     def step_programs(self):
         return list(self.programs.items())
-
-
-def global_norm(tensors):
-    """sqrt(sum_i ||t_i||^2)."""
-    return paddle.sqrt(paddle.add_n([paddle.sum(t * t) for t in tensors]))
-
-
-def virtual_step(w, g, v, xi, mu, wd):
-    """w' = w - xi * (mu * v + g + wd * w): one SGD-momentum step, no clipping."""
-    return w - xi * (mu * v + g + wd * w)
-
-
-def adam_step(p, g, m, v, t, lr, betas, eps, wd):
-    """Adam with L2 weight decay (torch.optim.Adam semantics), t already incremented:
-    g = g + wd * p;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
-    p = p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
-    """
-    b1, b2 = betas
-    g = g + wd * p
-    m = b1 * m + (1.0 - b1) * g
-    v = b2 * v + (1.0 - b2) * g * g
-    c1 = 1.0 - paddle.pow(paddle.full([1], b1), t)
-    c2 = 1.0 - paddle.pow(paddle.full([1], b2), t)
-    return p - lr * (m / c1) / (paddle.sqrt(v / c2) + eps), m, v
-
-
-def clip_by_global_norm(g, max_norm):
-    """g * min(1, max_norm / (||g|| + 1e-6)), as torch.nn.utils.clip_grad_norm_."""
-    return g * paddle.clip(max_norm / (global_norm([g]) + 1e-6), max=1.0)
-
-
-def sgd_momentum_step(w, g, v, lr, mu, wd):
-    """v = mu * v + g + wd * w;  w = w - lr * v  (torch.optim.SGD semantics)."""
-    v_new = mu * v + g + wd * w
-    return w - lr * v_new, v_new
 
 
 def initial_state(layout, seed):
@@ -138,7 +106,7 @@ def scratch_state(layout):
 
 def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
     """Build every program of a search step, and the eval program, once."""
-    layout = network_layout(cfg.init_channels, cfg.num_classes, cfg.layers, cfg.image_size)
+    layout = network_layout(cfg.init_channels, cfg.num_classes, cfg.layers, cfg.image_size, cfg.in_channels)
     p, size = layout.size, cfg.image_size
     programs, feeds, fetch = {}, {}, {}
 
@@ -149,7 +117,7 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
 
     def data(kind):
         if kind.endswith('x'):
-            return paddle.static.data(kind, [-1, 3, size, size], 'float32')
+            return paddle.static.data(kind, [-1, cfg.in_channels, size, size], 'float32')
         if kind.endswith('y'):
             return paddle.static.data(kind, [-1], 'int64')
         return paddle.static.data(kind, [1], 'float32')
@@ -249,16 +217,6 @@ def count_ops(program):
 def softmax(a):
     e = np.exp(a - a.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
-
-
-def set_tensors(scope, place, arrays):
-    """Write numpy arrays into the scope's persistable tensors (creating them)."""
-    for name, value in arrays.items():
-        scope.var(name).get_tensor().set(np.ascontiguousarray(value, dtype='float32'), place)
-
-
-def get_tensors(scope, names):
-    return {n: np.array(scope.find_var(n).get_tensor()) for n in names}
 
 
 def run_search_step(exe, progs, batch, lr):
