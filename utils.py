@@ -44,7 +44,8 @@ def run_main(run, argv, parse):
         print(f'error: {e}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print('\ninterrupted: the last checkpoint is kept; continue with --resume RUN_DIR', file=sys.stderr)
+        where = f'--resume {_current_run[0]}' if _current_run else '--resume RUN_DIR'
+        print(f'\ninterrupted: the last checkpoint is kept; continue with {where}', file=sys.stderr)
         return 130
     return 0
 
@@ -64,8 +65,8 @@ def saved_args(args, saved, names, parse):
     explicitly (differing from the parser's default) taken from `args`."""
     import argparse
     defaults = vars(parse([]))
-    merged = dict(saved)
-    merged.update({k: getattr(args, k) for k in names if getattr(args, k) != defaults[k]})
+    merged = dict(defaults, **saved)  # flags added since the run started take their defaults
+    merged.update({k: getattr(args, k) for k in names if k in defaults and getattr(args, k) != defaults[k]})
     return argparse.Namespace(**merged)
 
 
@@ -89,29 +90,76 @@ def select_place(device):
 
 
 def prepare_run_dir(save, resume, prefix):
-    """The run folder: a new one (refusing to reuse an existing one) or the resumed one."""
+    """The run folder: a new one (refusing to reuse an existing one) or the resumed one.
+
+    Call it only once the data, device and flags have been checked, so a failed start
+    leaves nothing behind.  A resumed folder without a checkpoint (a run that stopped
+    before its first epoch ended) starts again from the beginning with its saved flags.
+    """
     if resume:
-        if not os.path.isfile(os.path.join(resume, 'checkpoint.npz')):
-            raise UserError(f'--resume {resume}: no checkpoint.npz there (a run writes one after its first epoch)')
-        return resume
-    path = save or os.path.join('runs', time.strftime(f'{prefix}-%Y%m%d-%H%M%S'))
-    if os.path.exists(path) and os.listdir(path):
-        raise UserError(f'{path} already exists; continue it with --resume {path}, or pick another --save')
-    os.makedirs(path, exist_ok=True)
+        path = resume
+    else:
+        path = save or os.path.join('runs', time.strftime(f'{prefix}-%Y%m%d-%H%M%S'))
+        if os.path.exists(path) and os.listdir(path):
+            raise UserError(f'{path} already exists; continue it with --resume {path}, or pick another --save')
+        os.makedirs(path, exist_ok=True)
+    _current_run[:] = [path]
     return path
 
 
+_current_run = []  # the run folder of this process, for the interrupt message
+
+
 class Log:
-    """print() that also appends to RUN_DIR/log.txt."""
+    """print() that also appends to RUN_DIR/log.txt (file_only: to the file alone)."""
 
     def __init__(self, run_dir):
         self.path = os.path.join(run_dir, 'log.txt')
 
-    def __call__(self, *parts, end='\n'):
+    def __call__(self, *parts, end='\n', file_only=False):
         line = ' '.join(str(p) for p in parts)
-        print(line, end=end, flush=True)
+        if not file_only:
+            print(line, end=end, flush=True)
         with open(self.path, 'a') as f:
             f.write(line + ('\n' if end == '\r' else end))
+
+
+class Progress:
+    """Progress within an epoch.
+
+    On a terminal: a tqdm bar (steps, images/s, ETA) on stdout, and the periodic lines
+    go to log.txt only.  Otherwise (a pipe, a file, a batch job) the lines are printed
+    too.  A line is written every `every` steps, at least every `seconds` seconds, and
+    at the last step.
+    """
+
+    def __init__(self, log, total, prefix, every, seconds=30.0):
+        self.log, self.total, self.prefix, self.every, self.seconds = log, total, prefix, every, seconds
+        self.steps, self.images, self.t0 = 0, 0, time.time()
+        self.last_line = self.t0
+        self.bar = None
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=prefix, unit='step', leave=False, dynamic_ncols=True, file=sys.stdout)
+
+    def update(self, images, message):
+        """One step of `images` images done; message() gives the text of a line."""
+        self.steps += 1
+        self.images += images
+        now = time.time()
+        rate = self.images / max(now - self.t0, 1e-9)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f'{rate:.1f} img/s', refresh=False)
+            self.bar.update(1)
+        if self.steps % self.every == 0 or self.steps == self.total or now - self.last_line >= self.seconds:
+            self.last_line = now
+            self.log(f'{self.prefix} step {self.steps}/{self.total} {message()} {rate:.1f} img/s',
+                     file_only=self.bar is not None)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def save_checkpoint(path, arrays, meta):
@@ -156,3 +204,13 @@ def accuracy(logits, labels, k=1):
     """Fraction of rows whose label is among the k largest logits."""
     top = np.argsort(-logits, axis=1)[:, :k]
     return float((top == labels[:, None]).any(axis=1).mean())
+
+
+def set_tensors(scope, place, arrays):
+    """Write numpy arrays into the scope's persistable tensors (creating them)."""
+    for name, value in arrays.items():
+        scope.var(name).get_tensor().set(np.ascontiguousarray(value, dtype='float32'), place)
+
+
+def get_tensors(scope, names):
+    return {n: np.array(scope.find_var(n).get_tensor()) for n in names}
