@@ -15,7 +15,7 @@ import utils  # first: sets Paddle's environment flags before paddle is imported
 import genotypes
 import model
 from reader import IMAGENET_MEAN, IMAGENET_STD, FileBatches, scan_imagenet
-from train import Task, fit
+import training
 
 
 def parse_args(argv=None):
@@ -43,7 +43,8 @@ def parse_args(argv=None):
     a('--num_workers', type=int, default=min(4, os.cpu_count() or 1))
     a('--report_freq', type=int, default=100)
     a('--save', default=None, help='run folder (default runs/imagenet-DATE-TIME); must not exist')
-    a('--resume', default=None, metavar='RUN_DIR')
+    a('--resume', default=None, metavar='RUN_DIR',
+      help='continue the run in RUN_DIR from its last checkpoint (from the start if it has none yet)')
     a('--eval_only', default=None, metavar='CHECKPOINT')
     args = p.parse_args(argv)
     for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'report_freq', 'image_size'):
@@ -52,29 +53,32 @@ def parse_args(argv=None):
     return args
 
 
-def imagenet_data(args, for_eval):
+def imagenet_data(args, for_eval, say):
     val, val_classes = scan_imagenet(args.data, 'val')
-    train_batches, num_classes = None, val_classes
+    train_batches, classes = None, val_classes
     if not for_eval:
-        train, num_classes = scan_imagenet(args.data, 'train')
+        train, classes = scan_imagenet(args.data, 'train')
         if args.batch_size > len(train):
             raise utils.UserError(f'--batch_size {args.batch_size} is larger than the training set ({len(train)} images)')
+        if len(val_classes) > len(classes):
+            raise utils.UserError(f'{args.data}: val has {len(val_classes)} classes, train only {len(classes)}')
         train_batches = FileBatches(train, args.batch_size, True, args.image_size, args.seed, args.num_workers,
                                     drop_last=True)
     test_batches = FileBatches(val, min(args.batch_size, 256), False, args.image_size, num_workers=args.num_workers)
-    return train_batches, test_batches, max(num_classes, val_classes)
+    info = dict(dataset='imagenet', classes=classes, channels=3, image_size=args.image_size, resize='center_crop',
+                mean=IMAGENET_MEAN.tolist(), std=IMAGENET_STD.tolist(),
+                describe=f'{args.data}: {len(classes)} classes, {len(val)} val images'
+                         + ('' if for_eval else f', {len(train_batches.paths)} train images'))
+    return training.Split(train_batches, test_batches, info)
 
 
-IMAGENET = Task(data=imagenet_data, network=model.network_imagenet, image_size=lambda args: args.image_size,
-                lr_at=lambda args, epoch: args.learning_rate * args.decay_rate ** epoch,
-                label_smoothing=lambda args: args.label_smoothing,
-                prefix='imagenet', parse=parse_args,
-                preprocess=lambda args: dict(image_size=args.image_size, resize='center_crop',
-                                             mean=IMAGENET_MEAN.tolist(), std=IMAGENET_STD.tolist()))
+IMAGENET = training.Task(data=imagenet_data, network=model.network_imagenet,
+                         lr_at=lambda args, epoch: args.learning_rate * args.decay_rate ** epoch,
+                         label_smoothing=lambda args: args.label_smoothing, prefix='imagenet', parse=parse_args)
 
 
 def main(argv=None):
-    return utils.run_main(lambda args: fit(IMAGENET, args), argv, parse_args)
+    return utils.run_main(lambda args: training.fit(IMAGENET, args), argv, parse_args)
 
 
 if __name__ == '__main__':

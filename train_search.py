@@ -1,9 +1,14 @@
-"""DARTS architecture search (second order by default) on CIFAR-10 or the embedded digits.
+"""DARTS architecture search (second order by default) on CIFAR-10, the embedded digits,
+MNIST / Fashion-MNIST, or your own images (class folders or a CSV file).
 
-    python train_search.py --data ./data                 # CIFAR-10, paper settings
-    python train_search.py --dataset digits --epochs 5   # small offline demo
+    python train_search.py --data ./data                               # CIFAR-10, paper settings
+    python train_search.py --dataset digits --epochs 5                 # small offline demo
+    python train_search.py --dataset folder --data ./parts --image_size 64
 
-Writes RUN_DIR/{args.json, log.txt, checkpoint.npz, genotype.json, history.jsonl}.
+The search uses the training data only (its two halves: search-train and search-val);
+the test split is never seen.  Writes RUN_DIR/{args.json, data.json (class names),
+log.txt, checkpoint.npz, genotype.json, history.jsonl}.  A folder whose run stopped
+before its first checkpoint is continued by --resume from the beginning.
 """
 import argparse
 import json
@@ -13,22 +18,19 @@ import time
 import numpy as np
 
 import utils  # first: sets Paddle's environment flags before paddle is imported
+import datasets
 import genotypes
-from reader import CIFAR_MD5, CIFAR_URL, ArrayBatches, load_dataset, search_split
+from reader import ArrayBatches, search_split
 from utils import UserError
 
 # Flags a resumed run may change; everything else is taken from the run's args.json.
-RESUMABLE_OVERRIDES = ('epochs', 'device', 'num_workers', 'report_freq', 'data')
+RESUMABLE_OVERRIDES = ('epochs', 'device', 'num_workers', 'report_freq', 'data', 'test_data', 'cache_dir')
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a('--dataset', default='cifar10', choices=['cifar10', 'digits'], help='digits: 1,797 8x8 digits shipped with scikit-learn')
-    a('--data', default='./data', help='folder with cifar-10-batches-py/ or cifar-10-python.tar.gz')
-    a('--data_url', default=CIFAR_URL, help='where to download CIFAR-10 from when --data has none')
-    a('--data_md5', default=CIFAR_MD5, help='MD5 the downloaded archive must have')
-    a('--no_download', action='store_true', help='never download; fail if --data has no CIFAR-10')
+    datasets.add_arguments(p)
     a('--epochs', type=int, default=50)
     a('--batch_size', type=int, default=64)
     a('--init_channels', type=int, default=16)
@@ -42,13 +44,14 @@ def parse_args(argv=None):
     a('--arch_weight_decay', type=float, default=1e-3)
     a('--train_portion', type=float, default=0.5)
     a('--first_order', action='store_true', help='first-order alpha gradient (DARTS V1)')
-    a('--image_size', type=int, default=32, help=argparse.SUPPRESS)
     a('--device', default='auto', choices=['auto', 'gpu', 'cpu'], help='auto: the GPU when there is one')
     a('--seed', type=int, default=2)
-    a('--num_workers', type=int, default=min(2, os.cpu_count() or 1), help='batch-making processes (0: none)')
-    a('--report_freq', type=int, default=50, help='progress line every N steps')
+    a('--num_workers', type=int, default=min(2, os.cpu_count() or 1),
+      help='processes that decode images and make batches (0: none)')
+    a('--report_freq', type=int, default=50, help='a progress line every N steps (and at least every 30 s)')
     a('--save', default=None, help='run folder (default runs/search-DATE-TIME); must not exist')
-    a('--resume', default=None, metavar='RUN_DIR', help='continue the run in RUN_DIR from its last checkpoint')
+    a('--resume', default=None, metavar='RUN_DIR',
+      help='continue the run in RUN_DIR from its last checkpoint (from the start if it has none yet)')
     args = p.parse_args(argv)
     for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'report_freq'):
         if getattr(args, name) < 1:
@@ -63,14 +66,9 @@ def search(args):
         resume = args.resume
         args = utils.saved_args(args, utils.load_run_args(resume), RESUMABLE_OVERRIDES, parse_args)
         args.resume = resume
-    run_dir = utils.prepare_run_dir(args.save, args.resume, 'search')
-    log = utils.Log(run_dir)
-    if not args.resume:
-        utils.write_json(os.path.join(run_dir, 'args.json'), vars(args))
-
-    train_x, train_y, _, _, mean, std = load_dataset(args.dataset, args.data, not args.no_download,
-                                                     args.data_url, args.data_md5)
-    search_train, search_val = search_split(len(train_x), args.train_portion, seed=args.seed)
+    # Everything that can fail on bad input is checked before the run folder is made.
+    data = datasets.load(args, args.num_workers, print)
+    search_train, search_val = search_split(len(data.train_x), args.train_portion, seed=args.seed)
     smallest = min(len(search_train), len(search_val))
     if args.batch_size > smallest:
         raise UserError(f'--batch_size {args.batch_size} is larger than the search split '
@@ -80,11 +78,21 @@ def search(args):
     from architect import (SearchConfig, build_search_programs, count_ops, get_tensors, initial_state,
                            run_search_step, scratch_state, set_tensors, softmax)
     place = utils.select_place(args.device)
+    run_dir = utils.prepare_run_dir(args.save, args.resume, 'search')
+    log = utils.Log(run_dir)
+    ckpt_path = os.path.join(run_dir, 'checkpoint.npz')
+    resuming = bool(args.resume) and os.path.isfile(ckpt_path)
+    if not args.resume:
+        utils.write_json(os.path.join(run_dir, 'args.json'), vars(args))
+    utils.write_json(os.path.join(run_dir, 'data.json'), dict(data.meta(), describe=data.describe()))
+    log(f'data: {data.describe()}; search on {len(search_train)} / {len(search_val)} training images '
+        f'(search-train / search-val)')
     paddle.enable_static()
-    cfg = SearchConfig(init_channels=args.init_channels, layers=args.layers, num_classes=10,
-                       image_size=args.image_size, momentum=args.momentum, weight_decay=args.weight_decay,
-                       grad_clip=args.grad_clip, arch_learning_rate=args.arch_learning_rate,
-                       arch_weight_decay=args.arch_weight_decay, second_order=not args.first_order)
+    cfg = SearchConfig(init_channels=args.init_channels, layers=args.layers, num_classes=data.num_classes,
+                       image_size=data.image_size, in_channels=data.channels, momentum=args.momentum,
+                       weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                       arch_learning_rate=args.arch_learning_rate, arch_weight_decay=args.arch_weight_decay,
+                       second_order=not args.first_order)
 
     t0 = time.time()
     progs = build_search_programs(cfg)  # the only place programs are built
@@ -96,30 +104,33 @@ def search(args):
     exe = paddle.static.Executor(place)
     state = initial_state(progs.layout, args.seed)
     history, start_epoch = [], 0
-    ckpt_path = os.path.join(run_dir, 'checkpoint.npz')
-    if args.resume:
+    if resuming:
         arrays, meta = utils.load_checkpoint(ckpt_path)
         if set(arrays) != set(state) or any(arrays[k].shape != state[k].shape for k in state):
             raise UserError(f'{ckpt_path} does not match this network (different flags?)')
         state, history, start_epoch = arrays, meta['history'], meta['epoch'] + 1
         _rewrite_history(run_dir, history)
         log(f'resumed from epoch {meta["epoch"] + 1} of {args.epochs}')
+    elif args.resume:
+        log('no checkpoint yet: starting from the beginning with the saved flags')
 
-    train_batches = ArrayBatches(train_x[search_train], train_y[search_train], args.batch_size, mean, std,
-                                 shuffle=True, augment=True, seed=args.seed, num_workers=args.num_workers,
-                                 drop_last=True, stream=0)
-    val_batches = ArrayBatches(train_x[search_val], train_y[search_val], args.batch_size, mean, std,
-                               shuffle=True, augment=True, seed=args.seed, num_workers=args.num_workers,
-                               drop_last=True, stream=1)
-    val_eval = ArrayBatches(train_x[search_val], train_y[search_val], max(args.batch_size, 256), mean, std,
-                            shuffle=False, augment=False, num_workers=0)
+    def batches(indices, **kw):
+        return ArrayBatches(data.train_x[indices], data.train_y[indices], mean=data.mean, std=data.std, **kw)
+    augmented = dict(batch_size=args.batch_size, shuffle=True, augment=True, seed=args.seed,
+                     num_workers=args.num_workers, drop_last=True, flip=data.flip)
+    train_batches = batches(search_train, stream=0, **augmented)
+    val_batches = batches(search_val, stream=1, **augmented)
+    val_eval = batches(search_val, batch_size=max(args.batch_size, 256), shuffle=False, augment=False)
 
     with paddle.static.scope_guard(scope):
         set_tensors(scope, place, {**state, **scratch_state(progs.layout)})
         steps = min(len(train_batches), len(val_batches))
+        if start_epoch == 0:
+            log('the first step also prepares the programs (Paddle does this once, it takes a while)')
         for epoch in range(start_epoch, args.epochs):
             lr = utils.cosine_lr(epoch, args.epochs, args.learning_rate, args.learning_rate_min)
             t_epoch, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+            progress = utils.Progress(log, steps, f'epoch {epoch + 1}/{args.epochs}', args.report_freq)
             for step, ((tx, ty), (vx, vy)) in enumerate(zip(train_batches.epoch(epoch), val_batches.epoch(epoch))):
                 loss, logits, _ = run_search_step(exe, progs, dict(train_x=tx, train_y=ty, val_x=vx, val_y=vy), lr)
                 if not np.isfinite(loss):
@@ -128,11 +139,8 @@ def search(args):
                 seen += len(ty)
                 loss_sum += loss * len(ty)
                 correct += int((logits.argmax(1) == ty).sum())
-                if (step + 1) % args.report_freq == 0 or step + 1 == steps:
-                    rate = seen / (time.time() - t_epoch)
-                    log(f'epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} '
-                        f'train loss {loss_sum / seen:.4f} top1 {100 * correct / seen:.2f}% '
-                        f'{rate:.1f} img/s')
+                progress.update(len(ty), lambda: f'train loss {loss_sum / seen:.4f} top1 {100 * correct / seen:.2f}%')
+            progress.close()
             train_time = time.time() - t_epoch
             val_loss, val_acc = _evaluate(exe, progs, val_eval)
             alphas = get_tensors(scope, ['alpha_normal', 'alpha_reduce'])

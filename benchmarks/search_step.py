@@ -25,6 +25,7 @@ def measure(args, second_order):
     import paddle
     from architect import (SearchConfig, build_search_programs, count_ops, initial_state,
                            run_search_step, scratch_state, set_tensors)
+    from operations import stem_reductions
     paddle.enable_static()
     place = utils.select_place(args.device)
     cfg = SearchConfig(init_channels=args.init_channels, layers=args.layers, image_size=args.image_size,
@@ -48,7 +49,7 @@ def measure(args, second_order):
     return dict(order='second' if second_order else 'first', seconds_per_step_median=statistics.median(timed),
                 seconds_per_step_min=min(timed), steps_timed=len(timed), first_step_seconds=times[0],
                 build_seconds=build, ops=sum(count_ops(p) for p in progs.programs.values()),
-                weights=progs.layout.size,
+                weights=progs.layout.size, stem_reductions=stem_reductions(args.image_size),
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 

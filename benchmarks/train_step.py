@@ -26,14 +26,15 @@ def train_step(args):
     import paddle
     import genotypes
     import train
-    from architect import set_tensors
+    import training
+    from utils import set_tensors
     paddle.enable_static()
     targs = train.parse_args(['--init_channels', str(args.init_channels), '--layers', str(args.layers),
                               '--batch_size', str(args.batch_size)])
-    progs = train.build_programs(genotypes.by_name(args.arch), targs)
+    progs = training.build_programs(genotypes.by_name(args.arch), targs)
     place = paddle.CPUPlace()
     exe = paddle.static.Executor(place)
-    set_tensors(paddle.static.global_scope(), place, train.initial_state(progs['layout'], 0))
+    set_tensors(paddle.static.global_scope(), place, training.initial_state(progs['layout'], 0))
     rng = np.random.default_rng(0)
     feed = dict(x=rng.standard_normal((args.batch_size, 3, 32, 32)).astype('float32'),
                 y=rng.integers(0, 10, args.batch_size), lr=np.array([0.025], 'float32'),

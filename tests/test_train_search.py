@@ -163,9 +163,23 @@ def test_corrupt_archive(tmp_path):
     _one_line_error(r, 'not a readable tar.gz')
 
 
+@pytest.mark.skipif(__import__('paddle').is_compiled_with_cuda(), reason='this Paddle has CUDA')
 def test_gpu_requested_without_cuda(cifar_dir, tmp_path):
     r = run_script('train_search.py', '--data', cifar_dir, '--save', tmp_path / 'run', '--device', 'gpu', *TINY)
     _one_line_error(r, '--device gpu', '--device cpu')
+
+
+@pytest.mark.skipif(not __import__('paddle').is_compiled_with_cuda(), reason='this Paddle has no CUDA')
+def test_gpu_is_selected_where_cuda_exists():
+    import paddle
+    import utils
+    if paddle.device.cuda.device_count() == 0:
+        with pytest.raises(utils.UserError, match='sees no GPU'):
+            utils.select_place('gpu')
+    else:
+        assert isinstance(utils.select_place('gpu'), paddle.CUDAPlace)
+        assert isinstance(utils.select_place('auto'), paddle.CUDAPlace)
+    assert isinstance(utils.select_place('cpu'), paddle.CPUPlace)
 
 
 def test_batch_larger_than_split(cifar_dir, tmp_path):
@@ -192,3 +206,22 @@ def test_bad_flag_value():
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
     r = run_script('train_search.py', '--resume', tmp_path)
     _one_line_error(r, 'is it a run folder')
+
+
+def test_a_failed_start_leaves_no_folder_and_a_folder_without_checkpoint_resumes(cifar_dir, tmp_path):
+    r = run_script('train_search.py', '--data', tmp_path / 'nothing', '--save', tmp_path / 'bad', '--no_download')
+    _one_line_error(r, 'no CIFAR-10 in')
+    assert not os.path.exists(tmp_path / 'bad')          # validated before the folder is made
+    # a run killed before its first checkpoint: args.json and a log line, nothing else
+    import train_search
+    run_dir = tmp_path / 'early'
+    run_dir.mkdir()
+    saved = vars(train_search.parse_args(['--data', cifar_dir, '--save', str(run_dir), *TINY, '--epochs', '1']))
+    (run_dir / 'args.json').write_text(json.dumps(saved))
+    (run_dir / 'log.txt').write_text('programs built\n')
+    r = run_script('train_search.py', '--data', cifar_dir, '--save', run_dir, *TINY)
+    _one_line_error(r, 'already exists', f'--resume {run_dir}')
+    r = run_script('train_search.py', '--resume', run_dir)
+    assert r.returncode == 0, r.stderr
+    assert 'starting from the beginning' in r.stdout
+    assert [x['epoch'] for x in history(str(run_dir))] == [1]

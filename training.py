@@ -1,0 +1,337 @@
+"""Training a genotype from scratch: the programs, the loop, export and prediction.
+
+Shared by train.py (CIFAR-10, digits, MNIST, own images) and train_imagenet.py; each
+script keeps only its flags, its defaults and how it makes its batches (a Task).
+"""
+import json
+import os
+import time
+
+import numpy as np
+
+import utils
+import genotypes
+from optim import MOMENTUM, WEIGHTS
+from utils import UserError
+
+# Flags a resumed run may change; everything else is taken from the run's args.json.
+RESUMABLE_OVERRIDES = ('epochs', 'device', 'num_workers', 'report_freq', 'data', 'test_data', 'cache_dir')
+
+
+def load_genotype(args):
+    return genotypes.load(args.genotype_file) if args.genotype_file else genotypes.by_name(args.arch)
+
+
+def build_programs(genotype, args, image_size=32, num_classes=10, network=None, label_smoothing=0.0,
+                   in_channels=3):
+    """Startup-free train and test programs over flat weights, built once per run.
+
+    train: loss = CE(logits) + aux_weight * CE(aux_logits); g = clip(grad_w loss);
+           v = mu v + g + wd w;  w = w - lr v.   lr and drop_prob are fed.
+    test:  logits with BN running statistics, no auxiliary head, no drop path.
+    """
+    import paddle
+    import model
+    from optim import clip_by_global_norm, sgd_momentum_step
+    from operations import ParamSet, declare
+    network = network or model.network_cifar
+    auxiliary = not args.no_auxiliary
+    kw = dict(genotype=genotype, c=args.init_channels, num_classes=num_classes, layers=args.layers)
+    layout = model.layout_of(network, image_size, in_channels, auxiliary=auxiliary, **kw)
+
+    def train_loss(logits, y):
+        """mean_n [(1 - eps) * -log p(y_n) + eps * mean_k -log p(k)]  (label smoothing eps)."""
+        if not label_smoothing:
+            return paddle.nn.functional.cross_entropy(logits, y)
+        logp = paddle.nn.functional.log_softmax(logits, axis=-1)
+        nll = -paddle.take_along_axis(logp, paddle.unsqueeze(y, 1), axis=1)
+        return paddle.mean((1 - label_smoothing) * paddle.squeeze(nll, 1) - label_smoothing * paddle.mean(logp, -1))
+    p = layout.size
+
+    def data(name, shape, dtype='float32'):
+        return paddle.static.data(name, shape, dtype)
+
+    def images():
+        return data('x', [-1, in_channels, image_size, image_size]), data('y', [-1], 'int64')
+
+    train = paddle.static.Program()
+    with paddle.static.program_guard(train, paddle.static.Program()):
+        x, y = images()
+        lr, drop_prob = data('lr', [1]), data('drop_prob', [1])
+        w, v = declare(WEIGHTS, [p], trainable=True), declare(MOMENTUM, [p])
+        logits, aux_logits = network(ParamSet(layout, w, 'update'), x, auxiliary=auxiliary, drop_prob=drop_prob, **kw)
+        loss = train_loss(logits, y)
+        total = loss + args.auxiliary_weight * train_loss(aux_logits, y) if auxiliary else loss
+        g = clip_by_global_norm(paddle.static.gradients(total, [w])[0], args.grad_clip)
+        w_new, v_new = sgd_momentum_step(w, g, v, lr, args.momentum, args.weight_decay)
+        paddle.assign(v_new, output=v)
+        paddle.assign(w_new, output=w)
+    test = paddle.static.Program()
+    with paddle.static.program_guard(test, paddle.static.Program()):
+        tx, ty = images()
+        test_logits, _ = network(ParamSet(layout, declare(WEIGHTS, [p]), 'running'), tx, auxiliary=False, **kw)
+        test_loss = paddle.nn.functional.cross_entropy(test_logits, ty)
+        test_probs = paddle.nn.functional.softmax(test_logits, axis=-1)
+    return dict(layout=layout, train=train, test=test, train_fetch=[loss, logits, total],
+                test_fetch=[test_loss, test_logits], test_x=tx, test_probs=test_probs)
+
+
+def initial_state(layout, seed):
+    rng = np.random.default_rng(seed)
+    return {WEIGHTS: layout.initial_weights(rng), MOMENTUM: np.zeros(layout.size, 'float32'),
+            **layout.initial_buffers()}
+
+
+def evaluate(exe, progs, batches, num_classes):
+    """(loss, top-1, top-5, confusion) over every test batch; confusion[i, j] counts the
+    images of class i predicted as class j."""
+    loss_sum, top1, top5, n = 0.0, 0.0, 0.0, 0
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    for x, y in batches.epoch(0):
+        loss, logits = exe.run(progs['test'], feed={'x': x, 'y': y}, fetch_list=progs['test_fetch'])
+        loss_sum += float(loss) * len(y)
+        top1 += utils.accuracy(logits, y, 1) * len(y)
+        top5 += utils.accuracy(logits, y, 5) * len(y)
+        np.add.at(confusion, (y, logits.argmax(1)), 1)
+        n += len(y)
+    if not n:
+        raise UserError('the test split has no readable images')
+    return loss_sum / n, top1 / n, top5 / n, confusion
+
+
+def confusion_report(confusion, classes):
+    """Lines of per-class accuracy (recall) and the confusion matrix (rows: true class)."""
+    width = max(5, max(len(c) for c in classes))
+    lines = ['per-class accuracy on the test split:']
+    for k, (name, row) in enumerate(zip(classes, confusion)):
+        total = int(row.sum())
+        acc = f'{100 * row[k] / total:6.2f}%' if total else '     - '
+        lines.append(f'  {name:<{width}} {acc}  ({total} images)')
+    if len(classes) <= 20:
+        lines.append('confusion matrix (rows: true class, columns: predicted):')
+        lines.append(' ' * (width + 2) + ' '.join(f'{k:>6}' for k in range(len(classes))))
+        for k, (name, row) in enumerate(zip(classes, confusion)):
+            lines.append(f'  {name:<{width}}' + ' '.join(f'{int(v):>6}' for v in row) + f'   [{k}]')
+    return lines
+
+
+class Split:
+    """What a Task's data gives the loop: batches and what the network needs to know.
+
+    info: classes (names), channels, image_size, and the preprocessing that --predict
+    must repeat (resize mode, mean, std), as written to preprocess.json.
+    """
+
+    def __init__(self, train_batches, test_batches, info):
+        self.train, self.test, self.info = train_batches, test_batches, info
+
+    @property
+    def num_classes(self):
+        return len(self.info['classes'])
+
+
+class Task:
+    """What differs between the training scripts; the loop (fit) is shared.
+
+    data(args, for_eval, say) -> Split (train batches None when for_eval); say(line) reports progress
+    network: model.network_cifar or model.network_imagenet
+    lr_at(args, epoch) -> the learning rate of that epoch
+    label_smoothing(args) -> eps of the training loss
+    """
+
+    def __init__(self, data, network, lr_at, label_smoothing=lambda args: 0.0, prefix='eval', parse=None):
+        self.data, self.network, self.lr_at, self.label_smoothing = data, network, lr_at, label_smoothing
+        self.prefix, self.parse = prefix, parse
+
+    def programs(self, genotype, args, info):
+        return build_programs(genotype, args, info['image_size'], len(info['classes']), self.network,
+                              self.label_smoothing(args), info['channels'])
+
+
+def fit(task, args):
+    """Train from scratch (or --resume), evaluating on the test set after every epoch."""
+    if getattr(args, 'predict', None):
+        if len(args.predict) < 2:
+            raise UserError('--predict takes the model (RUN_DIR/inference/model) and at least one image')
+        return predict(args.predict[0], args.predict[1:], args.device)
+    if args.eval_only:
+        return eval_only(task, args)
+    if args.resume:
+        resume = args.resume
+        saved = utils.load_run_args(resume)
+        if 'arch' not in saved:
+            raise UserError(f'--resume {resume}: that is a search run (train_search.py --resume {resume}); '
+                            f'train its cell with --genotype_file {os.path.join(resume, "genotype.json")}')
+        args = utils.saved_args(args, saved, RESUMABLE_OVERRIDES, task.parse)
+        args.resume = resume
+    # Everything that can fail on bad input is checked before the run folder is made.
+    genotype = load_genotype(args)
+    split = task.data(args, False, print)
+    place = utils.select_place(args.device)
+    run_dir = utils.prepare_run_dir(args.save, args.resume, task.prefix)
+    log = utils.Log(run_dir)
+    ckpt = os.path.join(run_dir, 'checkpoint.npz')
+    resuming = bool(args.resume) and os.path.isfile(ckpt)
+    if not args.resume:
+        utils.write_json(os.path.join(run_dir, 'args.json'), vars(args))
+    utils.write_json(os.path.join(run_dir, 'data.json'), split.info)
+    import paddle
+    paddle.enable_static()
+    t0 = time.time()
+    progs = task.programs(genotype, args, split.info)
+    from model import count_parameters
+    log(f'run folder {run_dir}; genotype {genotype}')
+    log(f'data: {split.info["describe"]}')
+    log(f'{count_parameters(progs["layout"]) / 1e6:.3f}M parameters (auxiliary head excluded); '
+        f'programs built in {time.time() - t0:.1f}s')
+
+    state, history, start_epoch, best = initial_state(progs['layout'], args.seed), [], 0, 0.0
+    if resuming:
+        arrays, meta = utils.load_checkpoint(ckpt)
+        if set(arrays) != set(state) or any(arrays[k].shape != state[k].shape for k in state):
+            raise UserError(f'{ckpt} does not match this network')
+        state, history, start_epoch, best = arrays, meta['history'], meta['epoch'] + 1, meta['best_top1']
+        log(f'resumed from epoch {start_epoch} of {args.epochs}')
+    elif args.resume:
+        log('no checkpoint yet: starting from the beginning with the saved flags')
+
+    scope, exe = paddle.static.Scope(), paddle.static.Executor(place)
+    with paddle.static.scope_guard(scope):
+        utils.set_tensors(scope, place, state)
+        if start_epoch == 0:
+            log('the first step also prepares the programs (Paddle does this once, it takes a while)')
+        for epoch in range(start_epoch, args.epochs):
+            lr = task.lr_at(args, epoch)
+            drop_prob = args.drop_path_prob * epoch / args.epochs
+            t_epoch, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+            feed_const = dict(lr=np.array([lr], 'float32'), drop_prob=np.array([drop_prob], 'float32'))
+            progress = utils.Progress(log, len(split.train), f'epoch {epoch + 1}/{args.epochs}', args.report_freq)
+            for x, y in split.train.epoch(epoch):
+                loss, logits, _ = exe.run(progs['train'], feed=dict(feed_const, x=x, y=y),
+                                          fetch_list=progs['train_fetch'])
+                loss = float(loss)
+                if not np.isfinite(loss):
+                    raise UserError(f'training loss became {loss} at epoch {epoch + 1}; lower --learning_rate')
+                seen += len(y)
+                loss_sum += loss * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                progress.update(len(y), lambda: f'loss {loss_sum / seen:.4f} top1 {100 * correct / seen:.2f}%')
+            progress.close()
+            if not seen:
+                raise UserError(f'epoch {epoch + 1} had no readable training images')
+            train_time = time.time() - t_epoch
+            test_loss, top1, top5, _ = evaluate(exe, progs, split.test, split.num_classes)
+            record = dict(epoch=epoch + 1, lr=lr, drop_prob=drop_prob, train_loss=loss_sum / seen,
+                          train_acc=correct / seen, val_loss=test_loss, val_acc=top1, val_top5=top5,
+                          images_per_sec=seen / train_time, epoch_time=time.time() - t_epoch)
+            history.append(record)
+            arrays = utils.get_tensors(scope, list(state))
+            if top1 > best or not os.path.isfile(os.path.join(run_dir, 'best.npz')):
+                best = max(best, top1)
+                utils.save_checkpoint(os.path.join(run_dir, 'best.npz'), arrays,
+                                      dict(epoch=epoch, top1=top1, top5=top5, args=vars(args)))
+            utils.save_checkpoint(ckpt, arrays, dict(epoch=epoch, history=history, best_top1=best, args=vars(args)))
+            with open(os.path.join(run_dir, 'history.jsonl'), 'w') as f:
+                f.writelines(json.dumps(r) + '\n' for r in history)
+            log(f'epoch {epoch + 1}/{args.epochs} lr {lr:.5f} drop_path {drop_prob:.3f} train loss '
+                f'{record["train_loss"]:.4f} top1 {100 * record["train_acc"]:.2f}% | test loss {test_loss:.4f} '
+                f'top1 {100 * top1:.2f}% top5 {100 * top5:.2f}% (best {100 * best:.2f}%) | '
+                f'{record["images_per_sec"]:.1f} img/s, {record["epoch_time"]:.1f}s')
+        best_arrays, best_meta = utils.load_checkpoint(os.path.join(run_dir, 'best.npz'))
+        utils.set_tensors(scope, place, best_arrays)
+        _, top1, _, confusion = evaluate(exe, progs, split.test, split.num_classes)
+        for line in confusion_report(confusion, split.info['classes']):
+            log(line)
+        utils.write_json(os.path.join(run_dir, 'confusion.json'),
+                         dict(split='test', epoch=best_meta['epoch'] + 1, classes=split.info['classes'],
+                              matrix=confusion.tolist()))
+        exported = export_inference(exe, progs, run_dir, split.info)
+    log(f'done: best test top-1 {100 * best:.2f}% (checkpoint {os.path.join(run_dir, "best.npz")}); '
+        f'inference model {exported}; classify images with: python train.py --predict {exported} IMAGE...')
+    return run_dir
+
+
+def export_inference(exe, progs, run_dir, info):
+    """The test network at the current weights as a Paddle inference model (image -> class
+    probabilities), with the preprocessing and class names it expects in preprocess.json."""
+    import paddle
+    folder = os.path.join(run_dir, 'inference')
+    os.makedirs(folder, exist_ok=True)
+    prefix = os.path.join(folder, 'model')
+    paddle.static.save_inference_model(prefix, [progs['test_x']], [progs['test_probs']], exe, program=progs['test'])
+    utils.write_json(os.path.join(folder, 'preprocess.json'), info)
+    return prefix
+
+
+def _read_preprocess(prefix):
+    path = os.path.join(os.path.dirname(prefix), 'preprocess.json')
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        for key in ('image_size', 'mean', 'std'):
+            meta[key]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f'--predict {prefix}: cannot read {path} ({type(e).__name__}: {e}); '
+                        f'it is written beside the model by a finished train.py run') from None
+    return meta
+
+
+def load_for_predict(path, meta):
+    """One image file as the network's uint8 CHW input, prepared as in training."""
+    from reader import load_image
+    if meta.get('resize') == 'center_crop':    # ImageNet evaluation: resize to size * 256/224, crop
+        return load_image(path, False, meta['image_size'], None)
+    import datasets
+    return datasets.decode_image(path, meta['image_size'], meta.get('channels', 3))
+
+
+def predict(prefix, images, device='auto'):
+    """Classify image files with an exported model; prints `path<TAB>class<TAB>probability`."""
+    if not os.path.isfile(prefix + '.json') and not os.path.isfile(prefix + '.pdmodel'):
+        raise UserError(f'--predict {prefix}: no exported model there (a finished run writes RUN_DIR/inference/model)')
+    meta = _read_preprocess(prefix)
+    import paddle
+    from reader import normalize
+    place = utils.select_place(device)
+    paddle.enable_static()
+    exe = paddle.static.Executor(place)
+    program, feeds, fetches = paddle.static.load_inference_model(prefix, exe)
+    mean, std = np.array(meta['mean'], 'float32'), np.array(meta['std'], 'float32')
+    results = []
+    for path in images:
+        try:
+            x = load_for_predict(path, meta)
+        except Exception as e:  # noqa: BLE001 - any unreadable file: one line
+            raise UserError(f'cannot read image {path}: {type(e).__name__}: {e}') from None
+        (probs,) = exe.run(program, feed={feeds[0]: normalize(x[None], mean, std)}, fetch_list=fetches)
+        k = int(probs[0].argmax())
+        classes = meta.get('classes')
+        name = classes[k] if classes else str(k)
+        results.append((path, name, float(probs[0, k])))
+        print(f'{path}\t{name}\t{probs[0, k]:.4f}')
+    return results
+
+
+def eval_only(task, args):
+    """Evaluate a checkpoint written by this script, with the network settings it was trained with."""
+    import paddle
+    if not os.path.isfile(args.eval_only):
+        raise UserError(f'--eval_only {args.eval_only}: no such checkpoint')
+    arrays, meta = utils.load_checkpoint(args.eval_only)
+    if 'args' not in meta:
+        raise UserError(f'--eval_only {args.eval_only}: not a checkpoint of a training run '
+                        f'(a search checkpoint? train its genotype first)')
+    saved = utils.saved_args(args, meta['args'], ('device', 'data', 'test_data', 'no_download', 'num_workers',
+                                                  'cache_dir'), task.parse)
+    genotype = load_genotype(saved)
+    split = task.data(saved, True, print)
+    place = utils.select_place(saved.device)
+    paddle.enable_static()
+    progs = task.programs(genotype, saved, split.info)
+    scope, exe = paddle.static.Scope(), paddle.static.Executor(place)
+    with paddle.static.scope_guard(scope):
+        utils.set_tensors(scope, place, arrays)
+        loss, top1, top5, confusion = evaluate(exe, progs, split.test, split.num_classes)
+    print(f'test loss {loss:.4f} top1 {100 * top1:.2f}% top5 {100 * top5:.2f}% '
+          f'(checkpoint of epoch {meta["epoch"] + 1})')
+    return top1, top5
