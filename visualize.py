@@ -1,11 +1,15 @@
-"""Draw DARTS cells, and the pictures of a search run.
+"""Draw DARTS cells, and the pictures of a search or evaluation run.
 
     python visualize.py DARTS_PADDLE                      # normal + reduction cell, PNG
     python visualize.py --genotype_file runs/x/genotype.json --format svg
-    python visualize.py --run runs/x                      # cells.gif + curves.png from a run folder
+    python visualize.py --run runs/x                      # pictures of a run folder, see below
 
-Cells are drawn by graphviz's `dot` (Debian: apt-get install graphviz); the GIF and
-the curves are assembled with Pillow.
+--run draws curves.png (loss and top-1 per epoch) from the run's history.jsonl, and
+cells.gif (the cells, one frame per epoch) when it is a search run (train_search.py),
+confusion.png when the run wrote confusion.json (an evaluation run, train.py).
+
+Cells are drawn by graphviz's `dot` (Debian: apt-get install graphviz); the GIF, the
+curves and the confusion matrix are assembled with Pillow.
 """
 import argparse
 import io
@@ -65,12 +69,28 @@ def cell_png_bytes(genotype, cell):
 
 # ---------------------------------------------------------------- run pictures
 
+HISTORY_KEYS = ('epoch', 'train_loss', 'val_loss', 'train_acc', 'val_acc')
+
+
 def read_history(run_dir):
+    """The per-epoch records of history.jsonl, checked for what curves_png needs."""
     path = os.path.join(run_dir, 'history.jsonl')
     if not os.path.isfile(path):
         raise UserError(f'{run_dir} has no history.jsonl (is it a run folder?)')
+    history = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for k, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise UserError(f'{path} line {k} is not JSON ({e})') from None
+            missing = [key for key in HISTORY_KEYS if not isinstance(record, dict) or key not in record]
+            if missing:
+                raise UserError(f'{path} line {k} has no {", ".join(missing)}')
+            history.append(record)
+    return history
 
 
 def _font(size):
@@ -156,13 +176,180 @@ def curves_png(history, path, title='search'):
     return path
 
 
+# ---------------------------------------------------------------- confusion matrix
+
+BLUE, GREEN = (8, 48, 107), (0, 90, 50)  # the darkest shade of the cells, of the recall column
+MAX_NUMBERED = 30  # more classes than this: shades only, no counts in the cells
+
+
+def read_confusion(path):
+    """The confusion.json an evaluation run wrote, checked."""
+    try:
+        with open(path) as f:
+            confusion = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f'cannot read {path} ({e})') from None
+    check_confusion(confusion, path)
+    return confusion
+
+
+def check_confusion(confusion, where='confusion'):
+    """UserError unless `confusion` has n class names and an n x n matrix of counts."""
+    if not isinstance(confusion, dict):
+        raise UserError(f'{where}: expected a JSON object with "classes" and "matrix"')
+    classes, matrix = confusion.get('classes'), confusion.get('matrix')
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, (str, int)) for c in classes):
+        raise UserError(f'{where}: "classes" must be a non-empty list of class names')
+    n = len(classes)
+    if not isinstance(matrix, list) or len(matrix) != n or \
+            any(not isinstance(row, list) or len(row) != n for row in matrix):
+        raise UserError(f'{where}: "matrix" must be {n} rows of {n} counts (one row and column per class)')
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for row in matrix for v in row):
+        raise UserError(f'{where}: "matrix" entries must be counts (integers >= 0)')
+
+
+def _short(name, limit=16):
+    """The name, its middle cut out when longer than limit (classes often differ at the end)."""
+    name = str(name)
+    head = (limit - 2) // 2
+    return name if len(name) <= limit else name[:head] + '..' + name[len(name) - (limit - 2 - head):]
+
+
+def _size(d, s, font):
+    l, t, r, b = d.textbbox((0, 0), s, font=font)
+    return r - l, b - t
+
+
+def _centred(d, centre, s, font, fill, align='centre'):
+    """Text with its box centred on `centre` (align='right': its right edge at centre's x)."""
+    l, t, r, b = d.textbbox((0, 0), s, font=font)
+    x = centre[0] - r if align == 'right' else centre[0] - (l + r) / 2
+    d.text((x, centre[1] - (t + b) / 2), s, fill=fill, font=font)
+
+
+def _vertical(img, centre, s, font, fill, align='centre'):
+    """Text turned 90 degrees (read bottom to top), centred on `centre` (align='top': hanging
+    from centre's y)."""
+    from PIL import Image, ImageDraw
+    d = ImageDraw.Draw(img)
+    l, t, r, b = d.textbbox((0, 0), s, font=font)
+    mask = Image.new('L', (r - l + 2, b - t + 2), 0)
+    ImageDraw.Draw(mask).text((1 - l, 1 - t), s, fill=255, font=font)
+    mask = mask.rotate(90, expand=True)
+    x = round(centre[0] - mask.width / 2)
+    y = round(centre[1] if align == 'top' else centre[1] - mask.height / 2)
+    img.paste(Image.new('RGB', mask.size, fill), (x, y), mask)
+
+
+def _shade(v, dark):
+    """White at v=0 to `dark` at v=1."""
+    return tuple(round(255 + (c - 255) * v) for c in dark)
+
+
+def confusion_layout(confusion):
+    """Where confusion_png puts things: the grid's top-left (x0, y0), the cell size, fonts and bands."""
+    from PIL import Image, ImageDraw
+    n = len(confusion['classes'])
+    d = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+    cell = max(1, min(90, 800 // n))
+    numbers = n <= MAX_NUMBERED
+    label_font = _font(max(8, min(16, int(cell * 0.6))))
+    step = -(-(label_font.size + 2) // cell)  # label every step-th class so that labels do not overlap
+    labels = [_short(c) for c in confusion['classes']]
+    label_w = max(_size(d, s, label_font)[0] for s in labels + ['recall'])
+    label_h = _size(d, 'Hg', label_font)[1]
+    count_font, recall_w = None, max(cell, 16)
+    if numbers:
+        widest = max([str(v) for row in confusion['matrix'] for v in row], key=len)
+        size = max(8, min(20, int(cell * 0.45)))
+        while size > 8 and _size(d, widest, _font(size))[0] > cell - 4:
+            size -= 1
+        count_font = _font(size)
+        recall_w = max(cell, _size(d, '100.0%', count_font)[0] + 12)
+    vertical = label_w > cell - 6  # column labels turned when they do not fit across a cell
+    axis_font, title_font = _font(14), _font(16)
+    m, axis_h = 12, _size(d, 'Hg', axis_font)[1]
+    x0 = m + axis_h + 10 + label_w + 8
+    y0 = m + _size(d, 'Hg', title_font)[1] + 16
+    return dict(n=n, cell=cell, x0=x0, y0=y0, m=m, numbers=numbers, step=step, labels=labels,
+                label_font=label_font, label_h=label_h, label_w=label_w, count_font=count_font,
+                recall_x=x0 + n * cell + max(4, cell // 4), recall_w=recall_w, vertical=vertical,
+                columns_h=(label_w if vertical else label_h) + 8, axis_font=axis_font, axis_h=axis_h,
+                title_font=title_font)
+
+
+def confusion_png(confusion, path, title=None):
+    """The confusion matrix (rows: true class, columns: predicted), each cell shaded by its share
+    of the row and labelled with its count, recall per class at the right, overall accuracy in
+    the title; drawn with Pillow."""
+    from PIL import Image, ImageDraw
+    check_confusion(confusion)
+    L = confusion_layout(confusion)
+    matrix, n, cell, x0, y0 = confusion['matrix'], L['n'], L['cell'], L['x0'], L['y0']
+    totals = [sum(row) for row in matrix]
+    correct, total = sum(matrix[i][i] for i in range(n)), sum(totals)
+    heading = ' '.join(str(confusion[k]) if k == 'split' else f'epoch {confusion[k]}'
+                       for k in ('split', 'epoch') if confusion.get(k) is not None)
+    heading = ': '.join(s for s in (title, heading) if s)
+    accuracy = f'accuracy {100 * correct / total:.1f}% ({correct} of {total})' if total else 'no images'
+    heading = f'{heading}: {accuracy}' if heading else accuracy
+
+    d0 = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+    grid_bottom = y0 + n * cell
+    width = max(L['recall_x'] + L['recall_w'] + L['m'], 2 * L['m'] + _size(d0, heading, L['title_font'])[0])
+    height = grid_bottom + 6 + L['columns_h'] + L['axis_h'] + 8 + L['m']
+    img = Image.new('RGB', (width, height), 'white')
+    d = ImageDraw.Draw(img)
+    d.text((L['m'], L['m']), heading, fill='black', font=L['title_font'])
+
+    for i in range(n):
+        for j in range(n):
+            v = matrix[i][j] / totals[i] if totals[i] else 0.0
+            box = [x0 + j * cell, y0 + i * cell, x0 + (j + 1) * cell - 1, y0 + (i + 1) * cell - 1]
+            d.rectangle(box, fill=_shade(v, BLUE), outline=(220, 220, 220) if cell >= 12 else None)
+            if L['numbers']:
+                _centred(d, (x0 + (j + 0.5) * cell, y0 + (i + 0.5) * cell), str(matrix[i][j]), L['count_font'],
+                         'white' if v > 0.55 else (30, 30, 30))
+        rx = L['recall_x']
+        box = [rx, y0 + i * cell, rx + L['recall_w'] - 1, y0 + (i + 1) * cell - 1]
+        recall = matrix[i][i] / totals[i] if totals[i] else None
+        d.rectangle(box, fill=_shade(recall, GREEN) if recall is not None else (235, 235, 235),
+                    outline=(220, 220, 220) if cell >= 12 else None)
+        if L['numbers']:
+            _centred(d, (rx + L['recall_w'] / 2, y0 + (i + 0.5) * cell),
+                     f'{100 * recall:.1f}%' if recall is not None else 'n/a', L['count_font'],
+                     'white' if recall is not None and recall > 0.55 else (30, 30, 30))
+    d.rectangle([x0 - 1, y0 - 1, x0 + n * cell, grid_bottom], outline='black')
+
+    font, colour = L['label_font'], 'black'
+    for k in range(0, n, L['step']):
+        label, centre = L['labels'][k], y0 + (k + 0.5) * cell
+        _centred(d, (x0 - 8, centre), label, font, colour, align='right')  # true class, left of its row
+        if L['vertical']:
+            _vertical(img, (x0 + (k + 0.5) * cell, grid_bottom + 6), label, font, colour, align='top')
+        else:
+            _centred(d, (x0 + (k + 0.5) * cell, grid_bottom + 6 + L['label_h'] / 2 + 2), label, font, colour)
+    rc = L['recall_x'] + L['recall_w'] / 2
+    if L['vertical'] and L['recall_w'] < _size(d, 'recall', font)[0] + 6:
+        _vertical(img, (rc, grid_bottom + 6), 'recall', font, colour, align='top')
+    else:
+        _centred(d, (rc, grid_bottom + 6 + L['label_h'] / 2 + 2), 'recall', font, colour)
+
+    axis_y = grid_bottom + 6 + L['columns_h'] + 4
+    _centred(d, (x0 + n * cell / 2, axis_y + L['axis_h'] / 2), 'predicted class', L['axis_font'], (90, 90, 90))
+    _vertical(img, (L['m'] + L['axis_h'] / 2, y0 + n * cell / 2), 'true class', L['axis_font'], (90, 90, 90))
+    img.save(path)
+    return path
+
+
 # ---------------------------------------------------------------- command line
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('genotype', nargs='?', help=f'a named genotype: {", ".join(genotypes.NAMED)}')
     p.add_argument('--genotype_file', help='a genotype JSON written by train_search.py')
-    p.add_argument('--run', help='a run folder: draws cells.gif and curves.png from its history.jsonl')
+    p.add_argument('--run', help='a run folder: draws curves.png, and cells.gif (search run) and '
+                                 'confusion.png (when it has confusion.json) into it')
     p.add_argument('--format', default='png', choices=['png', 'pdf', 'svg'])
     p.add_argument('--out', default=None,
                    help='output path stem for cells (default: <genotype>_normal / <genotype>_reduce), '
@@ -176,10 +363,20 @@ def parse_args(argv=None):
 def visualize(args):
     if args.run:
         history = read_history(args.run)
+        if not history:
+            raise UserError('the history is empty: no epoch has finished yet')
+        search = all('genotype' in r for r in history)  # an evaluation run (train.py) records no genotype
+        confusion_path = os.path.join(args.run, 'confusion.json')
+        confusion = read_confusion(confusion_path) if os.path.isfile(confusion_path) else None
         out = args.out or args.run
         os.makedirs(out, exist_ok=True)
-        print(cells_gif(history, os.path.join(out, 'cells.gif')))
-        print(curves_png(history, os.path.join(out, 'curves.png'), title=os.path.basename(os.path.normpath(args.run))))
+        name = os.path.basename(os.path.normpath(args.run))
+        if search:
+            print(cells_gif(history, os.path.join(out, 'cells.gif')))
+        print(curves_png(history, os.path.join(out, 'curves.png'),
+                         title=f'{name} ({"search" if search else "evaluation"})'))
+        if confusion is not None:
+            print(confusion_png(confusion, os.path.join(out, 'confusion.png'), title=name))
         return
     if args.genotype_file:
         genotype = genotypes.load(args.genotype_file)

@@ -97,3 +97,97 @@ def test_without_dot_says_so_in_one_line(tmp_path):
                        capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 2 and 'apt-get install graphviz' in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _cell_colour(img, confusion, i, j):
+    """The median colour of cell (row i, column j) of a confusion_png picture (the median skips the count)."""
+    L = visualize.confusion_layout(confusion)
+    c, x, y = L['cell'], L['x0'] + j * L['cell'], L['y0'] + i * L['cell']
+    return np.median(np.asarray(img)[y + 2:y + c - 2, x + 2:x + c - 2].reshape(-1, 3), axis=0)
+
+
+def _confusion(matrix, classes=None):
+    return dict(split='test', epoch=3, classes=classes or [f'class{i}' for i in range(len(matrix))], matrix=matrix)
+
+
+def test_confusion_png_shades_each_cell_by_its_share_of_the_row(tmp_path):
+    diagonal, uniform, unbalanced = _confusion([[9, 1], [2, 8]]), _confusion([[5, 5], [5, 5]]), \
+        _confusion([[900, 100], [1, 9]])
+    pictures = {}
+    for name, confusion in dict(diagonal=diagonal, uniform=uniform, unbalanced=unbalanced).items():
+        path = visualize.confusion_png(confusion, tmp_path / f'{name}.png')
+        img = Image.open(path).convert('RGB')
+        assert 250 < img.width < 800 and 150 < img.height < 600
+        pictures[name] = img
+    darkness = lambda name, i, j: 765 - _cell_colour(pictures[name], dict(diagonal=diagonal, uniform=uniform,
+                                                                         unbalanced=unbalanced)[name], i, j).sum()
+    assert darkness('diagonal', 0, 0) > darkness('diagonal', 1, 1) > darkness('diagonal', 1, 0) > \
+        darkness('diagonal', 0, 1) > 0
+    assert darkness('uniform', 0, 0) == darkness('uniform', 0, 1) == darkness('uniform', 1, 0) > 0
+    assert darkness('unbalanced', 0, 0) == darkness('unbalanced', 1, 1)  # 90 % of each row, whatever the counts
+    assert darkness('uniform', 0, 0) < darkness('diagonal', 0, 0)
+
+
+def test_confusion_png_writes_counts_up_to_30_classes_and_shades_only_beyond(tmp_path):
+    rng = np.random.default_rng(0)
+    for n, numbered in ((20, True), (40, False)):
+        m = rng.integers(0, 5, (n, n)) + np.diag(rng.integers(50, 100, n))
+        confusion = _confusion(m.tolist(), [f'a_rather_long_class_name_{i}' for i in range(n)])
+        img = Image.open(visualize.confusion_png(confusion, tmp_path / f'{n}.png')).convert('RGB')
+        assert 400 < img.width < 1400 and 400 < img.height < 1400
+        L = visualize.confusion_layout(confusion)
+        c = L['cell']
+        cell = np.asarray(img)[L['y0'] + 1:L['y0'] + c - 1, L['x0'] + 1:L['x0'] + c - 1].reshape(-1, 3)
+        assert (len(np.unique(cell, axis=0)) > 2) == numbered  # a count is the shade plus text pixels
+
+
+def _eval_history(run_dir, epochs):
+    with open(run_dir / 'history.jsonl', 'w') as f:
+        for e in range(epochs):
+            f.write(json.dumps(dict(epoch=e + 1, lr=0.025, train_loss=2 - 0.1 * e, val_loss=2.1 - 0.1 * e,
+                                    train_acc=0.2 + 0.05 * e, val_acc=0.18 + 0.05 * e)) + '\n')
+
+
+def test_evaluation_run_draws_curves_and_confusion_but_no_gif(tmp_path, capsys):
+    _eval_history(tmp_path, 3)
+    (tmp_path / 'confusion.json').write_text(json.dumps(
+        dict(split='test', epoch=3, classes=['bad', 'good'], matrix=[[40, 2], [5, 33]])))
+    assert visualize.main(['--run', str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(tmp_path / 'curves.png'), str(tmp_path / 'confusion.png')]
+    assert not (tmp_path / 'cells.gif').exists()
+    for name in ('curves.png', 'confusion.png'):
+        img = Image.open(tmp_path / name)
+        img.load()
+        assert img.width > 250 and len(np.unique(np.asarray(img.convert('RGB')).reshape(-1, 3), axis=0)) > 3
+
+
+def test_search_run_with_confusion_draws_all_three(tmp_path, capsys):
+    _history(tmp_path, 2)
+    (tmp_path / 'confusion.json').write_text(json.dumps(dict(classes=['a', 'b', 'c'], matrix=[[1, 0, 0]] * 3)))
+    out = tmp_path / 'pictures'
+    assert visualize.main(['--run', str(tmp_path), '--out', str(out)]) == 0
+    assert sorted(os.listdir(out)) == ['cells.gif', 'confusion.png', 'curves.png']
+
+
+@pytest.mark.parametrize('text, message', [
+    ('{"classes": ["a", "b"], "matrix": [[1, 2], [3', 'cannot read'),
+    ('{"classes": ["a", "b"], "matrix": [[1, 2, 0], [3, 4, 0]]}', '2 rows of 2 counts'),
+    ('{"classes": ["a", "b"], "matrix": [[1, -2], [3, 4]]}', 'integers >= 0'),
+    ('{"classes": [], "matrix": []}', 'non-empty list of class names'),
+    ('[[1, 2], [3, 4]]', 'expected a JSON object'),
+])
+def test_malformed_confusion_is_one_line_and_draws_nothing(tmp_path, capsys, text, message):
+    _eval_history(tmp_path, 2)
+    (tmp_path / 'confusion.json').write_text(text)
+    assert visualize.main(['--run', str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'confusion.json' in err[0] and message in err[0]
+    assert sorted(os.listdir(tmp_path)) == ['confusion.json', 'history.jsonl']
+
+
+def test_history_without_the_curve_values_is_one_line(tmp_path, capsys):
+    (tmp_path / 'history.jsonl').write_text(json.dumps(dict(epoch=1, train_loss=1.0)) + '\n')
+    assert visualize.main(['--run', str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'val_loss' in err[0]
