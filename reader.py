@@ -1,4 +1,6 @@
-"""Data: CIFAR-10 from its python format, the embedded digits set, augmentation, batches.
+"""Data on disk and batches: CIFAR-10 in its python format (and its download), the embedded
+digits, ImageNet files; augmentation; the worker pool.  datasets.py builds the formats a
+user picks with --dataset on top of these.
 
 Batches are produced by worker processes (`num_workers`); each batch's augmentation
 is drawn from its own seed (run seed, epoch, batch index), so the data a step sees
@@ -146,18 +148,6 @@ def load_digits(test_fraction=1 / 6, seed=0):
     n_test = int(round(len(x) * test_fraction))
     test, train = order[:n_test], order[n_test:]
     return x[train], y[train], x[test], y[test]
-
-
-def load_dataset(name, root, download=True, url=CIFAR_URL, md5=CIFAR_MD5):
-    """(train_x, train_y, test_x, test_y, mean, std) for 'cifar10' or 'digits'."""
-    if name == 'cifar10':
-        return (*load_cifar10(root, download, url, md5), CIFAR_MEAN, CIFAR_STD)
-    if name == 'digits':
-        tx, ty, vx, vy = load_digits()
-        mean = tx.reshape(len(tx), 3, -1).mean(axis=(0, 2)) / 255.0
-        std = tx.reshape(len(tx), 3, -1).std(axis=(0, 2)) / 255.0
-        return tx, ty, vx, vy, mean.astype('float32'), std.astype('float32')
-    raise DataError(f'unknown dataset {name!r}: cifar10 or digits')
 
 
 def search_split(n, train_portion=0.5, seed=0):
