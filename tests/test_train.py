@@ -175,3 +175,35 @@ def test_exported_model_classifies_image_files_like_the_test_program(reference, 
 def test_predict_without_a_model(tmp_path):
     r = run_script('train.py', '--predict', tmp_path / 'nope' / 'model', tmp_path / 'a.png')
     assert r.returncode == 2 and 'no exported model there' in r.stderr
+
+
+def _one_line(r, *phrases):
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: '), (r.returncode, r.stderr)
+    assert 'Traceback' not in r.stdout + r.stderr
+    for p in phrases:
+        assert p in lines[0], lines[0]
+
+
+def test_a_search_run_is_refused_by_resume_and_eval_only(tmp_path):
+    run_dir = tmp_path / 'search'
+    run_dir.mkdir()
+    import train_search
+    (run_dir / 'args.json').write_text(json.dumps(vars(train_search.parse_args([]))))
+    np.savez(run_dir / 'checkpoint.npz', __meta__=np.array(json.dumps({'epoch': 0, 'history': []})),
+             weights=np.zeros(3, 'float32'))
+    _one_line(run_script('train.py', '--resume', run_dir), 'is a search run', 'genotype.json')
+    _one_line(run_script('train.py', '--eval_only', run_dir / 'checkpoint.npz'), 'not a checkpoint of a training run')
+
+
+@pytest.mark.parametrize('content', [None, '{"image_size": 32', '{"mean": [0.5]}'])
+def test_predict_with_a_missing_or_malformed_preprocess_json(reference, tmp_path, content):
+    import shutil
+    run_dir, _ = reference
+    model_dir = tmp_path / 'inference'
+    shutil.copytree(os.path.join(run_dir, 'inference'), model_dir)
+    if content is None:
+        os.remove(model_dir / 'preprocess.json')
+    else:
+        (model_dir / 'preprocess.json').write_text(content)
+    _one_line(run_script('train.py', '--predict', model_dir / 'model', tmp_path / 'a.png'), 'preprocess.json')
