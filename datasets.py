@@ -383,14 +383,6 @@ def _map(pool, workers, func, items):
     return pool.imap(func, items, chunksize=max(1, min(32, len(items) // (8 * workers))))
 
 
-class _NoPool:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _cache_key(paths, size):
     h = hashlib.sha1(CACHE_VERSION.encode())
     h.update(str(size).encode())
@@ -508,7 +500,7 @@ def decode_files(paths, size, cache_dir, num_workers=0, log=print):
 
 def _decode_into(paths, size, base, num_workers, log):
     """decode_files' work: into the cache entry `base` (None: into memory)."""
-    with (reader.worker_pool(num_workers) if num_workers > 0 else _NoPool()) as pool:
+    with reader.worker_pool(num_workers) as pool:
         skipped, gray, readable = [], [], []
         for row, (is_gray, reason) in enumerate(_map(pool, num_workers, probe_image, paths)):
             if reason is None:

@@ -264,7 +264,11 @@ def worker_init():
 @contextlib.contextmanager
 def worker_pool(num_workers):
     """A fork pool whose workers run worker_init; closed and joined when the work is
-    done (no signals sent), terminated only when the consumer stops early."""
+    done (no signals sent), terminated only when the consumer stops early.
+    num_workers <= 0: no pool (None), the work is done in this process."""
+    if num_workers <= 0:
+        yield None
+        return
     pool = mp.get_context('fork').Pool(num_workers, initializer=worker_init)
     finished = False
     try:

@@ -268,8 +268,9 @@ def _read_preprocess(prefix):
     try:
         with open(path) as f:
             meta = json.load(f)
-        for key in ('image_size', 'mean', 'std'):
-            meta[key]
+        missing = [key for key in ('image_size', 'mean', 'std') if key not in meta]
+        if missing:
+            raise KeyError(', '.join(missing))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f'--predict {prefix}: cannot read {path} ({type(e).__name__}: {e}); '
                         f'it is written beside the model by a finished train.py run') from None
