@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import paddle
 
-from model_search import ALPHA_NAMES, ALPHA_SHAPE, cross_entropy, network_layout, search_network
+from model_search import SearchSpace, cross_entropy, network_layout, search_network
 from operations import ParamSet, declare
 from optim import (MOMENTUM, WEIGHTS, adam_step, clip_by_global_norm, global_norm,  # noqa: F401
                    sgd_momentum_step, virtual_step)
@@ -62,6 +62,12 @@ class SearchConfig:
     arch_betas: tuple = (0.5, 0.999)
     second_order: bool = True
     r_scale: float = R_SCALE  # R = r_scale / ||dw'||; the paper's 0.01
+    space: SearchSpace = field(default_factory=SearchSpace)
+
+    @property
+    def arch_shapes(self):
+        """{name: shape} of the architecture parameters (alphas, and PC-DARTS' betas)."""
+        return self.space.arch_shapes()
 
 
 @dataclass
@@ -78,36 +84,44 @@ class SearchPrograms:
         return list(self.programs.items())
 
 
-def initial_state(layout, seed):
-    """Every persistable tensor the programs use, as numpy, from one seed."""
+def initial_state(layout, seed, arch_shapes=None):
+    """Every persistable tensor the programs use, as numpy, from one seed.
+
+    arch_shapes: {name: shape} of the architecture parameters (default: the paper's two
+    alphas); each starts at 1e-3 * N(0, 1), as alphas and PC-DARTS' betas do."""
+    arch_shapes = arch_shapes or SearchSpace().arch_shapes()
     rng = np.random.default_rng(seed)
     p = layout.size
     state = {WEIGHTS: layout.initial_weights(rng), MOMENTUM: np.zeros(p, 'float32'),
              ADAM_T: np.zeros(1, 'float32')}
-    for name in ALPHA_NAMES:
-        state[name] = (1e-3 * rng.standard_normal(ALPHA_SHAPE)).astype('float32')
-        state[name + '.adam_m'] = np.zeros(ALPHA_SHAPE, 'float32')
-        state[name + '.adam_v'] = np.zeros(ALPHA_SHAPE, 'float32')
+    for name, shape in arch_shapes.items():
+        state[name] = (1e-3 * rng.standard_normal(shape)).astype('float32')
+        state[name + '.adam_m'] = np.zeros(shape, 'float32')
+        state[name + '.adam_v'] = np.zeros(shape, 'float32')
     state.update(layout.initial_buffers())
     return state
 
 
-def scratch_state(layout):
+def scratch_state(layout, arch_shapes=None):
     """Tensors that only carry values between the programs of one step."""
+    arch_shapes = arch_shapes or SearchSpace().arch_shapes()
     p = layout.size
     s = {'arch/w_prime': p, 'arch/w_plus': p, 'arch/w_minus': p, 'arch/r': 1}
     out = {k: np.zeros(n, 'float32') for k, n in s.items()}
-    for name in ALPHA_NAMES:
+    for name, shape in arch_shapes.items():
         for what in ('dalpha', 'g_plus', 'hessian', 'grad'):
-            out[f'arch/{what}_{name}'] = np.zeros(ALPHA_SHAPE, 'float32')
+            out[f'arch/{what}_{name}'] = np.zeros(shape, 'float32')
     out.update(layout.initial_buffers(UNROLLED_BN_PREFIX))
     return out
 
 
 def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
     """Build every program of a search step, and the eval program, once."""
-    layout = network_layout(cfg.init_channels, cfg.num_classes, cfg.layers, cfg.image_size, cfg.in_channels)
+    space = cfg.space.check(cfg.init_channels)
+    layout = network_layout(cfg.init_channels, cfg.num_classes, cfg.layers, cfg.image_size, cfg.in_channels, space)
     p, size = layout.size, cfg.image_size
+    shapes = cfg.arch_shapes
+    names = list(shapes)
     programs, feeds, fetch = {}, {}, {}
 
     def new_program(name, feed_names):
@@ -124,11 +138,13 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
 
     def loss_at(flat, alphas, x, y, bn_stats='update', bn_prefix=''):
         ps = ParamSet(layout, flat, bn_stats, bn_prefix)
-        logits = search_network(ps, x, *alphas, cfg.init_channels, cfg.num_classes, cfg.layers)
+        logits = search_network(ps, x, dict(zip(names, alphas)), cfg.init_channels, cfg.num_classes,
+                                cfg.layers, space)
         return cross_entropy(logits, y), logits
 
     def alphas(trainable):
-        return [declare(n, ALPHA_SHAPE, trainable) for n in ALPHA_NAMES]
+        """The architecture parameters, in arch_shapes order."""
+        return [declare(n, shapes[n], trainable) for n in names]
 
     def store(value, name, shape):
         paddle.assign(value, output=declare(name, shape))
@@ -138,11 +154,11 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
         a = alphas(False)
         t = declare(ADAM_T, [1])
         t_new = t + 1.0
-        for ai, gi, name in zip(a, alpha_grad, ALPHA_NAMES):
-            m, v = declare(name + '.adam_m', ALPHA_SHAPE), declare(name + '.adam_v', ALPHA_SHAPE)
+        for ai, gi, name in zip(a, alpha_grad, names):
+            m, v = declare(name + '.adam_m', shapes[name]), declare(name + '.adam_v', shapes[name])
             a_new, m_new, v_new = adam_step(ai, gi, m, v, t_new, cfg.arch_learning_rate,
                                             cfg.arch_betas, ADAM_EPS, cfg.arch_weight_decay)
-            store(gi, f'arch/grad_{name}', ALPHA_SHAPE)
+            store(gi, f'arch/grad_{name}', shapes[name])
             paddle.assign(m_new, output=m)
             paddle.assign(v_new, output=v)
             paddle.assign(a_new, output=ai)
@@ -165,15 +181,15 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
             store(w + r * dw, 'arch/w_plus', [p])
             store(w - r * dw, 'arch/w_minus', [p])
             store(r, 'arch/r', [1])
-            for d, name in zip(dalpha, ALPHA_NAMES):
-                store(d, f'arch/dalpha_{name}', ALPHA_SHAPE)
+            for d, name in zip(dalpha, names):
+                store(d, f'arch/dalpha_{name}', shapes[name])
             fetch['unrolled_grad', 'val_loss'] = loss
 
         with new_program('hessian_plus', ['train_x', 'train_y']):
             a = alphas(True)
             loss, _ = loss_at(declare('arch/w_plus', [p]), a, data('train_x'), data('train_y'))
-            for g, name in zip(paddle.static.gradients(loss, a), ALPHA_NAMES):
-                store(g, f'arch/g_plus_{name}', ALPHA_SHAPE)
+            for g, name in zip(paddle.static.gradients(loss, a), names):
+                store(g, f'arch/g_plus_{name}', shapes[name])
 
         with new_program('alpha_update', ['train_x', 'train_y', 'lr']):
             a, lr = alphas(True), data('lr')
@@ -181,10 +197,10 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
             g_minus = paddle.static.gradients(loss, a)
             r = declare('arch/r', [1])
             alpha_grad = []
-            for gm, name in zip(g_minus, ALPHA_NAMES):
-                hessian = (declare(f'arch/g_plus_{name}', ALPHA_SHAPE) - gm) / (2.0 * r)
-                store(hessian, f'arch/hessian_{name}', ALPHA_SHAPE)
-                alpha_grad.append(declare(f'arch/dalpha_{name}', ALPHA_SHAPE) - lr * hessian)
+            for gm, name in zip(g_minus, names):
+                hessian = (declare(f'arch/g_plus_{name}', shapes[name]) - gm) / (2.0 * r)
+                store(hessian, f'arch/hessian_{name}', shapes[name])
+                alpha_grad.append(declare(f'arch/dalpha_{name}', shapes[name]) - lr * hessian)
             adam_update(alpha_grad)
     else:
         with new_program('alpha_update', ['val_x', 'val_y']):
@@ -219,20 +235,24 @@ def softmax(a):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def run_search_step(exe, progs, batch, lr):
+def run_search_step(exe, progs, batch, lr, update_arch=True):
     """One alpha step then one weight step.  batch: train_x, train_y, val_x, val_y arrays.
 
+    update_arch=False (the warm-up epochs): the weight step only.
     Returns (train_loss, train_logits, val_loss); val_loss is L_val at w' (second order)
-    or at w (first order), before the step's updates.
+    or at w (first order), before the step's updates, and None without an alpha step.
     """
     feed_values = dict(batch, lr=np.array([lr], 'float32'))
     out = {}
     for name, program in progs.step_programs:
+        if not update_arch and name != 'weight_step':
+            continue
         wanted = [(k, v) for k, v in progs.fetch.items() if k[0] == name]
         results = exe.run(program, feed={k: feed_values[k] for k in progs.feeds[name]},
                           fetch_list=[v for _, v in wanted])
         out.update({k[1]: r for (k, _), r in zip(wanted, results)})
-    return float(out['train_loss']), out['train_logits'], float(out['val_loss'])
+    val_loss = float(out['val_loss']) if 'val_loss' in out else None
+    return float(out['train_loss']), out['train_logits'], val_loss
 
 
 def evaluate_batch(exe, progs, x, y):

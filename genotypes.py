@@ -76,7 +76,7 @@ def by_name(name):
     return NAMED[name]
 
 
-def _check_cell(kind, pairs, concat):
+def _check_cell(kind, pairs, concat, ops):
     if not isinstance(pairs, (list, tuple)) or len(pairs) % 2 or not pairs:
         raise GenotypeError(f'{kind}: expected two (op, input) pairs per node, got {pairs!r}')
     steps = len(pairs) // 2
@@ -85,8 +85,8 @@ def _check_cell(kind, pairs, concat):
             raise GenotypeError(f'{kind}[{k}]: expected an (op, input) pair, got {pair!r}')
         op, j = pair
         node = k // 2
-        if op not in PRIMITIVES or op == 'none':
-            raise GenotypeError(f'{kind}[{k}]: unknown op {op!r}; ops are {", ".join(PRIMITIVES[1:])}')
+        if not isinstance(op, str) or op == 'none' or op not in ops:
+            raise GenotypeError(f'{kind}[{k}]: unknown op {op!r}; ops are {", ".join(o for o in ops if o != "none")}')
         if not isinstance(j, int) or isinstance(j, bool) or not 0 <= j < node + 2:
             raise GenotypeError(f'{kind}[{k}]: node {node} can take inputs 0..{node + 1}, got {j!r}')
     if (not isinstance(concat, (list, tuple)) or not concat
@@ -94,51 +94,73 @@ def _check_cell(kind, pairs, concat):
         raise GenotypeError(f'{kind}_concat: expected node indices in 0..{steps + 1}, got {concat!r}')
 
 
-def validate(genotype):
-    """Raise GenotypeError unless every node has 2 known ops on earlier nodes."""
-    _check_cell('normal', genotype.normal, genotype.normal_concat)
-    _check_cell('reduce', genotype.reduce, genotype.reduce_concat)
+class _AnyName:
+    """Stands for the op registry where only a genotype's shape is checked (drawing it)."""
+
+    def __contains__(self, op):
+        return isinstance(op, str) and bool(op)
+
+    def __iter__(self):
+        return iter(['any op name'])
+
+
+def validate(genotype, check_ops=True):
+    """Raise GenotypeError unless every node has 2 ops on earlier nodes, each registered in
+    operations.OPS (check_ops=False: any name, so drawing needs no Paddle import)."""
+    if check_ops:
+        from operations import OPS  # the registry (imports paddle)
+    ops = OPS if check_ops else _AnyName()
+    _check_cell('normal', genotype.normal, genotype.normal_concat, ops)
+    _check_cell('reduce', genotype.reduce, genotype.reduce_concat, ops)
     if len(genotype.normal) != len(genotype.reduce):
         raise GenotypeError('normal and reduce cells must have the same number of nodes')
     return genotype
 
 
-def derive_cell(weights, steps=STEPS):
-    """Discretise one cell from its softmaxed alphas (num_edges x len(PRIMITIVES)).
+def derive_cell(weights, steps=STEPS, ops=PRIMITIVES):
+    """Discretise one cell from its edge weights W (num_edges x len(ops), column o = ops[o]).
 
     Node i keeps the 2 incoming edges whose strongest non-`none` op weighs most; each
     kept edge keeps that op.  Ties go to the lower edge index and the earlier op in
-    PRIMITIVES (stable sort, first maximum).  Pairs are listed strongest edge first.
+    ops (stable sort, first maximum).  Pairs are listed strongest edge first.  Without
+    `none` in ops there is simply nothing to exclude.
     """
     weights = np.asarray(weights)
-    none = PRIMITIVES.index('none')
-    assert weights.shape == (num_edges(steps), len(PRIMITIVES)), weights.shape
-    masked = weights.copy()
-    masked[:, none] = -np.inf
+    ops = list(ops)
+    assert weights.shape == (num_edges(steps), len(ops)), weights.shape
+    masked = weights.astype(np.float64, copy=True)
+    if 'none' in ops:
+        masked[:, ops.index('none')] = -np.inf
     gene, start = [], 0
     for i in range(steps):
         rows = masked[start:start + i + 2]
         strength = rows.max(axis=1)
         edges = sorted(range(i + 2), key=lambda j: -strength[j])[:2]
         for j in edges:
-            gene.append((PRIMITIVES[int(np.argmax(rows[j]))], j))
+            gene.append((ops[int(np.argmax(rows[j]))], j))
         start += i + 2
     return gene
 
 
-def derive(normal_weights, reduce_weights, steps=STEPS, multiplier=4):
+def derive(normal_weights, reduce_weights, steps=STEPS, multiplier=4, ops=PRIMITIVES):
     concat = list(range(2 + steps - multiplier, steps + 2))
-    return Genotype(derive_cell(normal_weights, steps), concat, derive_cell(reduce_weights, steps), concat)
+    return Genotype(derive_cell(normal_weights, steps, ops), concat, derive_cell(reduce_weights, steps, ops), concat)
 
 
-def to_json(genotype):
-    return json.dumps({'normal': [list(p) for p in genotype.normal],
-                       'normal_concat': list(genotype.normal_concat),
-                       'reduce': [list(p) for p in genotype.reduce],
-                       'reduce_concat': list(genotype.reduce_concat)})
+def to_dict(genotype, space=None):
+    """The genotype as JSON-ready lists; space (a dict: primitives, nodes, ...) is stored beside it."""
+    d = {'normal': [list(p) for p in genotype.normal], 'normal_concat': list(genotype.normal_concat),
+         'reduce': [list(p) for p in genotype.reduce], 'reduce_concat': list(genotype.reduce_concat)}
+    if space:
+        d['search_space'] = dict(space)
+    return d
 
 
-def from_dict(d):
+def to_json(genotype, space=None):
+    return json.dumps(to_dict(genotype, space))
+
+
+def from_dict(d, check_ops=True):
     if not isinstance(d, dict):
         raise GenotypeError(f'a genotype is a JSON object, got {type(d).__name__}')
     missing = [k for k in Genotype._fields if k not in d]
@@ -151,10 +173,10 @@ def from_dict(d):
         return [tuple(p) if isinstance(p, list) else p for p in v]
 
     g = Genotype(pairs(d['normal']), d['normal_concat'], pairs(d['reduce']), d['reduce_concat'])
-    return validate(g)
+    return validate(g, check_ops)
 
 
-def load(path):
+def load(path, check_ops=True):
     """A genotype from a JSON file written by train_search.py (or `to_json`)."""
     try:
         with open(path) as f:
@@ -164,13 +186,13 @@ def load(path):
     except json.JSONDecodeError as e:
         raise GenotypeError(f'{path} is not JSON: {e}') from None
     try:
-        return from_dict(d)
+        return from_dict(d, check_ops)
     except GenotypeError as e:
         raise GenotypeError(f'{path}: {e}') from None
 
 
-def save(genotype, path):
+def save(genotype, path, space=None):
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
-        f.write(to_json(genotype) + '\n')
+        f.write(to_json(genotype, space) + '\n')
     os.replace(tmp, path)

@@ -16,8 +16,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from operations import (Layout, apply_primitive, batch_norm, conv, factorized_reduce, linear,
-                        relu_conv_bn, stem)
+from operations import Layout, Source, batch_norm, conv, factorized_reduce, linear, lookup, relu_conv_bn, stem
 
 STEM_MULTIPLIER = 3
 
@@ -41,20 +40,19 @@ def eval_cell(ps, name, genotype, s0, s1, c, reduction, reduction_prev, drop_pro
     else:
         s0 = relu_conv_bn(ps, name + '.pre0', s0, c, 1, 1, 0, affine=True)
     s1 = relu_conv_bn(ps, name + '.pre1', s1, c, 1, 1, 0, affine=True)
-    states, relus = [s0, s1], {}
+    states = [Source(s0), Source(s1)]  # each computes ReLU(h_j) once, for the ops that read node j
     for i in range(len(pairs) // 2):
         node = []
         for k in (2 * i, 2 * i + 1):
             op, j = pairs[k]
             stride = 2 if reduction and j < 2 else 1
-            if j not in relus:  # ReLU(h_j) once, shared by the ops that read node j
-                relus[j] = F.relu(states[j])
-            h = apply_primitive(ps, f'{name}.op{k}', op, states[j], relus[j], c, stride, affine=True)
-            is_identity = op == 'skip_connect' and stride == 1
+            h = lookup(op).edge(ps, f'{name}.op{k}', states[j], c, stride, affine=True)
+            is_identity = h is states[j].h  # the official code's drop path skips only Identity
             if drop_prob is not None and not is_identity:
                 h = drop_path(h, drop_prob)
             node.append(h)
-        states.append(node[0] + node[1])
+        states.append(Source(node[0] + node[1]))
+    states = [s.h for s in states]
     return paddle.concat([states[j] for j in concat], axis=1)
 
 

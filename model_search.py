@@ -1,38 +1,116 @@
-"""The DARTS search network as a graph-building function of (weights, alphas).
+"""The DARTS search network as a graph-building function of (weights, architecture parameters).
 
 Node i of a cell:  x_i = sum_{j < i + 2} sum_o softmax(alpha_{e(i, j)})_o * o_{ij}(x_j),
-with e(i, j) = 2i + i(i - 1)/2 + j the edge's row in alpha.
+with e(i, j) = 2i + i(i - 1)/2 + j the edge's row in alpha, o over the space's op list.
 
-Exact rewrites that make the graph small and the kernels large:
-- `none` outputs zeros, so its term is dropped (its alpha still enters the softmax
-  denominator, so its gradient is unchanged);
-- ReLU(x_j), and maxpool/avgpool of x_j with their non-affine BN, do not depend on
-  the target node i: computed once per source node j;
-- all edges leaving node j are computed together ("wide"): the n_j copies of each
-  parametric op run as one grouped convolution over n_j stacked copies of ReLU(x_j),
-  giving a [N, n_j * C, H, W] block whose channels [t * C, (t + 1) * C) feed target
-  node i = max(j - 1, 0) + t;
-- a parametric op's mixture weight is its final (non-affine) BN's gamma, and the
-  shared terms (max, avg, identity) are mixed for all targets by one matmul;
-- the per-channel mixture weights are laid out once per (alpha, cell width), not per
-  cell (mixture_weights).
-Per-channel BN over the stacked copies equals separate BNs per edge.
+The ops come from operations.OPS by name; nothing depends on the order of the list.
+Two paths compute the same sum:
+- generic (every op without a wide builder, or every op with SearchSpace(fast=False)):
+  op(x_j) per edge, times its weight;
+- wide (the fast path for the paper's ops), exact rewrites that make the graph small and
+  the kernels large:
+  - `none` outputs zeros, so its term is dropped (its alpha still enters the softmax
+    denominator, so its gradient is unchanged);
+  - ops with the same output on every edge leaving x_j (max/avg pool with their BN,
+    identity skip) are computed once per source node and mixed into all targets by one
+    matmul;
+  - the n_j copies of each parametric op on the edges leaving x_j run as one grouped
+    convolution over n_j stacked copies of ReLU(x_j), giving a [N, n_j * C, H, W] block
+    whose channels [t * C, (t + 1) * C) feed target node i = max(j - 1, 0) + t, and the
+    op's mixture weight is its final (non-affine) BN's gamma;
+  - the per-channel mixture weights are laid out once per (alpha, cell width).
+  Per-channel BN over the stacked copies equals separate BNs per edge.
+
+PC-DARTS (Xu et al. 2020), partial_channels K > 1: each edge's mixed op sees only the
+first C/K channels of x_j; the rest bypass it (2x2 max pool on stride-2 edges) and the
+edge's output is shuffle(concat(mixed, bypass)), a channel shuffle with K groups.  With
+edge normalisation, node i = sum_j softmax(beta_i)_j * edge_ij(x_j), softmax over node
+i's incoming edges.  The shuffle is linear and the same on every edge, so it is applied
+once per node to the weighted sums, and the betas multiply into the mixture weights.
 """
+from dataclasses import dataclass
+
+import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from genotypes import PRIMITIVES, STEPS, num_edges
-from operations import (Layout, avg_pool, batch_norm, dil_conv, factorized_reduce, linear, max_pool,
-                        relu_conv_bn, sep_conv, stem, sum_all)
+import genotypes
+from genotypes import PRIMITIVES, num_edges
+from operations import Layout, Source, batch_norm, factorized_reduce, linear, lookup, relu_conv_bn, stem, sum_all
 
-MULTIPLIER = 4
 STEM_MULTIPLIER = 3
-ALPHA_SHAPE = [num_edges(), len(PRIMITIVES)]
-ALPHA_NAMES = ('alpha_normal', 'alpha_reduce')
+
+
+class SearchSpaceError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the search chooses from: an op list (names in operations.OPS), intermediate
+    nodes per cell (the cell output concatenates all of them), and PC-DARTS' settings."""
+    ops: tuple = tuple(PRIMITIVES)
+    nodes: int = 4
+    partial_channels: int = 1            # K: the mixed ops see C / K channels (1: plain DARTS)
+    edge_normalization: bool = False     # PC-DARTS' betas: node i weights its edges by softmax(beta_i)
+    fast: bool = True                    # wide builders where ops have them; False: the generic path only
+
+    def __post_init__(self):
+        object.__setattr__(self, 'ops', tuple(self.ops))
+
+    @property
+    def num_edges(self):
+        return num_edges(self.nodes)
+
+    def arch_shapes(self):
+        """{name: shape} of the architecture parameters, in a fixed order."""
+        shapes = {'alpha_normal': [self.num_edges, len(self.ops)], 'alpha_reduce': [self.num_edges, len(self.ops)]}
+        if self.edge_normalization:
+            shapes.update(beta_normal=[self.num_edges], beta_reduce=[self.num_edges])
+        return shapes
+
+    def check(self, init_channels=None):
+        """Raise SearchSpaceError (one line) unless every op is registered and the settings fit."""
+        if not self.ops:
+            raise SearchSpaceError('the op list is empty')
+        if len(set(self.ops)) != len(self.ops):
+            raise SearchSpaceError(f'an op is listed twice: {",".join(self.ops)}')
+        for op in self.ops:
+            try:
+                lookup(op)
+            except KeyError as e:
+                raise SearchSpaceError(e.args[0]) from None
+        if all(lookup(op).zero for op in self.ops):
+            raise SearchSpaceError('the op list needs an op other than none')
+        if self.nodes < 1:
+            raise SearchSpaceError('a cell needs at least 1 intermediate node')
+        k = self.partial_channels
+        if k < 1:
+            raise SearchSpaceError('--partial_channels must be at least 1')
+        if init_channels is not None and k > 1 and (init_channels % k or init_channels // k < 2):
+            raise SearchSpaceError(f'--init_channels {init_channels} must be a multiple of --partial_channels {k} '
+                                   f'with at least 2 channels per part')
+        return self
+
+    def describe(self):
+        text = f'ops {",".join(self.ops)}; {self.nodes} nodes per cell'
+        if self.partial_channels > 1:
+            text += f'; PC-DARTS K={self.partial_channels}'
+        if self.edge_normalization:
+            text += ', edge normalisation'
+        return text
+
+    def to_dict(self):
+        return dict(primitives=list(self.ops), nodes=self.nodes, partial_channels=self.partial_channels,
+                    edge_normalization=self.edge_normalization)
+
+
+DEFAULT_SPACE = SearchSpace()
 
 
 def reduction_layers(layers):
-    return (layers // 3, 2 * layers // 3)
+    """The reduction cells: at 1/3 and 2/3 depth (paper); a 2-cell network is normal, reduction."""
+    return (1,) if layers == 2 else (layers // 3, 2 * layers // 3)
 
 
 def edge_index(i, j):
@@ -40,101 +118,184 @@ def edge_index(i, j):
     return 2 * i + i * (i - 1) // 2 + j
 
 
-def targets(j, steps=STEPS):
+def targets(j, nodes):
     """Intermediate nodes fed by node j (0, 1: cell inputs; 2 + k: intermediate k)."""
-    return list(range(max(0, j - 1), steps))
+    return list(range(max(0, j - 1), nodes))
 
 
-PARAMETRIC = ('skip_connect', 'sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5')
-SHARED = ('max_pool_3x3', 'avg_pool_3x3', 'skip_connect')
+def edge_weights(arch, space, reduction):
+    """W[e, o] = softmax(alpha_e)_o [* softmax(beta_node(e))_e]: the weight of op o on edge e."""
+    kind = 'reduce' if reduction else 'normal'
+    w = F.softmax(arch['alpha_' + kind], axis=-1)
+    if space.edge_normalization:
+        w = w * paddle.unsqueeze(normalized_betas(arch['beta_' + kind], space.nodes), 1)
+    return w
 
 
-def mixture_weights(alpha, c):
-    """softmax(alpha) laid out for the wide blocks of a cell of width c, per source node j:
+def normalized_betas(beta, nodes):
+    """softmax(beta) per node over its incoming edges (rows 0:2, 2:5, 5:9, ...)."""
+    parts = paddle.split(beta, [i + 2 for i in range(nodes)])
+    return paddle.concat([F.softmax(p) for p in parts])
 
-      gamma[op]  [n_j * c]  the weight of op on each of the n_j edges leaving j, repeated
-                            per channel (the final BN's gamma of op's wide block);
-      beta[op]   [n_j * c]  zeros derived from gamma (see operations.batch_norm);
-      shared     [n_j, 3]   the weights of max, avg and skip on those edges.
+
+def _strides(reduction):
+    return (2, 1) if reduction else (1,)
+
+
+def mixture_weights(arch, space, reduction, c):
+    """The edge weights laid out for the blocks of a cell of width c, per source node j:
+
+      gamma[op]     [n_j * c]  op's weight on each of the n_j edges leaving j, repeated per
+                               channel (the final BN's gamma of op's wide block, or the
+                               factor of its generic per-edge outputs);
+      beta[op]      [n_j * c]  zeros derived from gamma (see operations.batch_norm);
+      shared[s]     [n_j, k]   the weights of the ops shared at stride s (space_ops order);
+      bypass        [n_j, 1]   PC-DARTS with edge normalisation: softmax(beta) of those edges.
 
     Built once per (alpha, c) and shared by every cell with that alpha and width.
-    (skip_connect is parametric, FactorizedReduce, only on the strided edges.)
     """
-    order = [edge_index(i, j) for j in range(STEPS + 1) for i in targets(j)]
-    rows = paddle.gather(F.softmax(alpha, axis=-1), paddle.to_tensor(order))      # [14, |ops|]
-    sizes = [len(targets(j)) for j in range(STEPS + 1)]
-    columns = paddle.to_tensor([PRIMITIVES.index(op) for op in PARAMETRIC])
-    per_channel = paddle.repeat_interleave(paddle.transpose(paddle.gather(rows, columns, axis=1), [1, 0]), c, axis=1)
-    gammas = paddle.split(per_channel, [n * c for n in sizes], axis=1)
-    betas = paddle.split(per_channel * 0.0, [n * c for n in sizes], axis=1)
-    first = PRIMITIVES.index(SHARED[0])
-    shared = paddle.split(rows[:, first:first + len(SHARED)], sizes, axis=0)
-    return [dict(gamma=dict(zip(PARAMETRIC, paddle.unbind(g, axis=0))),
-                 beta=dict(zip(PARAMETRIC, paddle.unbind(b, axis=0))), shared=sh)
-            for g, b, sh in zip(gammas, betas, shared)]
+    nodes, ops = space.nodes, space.ops
+    order = [edge_index(i, j) for j in range(nodes + 1) for i in targets(j, nodes)]
+    sizes = [len(targets(j, nodes)) for j in range(nodes + 1)]  # the last node feeds no edge
+    index = paddle.to_tensor(order)
+    rows = paddle.gather(edge_weights(arch, space, reduction), index)      # [E, |ops|], grouped by source
+    strides = _strides(reduction)
+    per_edge = [op for op in ops if not lookup(op).zero
+                and any(not _shared(op, s, space) for s in strides)]
+    shared = {s: [op for op in ops if _shared(op, s, space)] for s in strides}
+    shared = {s: names for s, names in shared.items() if names}
+    # one gather of every column this cell width needs, split into per-edge and shared parts
+    groups = [per_edge] * bool(per_edge) + list(shared.values())
+    columns = paddle.to_tensor([ops.index(op) for names in groups for op in names])
+    picked = paddle.gather(rows, columns, axis=1)
+    picked = paddle.split(picked, [len(names) for names in groups], axis=1) if len(groups) > 1 else [picked]
+    out = [dict(n=n, gamma={}, beta={}, shared={}, bypass=None) for n in sizes]
+    if per_edge:
+        per_channel = paddle.repeat_interleave(paddle.transpose(picked[0], [1, 0]), c, axis=1)
+        gammas = paddle.split(per_channel, [n * c for n in sizes], axis=1)
+        betas = paddle.split(per_channel * 0.0, [n * c for n in sizes], axis=1)
+        for node, g, b in zip(out, gammas, betas):
+            node['gamma'] = dict(zip(per_edge, paddle.unbind(g, axis=0)))
+            node['beta'] = dict(zip(per_edge, paddle.unbind(b, axis=0)))
+    for s, w in zip(shared, picked[bool(per_edge):]):
+        for node, w_node in zip(out, paddle.split(w, sizes)):
+            node['shared'][s] = w_node
+    if space.partial_channels > 1 and space.edge_normalization:
+        kind = 'reduce' if reduction else 'normal'
+        bypass = paddle.gather(normalized_betas(arch['beta_' + kind], nodes), index)
+        for node, w in zip(out, paddle.split(paddle.unsqueeze(bypass, 1), sizes)):
+            node['bypass'] = w
+    return out
 
 
-def _wide_block(ps, name, h, mix, c, stride):
+def _shared(op, stride, space):
+    return space.fast and stride in lookup(op).shared_strides
+
+
+def _checked(y, op, c, stride, h, where):
+    """y, after checking it has the shape an op on this edge must give."""
+    want = [c, -(-h.shape[2] // stride), -(-h.shape[3] // stride)]
+    if list(y.shape[1:]) != want:
+        raise SearchSpaceError(f'operation {op!r} ({where}) gave a [C, H, W] = {list(y.shape[1:])} output on a '
+                               f'stride-{stride} edge with {c} channels of {list(h.shape[2:])}; expected {want}')
+    return y
+
+
+def _search_edge(ps, name, op, src, c, stride):
+    """One edge's op on the search network's generic path (non-affine BNs)."""
+    spec = lookup(op)
+    y = _checked(spec.edge(ps, name, src, c, stride, False), op, c, stride, src.h, 'edge builder')
+    return batch_norm(ps, name + '.bn', y, affine=False) if spec.search_bn else y
+
+
+def _node_block(ps, name, h, mix, c, stride, space):
     """sum_o w_o * o(h) for every edge leaving h: [N, n * C, H', W'], edge t in channels
-    [t * C, (t + 1) * C), n = the number of edges leaving h.
+    [t * C, (t + 1) * C), n = the number of edges leaving h."""
+    n = mix['n']
+    src = Source(h, n)
+    shared, terms = [], []
+    for op in space.ops:
+        spec = lookup(op)
+        if spec.zero:
+            continue
+        if _shared(op, stride, space):
+            shared.append(_search_edge(ps, f'{name}.{op}', op, src, c, stride))
+        elif space.fast and spec.wide is not None:
+            y = spec.wide(ps, f'{name}.{op}', src, c, stride, n, (mix['gamma'][op], mix['beta'][op]))
+            want = [n * c, -(-h.shape[2] // stride), -(-h.shape[3] // stride)]
+            if list(y.shape[1:]) != want:
+                raise SearchSpaceError(f'operation {op!r} (wide builder) gave {list(y.shape[1:])}; expected {want}')
+            terms.append(y)
+        else:  # generic: each edge's op, the n outputs side by side, times the edges' weights
+            outs = [_search_edge(ps, f'{name}.e{t}.{op}', op, src, c, stride) for t in range(n)]
+            y = paddle.concat(outs, axis=1) if n > 1 else outs[0]
+            terms.append(y * paddle.reshape(mix['gamma'][op], [1, n * c, 1, 1]))
+    if shared:
+        hh, ww = shared[0].shape[2], shared[0].shape[3]
+        # [n, k] @ [N, k, C*H*W] -> [N, n, C*H*W]: every target's mix of the shared terms at once
+        mixed = paddle.matmul(mix['shared'][stride], paddle.reshape(paddle.stack(shared, axis=1),
+                                                                    [-1, len(shared), c * hh * ww]))
+        terms.append(paddle.reshape(mixed, [-1, n * c, hh, ww]))
+    return sum_all(terms)
 
-    Parametric ops (and the strided skip) get their weight as BN gamma; the shared
-    terms (max, avg, and identity skip) are mixed for all n targets by one matmul.
-    """
-    n = mix['shared'].shape[0]
 
-    def weights(op):
-        return mix['gamma'][op], mix['beta'][op]
-    h_relu = F.relu(h)
-    stacked = paddle.tile(h_relu, [1, n, 1, 1]) if n > 1 else h_relu
-    shared = [batch_norm(ps, name + '.max_bn', max_pool(h, stride), affine=False),
-              batch_norm(ps, name + '.avg_bn', avg_pool(h, stride), affine=False)]
-    wide = []
-    if stride == 1:
-        shared.append(h)
-        shared_w = mix['shared']
-    else:
-        shared_w = mix['shared'][:, :2]
-        wide.append(factorized_reduce(ps, name + '.skip', h_relu, c, False, copies=n, mix=weights('skip_connect')))
-    wide += [sep_conv(ps, name + '.sep3', stacked, c, 3, stride, False, copies=n, mix=weights('sep_conv_3x3')),
-             sep_conv(ps, name + '.sep5', stacked, c, 5, stride, False, copies=n, mix=weights('sep_conv_5x5')),
-             dil_conv(ps, name + '.dil3', stacked, c, 3, stride, False, copies=n, mix=weights('dil_conv_3x3')),
-             dil_conv(ps, name + '.dil5', stacked, c, 5, stride, False, copies=n, mix=weights('dil_conv_5x5'))]
-    hh, ww = shared[0].shape[2], shared[0].shape[3]
-    # [n, k] @ [N, k, C*H*W] -> [N, n, C*H*W]: every target's mix of the shared terms at once
-    mixed = paddle.matmul(shared_w, paddle.reshape(paddle.stack(shared, axis=1), [-1, len(shared), c * hh * ww]))
-    return sum_all(wide + [paddle.reshape(mixed, [-1, n * c, hh, ww])])
+def channel_shuffle(x, groups):
+    """[N, C, H, W] viewed as [N, groups, C / groups, H, W], axes 1 and 2 swapped, flattened back."""
+    c, h, w = x.shape[1], x.shape[2], x.shape[3]
+    y = paddle.reshape(x, [-1, groups, c // groups, h, w])
+    return paddle.reshape(paddle.transpose(y, [0, 2, 1, 3, 4]), [-1, c, h, w])
 
 
-def search_cell(ps, name, s0, s1, mixes, c, reduction, reduction_prev):
+def search_cell(ps, name, s0, s1, mixes, c, reduction, reduction_prev, space=DEFAULT_SPACE):
     if reduction_prev:
         s0 = factorized_reduce(ps, name + '.pre0', F.relu(s0), c, affine=False)
     else:
         s0 = relu_conv_bn(ps, name + '.pre0', s0, c, 1, 1, 0, affine=False)
     s1 = relu_conv_bn(ps, name + '.pre1', s1, c, 1, 1, 0, affine=False)
-    states, contributions = [s0, s1], [[] for _ in range(STEPS)]
-    for j in range(STEPS + 1):
+    nodes, k = space.nodes, space.partial_channels
+    c_op = c // k
+    states = [s0, s1]
+    mixed, bypassed = [[] for _ in range(nodes)], [[] for _ in range(nodes)]
+
+    def node(i):
+        if k == 1:
+            return sum_all(mixed[i])
+        return channel_shuffle(paddle.concat([sum_all(mixed[i]), sum_all(bypassed[i])], axis=1), k)
+    for j in range(nodes + 1):
         if j >= 2:  # node j - 2 has all its inputs now
-            states.append(sum_all(contributions[j - 2]))
+            states.append(node(j - 2))
         stride = 2 if reduction and j < 2 else 1
-        block = _wide_block(ps, f'{name}.n{j}', states[j], mixes[j], c, stride)
-        n = len(targets(j))
-        parts = paddle.split(block, n, axis=1) if n > 1 else [block]
-        for i, part in zip(targets(j), parts):
-            contributions[i].append(part)
-    states.append(sum_all(contributions[STEPS - 1]))
-    return paddle.concat(states[-MULTIPLIER:], axis=1)
+        h, out = states[j], targets(j, nodes)
+        block = _node_block(ps, f'{name}.n{j}', h[:, :c_op] if k > 1 else h, mixes[j], c_op, stride, space)
+        for i, part in zip(out, paddle.split(block, len(out), axis=1) if len(out) > 1 else [block]):
+            mixed[i].append(part)
+        if k > 1:
+            rest = h[:, c_op:]
+            if stride == 2:
+                rest = F.max_pool2d(rest, 2, 2, ceil_mode=True)
+            if mixes[j]['bypass'] is None:
+                parts = [rest] * len(out)
+            else:  # [n, 1] @ [N, 1, C'HW]: the bypass weighted by each target's beta
+                cr, hh, ww = rest.shape[1], rest.shape[2], rest.shape[3]
+                weighted = paddle.matmul(mixes[j]['bypass'], paddle.reshape(rest, [-1, 1, cr * hh * ww]))
+                weighted = paddle.reshape(weighted, [-1, len(out) * cr, hh, ww])
+                parts = paddle.split(weighted, len(out), axis=1) if len(out) > 1 else [weighted]
+            for i, part in zip(out, parts):
+                bypassed[i].append(part)
+    states.append(node(nodes - 1))
+    return paddle.concat(states[2:], axis=1)
 
 
-def search_network(ps, x, alpha_normal, alpha_reduce, c=16, num_classes=10, layers=8):
+def search_network(ps, x, arch, c=16, num_classes=10, layers=8, space=DEFAULT_SPACE):
     """logits = classifier(GAP(cells(stem(x)))), every mixed edge weighted by softmax(alpha).
 
+    arch: {name: tensor} with the names of space.arch_shapes().
     x: [N, 1 or 3, S, S], any S >= 16 (operations.stem downsamples from 64 px up)."""
     mixes = {}  # (reduction, width) -> mixture_weights, built once per network
 
     def mix(reduction, width):
         if (reduction, width) not in mixes:
-            mixes[reduction, width] = mixture_weights(alpha_reduce if reduction else alpha_normal, width)
+            mixes[reduction, width] = mixture_weights(arch, space, reduction, width // space.partial_channels)
         return mixes[reduction, width]
     # The official search stem's BN is affine (torch default); the cells' BNs are not.
     s = stem(ps, x, STEM_MULTIPLIER * c, affine=True)
@@ -144,7 +305,7 @@ def search_network(ps, x, alpha_normal, alpha_reduce, c=16, num_classes=10, laye
         reduction = k in reduction_layers(layers)
         if reduction:
             c_curr *= 2
-        out = search_cell(ps, f'cell{k}', s0, s1, mix(reduction, c_curr), c_curr, reduction, reduction_prev)
+        out = search_cell(ps, f'cell{k}', s0, s1, mix(reduction, c_curr), c_curr, reduction, reduction_prev, space)
         s0, s1, reduction_prev = s1, out, reduction
     pooled = paddle.flatten(F.adaptive_avg_pool2d(s1, 1), 1)
     return linear(ps, 'classifier', pooled, num_classes)
@@ -155,11 +316,39 @@ def cross_entropy(logits, labels):
     return F.cross_entropy(logits, labels)
 
 
-def network_layout(c, num_classes, layers, image_size, in_channels=3):
+def network_layout(c, num_classes, layers, image_size, in_channels=3, space=DEFAULT_SPACE):
     """The search network's weights and buffers (names, shapes, inits), in build order."""
 
     def build(ps):
         x = paddle.zeros([1, in_channels, image_size, image_size])
-        alphas = [paddle.zeros(ALPHA_SHAPE) for _ in ALPHA_NAMES]
-        search_network(ps, x, *alphas, c, num_classes, layers)
+        arch = {name: paddle.zeros(shape) for name, shape in space.arch_shapes().items()}
+        search_network(ps, x, arch, c, num_classes, layers, space)
     return Layout.record(build)
+
+
+def _softmax(a, axis=-1):
+    e = np.exp(a - a.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def normalized_betas_numpy(beta, nodes):
+    """normalized_betas for a numpy array."""
+    beta = np.asarray(beta, np.float64)
+    bounds = np.cumsum([0] + [i + 2 for i in range(nodes)])
+    return np.concatenate([_softmax(beta[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def edge_weights_numpy(arch, space, kind):
+    """W[e, o] of edge_weights, from numpy arrays: what derivation ranks."""
+    w = _softmax(np.asarray(arch['alpha_' + kind], np.float64))
+    if space.edge_normalization:
+        w = w * normalized_betas_numpy(arch['beta_' + kind], space.nodes)[:, None]
+    return w
+
+
+def derive_genotype(arch, space=DEFAULT_SPACE):
+    """The discrete cells of architecture parameters arch ({name: array}): per node the 2
+    edges with the largest non-`none` W[e, o] (W with PC-DARTS' betas multiplied in), on
+    each the op with the largest W."""
+    w = [edge_weights_numpy(arch, space, kind) for kind in ('normal', 'reduce')]
+    return genotypes.derive(*w, steps=space.nodes, multiplier=space.nodes, ops=space.ops)

@@ -15,8 +15,14 @@ in a program's op count when it prepares the program, so every op saved matters.
 
 Functions whose first conv is preceded by a ReLU take the *already rectified* input
 (`x_relu`), so a cell can compute ReLU(h_j) once per node.
+
+The candidate operations are registered once, by name, in OPS (`register`, see Op): a
+per-edge builder that the evaluation network (model.py) and the search network's
+generic path use, and optionally a wide builder for the search network's fast path.
 """
 import math
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import paddle
@@ -327,23 +333,152 @@ def avg_pool(x, stride):
     return F.avg_pool2d(x, 3, stride, 1, exclusive=True)
 
 
-def apply_primitive(ps, name, op, h, h_relu, c, stride, affine):
-    """One primitive on node h (h_relu = ReLU(h)), for the discrete cells of model.py.
+class Source:
+    """A node's output as the ops on its edges read it: h itself, ReLU(h) (computed once,
+    on first use), and ReLU(h) tiled `copies` times along channels for the wide builders."""
 
-    'none' is never kept in a discrete cell.
+    def __init__(self, h, copies=1):
+        self.h, self.copies = h, copies
+        self._relu = self._stacked = None
+
+    @property
+    def relu(self):
+        if self._relu is None:
+            self._relu = F.relu(self.h)
+        return self._relu
+
+    @property
+    def stacked(self):
+        if self._stacked is None:
+            self._stacked = paddle.tile(self.relu, [1, self.copies, 1, 1]) if self.copies > 1 else self.relu
+        return self._stacked
+
+
+@dataclass(frozen=True)
+class Op:
+    """A candidate operation, registered once (`register`) and used by the search network,
+    the evaluation network, genotype checks and derivation.
+
+    edge(ps, name, src, c, stride, affine) -> [N, c, ceil(H / stride), ceil(W / stride)]
+        the op on one edge from src (a Source with c channels).  model.py calls it with
+        affine=True; the search network's generic path with affine=False.
+    wide(ps, name, src, c, stride, copies, mix) -> [N, copies * c, H', W']   (optional)
+        the fast path: the op on all `copies` edges leaving a node at once, edge t in
+        channels [t * c, (t + 1) * c), each weight the per-edge weights (same names as
+        edge() gives them) stacked along axis 0, every BN non-affine; its final BN takes
+        mix = (gamma, beta), gamma = the edges' mixture weights per channel, so the result
+        is already weighted.
+    shared_strides: strides at which the op has no weights and gives the same output on
+        every edge leaving a node: the search network computes it once per node and mixes
+        it into all targets at once.
+    search_bn: the search network follows the op with a non-affine BN (DARTS does this
+        for the pools, which have none of their own).
+    zero: the op is 0 (`none`): never computed, but its alpha stays in the softmax.
+    parametric: has weights (False for pools, identity and none: the parameter-free ops).
     """
-    if op == 'max_pool_3x3':
-        return max_pool(h, stride)
-    if op == 'avg_pool_3x3':
-        return avg_pool(h, stride)
-    if op == 'skip_connect':
-        return h if stride == 1 else factorized_reduce(ps, name, h_relu, c, affine)
-    if op == 'sep_conv_3x3':
-        return sep_conv(ps, name, h_relu, c, 3, stride, affine)
-    if op == 'sep_conv_5x5':
-        return sep_conv(ps, name, h_relu, c, 5, stride, affine)
-    if op == 'dil_conv_3x3':
-        return dil_conv(ps, name, h_relu, c, 3, stride, affine)
-    if op == 'dil_conv_5x5':
-        return dil_conv(ps, name, h_relu, c, 5, stride, affine)
-    raise ValueError(f'unknown primitive {op!r}')
+    name: str
+    edge: Callable
+    wide: Optional[Callable] = None
+    shared_strides: tuple = ()
+    search_bn: bool = False
+    zero: bool = False
+    parametric: bool = True
+
+
+OPS = {}  # name -> Op: every operation a search space can list
+
+
+def register(name, edge, **kw):
+    """Add operation `name` to OPS (see Op for the builders and flags); returns the Op."""
+    if name in OPS:
+        raise ValueError(f'operation {name!r} is registered twice')
+    OPS[name] = Op(name, edge, **kw)
+    return OPS[name]
+
+
+def lookup(name):
+    """OPS[name]; the error lists the registered operations."""
+    if name not in OPS:
+        raise KeyError(f'unknown operation {name!r}; registered: {", ".join(OPS)}')
+    return OPS[name]
+
+
+def _zeros(ps, name, src, c, stride, affine):
+    h = src.h
+    return paddle.zeros_like(h[:, :, ::stride, ::stride] if stride > 1 else h)
+
+
+def _skip(ps, name, src, c, stride, affine):
+    return src.h if stride == 1 else factorized_reduce(ps, name, src.relu, c, affine)
+
+
+def _skip_wide(ps, name, src, c, stride, copies, mix):
+    return factorized_reduce(ps, name, src.relu, c, False, copies=copies, mix=mix)
+
+
+def _sep(kernel):
+    def edge(ps, name, src, c, stride, affine):
+        return sep_conv(ps, name, src.relu, c, kernel, stride, affine)
+
+    def wide(ps, name, src, c, stride, copies, mix):
+        return sep_conv(ps, name, src.stacked, c, kernel, stride, False, copies, mix)
+    return dict(edge=edge, wide=wide)
+
+
+def _dil(kernel):
+    def edge(ps, name, src, c, stride, affine):
+        return dil_conv(ps, name, src.relu, c, kernel, stride, affine)
+
+    def wide(ps, name, src, c, stride, copies, mix):
+        return dil_conv(ps, name, src.stacked, c, kernel, stride, False, copies=copies, mix=mix)
+    return dict(edge=edge, wide=wide)
+
+
+def conv_bn_relu6(ps, name, x, c_out, kernel, stride, groups, affine):
+    """ReLU6(BN(conv(x))), 'same' padding."""
+    y = conv(ps, name + '.conv', x, c_out, kernel, stride, kernel // 2, groups=groups)
+    return F.relu6(batch_norm(ps, name + '.bn', y, affine))
+
+
+def mb_conv(ps, name, x, c_out, kernel, stride, affine, expansion=3):
+    """MBConv (MobileNetV2 / EfficientNet block, as the pt.darts fork adds it):
+    BN(pw(ReLU6(BN(dw_k(ReLU6(BN(pw_expand(x)))))))) + x when stride 1 and channels match."""
+    c_in = x.shape[1]
+    wide = expansion * c_in
+    y = conv_bn_relu6(ps, name + '.expand', x, wide, 1, 1, 1, affine)
+    y = conv_bn_relu6(ps, name + '.dw', y, wide, kernel, stride, wide, affine)
+    y = batch_norm(ps, name + '.project.bn', conv(ps, name + '.project.conv', y, c_out, 1), affine)
+    return y + x if stride == 1 and c_in == c_out else y
+
+
+def fused_mb_conv(ps, name, x, c_out, kernel, stride, affine, expansion=3):
+    """FusedMBConv (EfficientNetV2, as the pt.darts fork defines it): a kxk expansion conv to
+    3C with groups = C_in and the edge's stride, BN, ReLU6; 1x1 projection, BN; + x when
+    stride 1 and channels match."""
+    c_in = x.shape[1]
+    y = conv_bn_relu6(ps, name + '.expand', x, expansion * c_in, kernel, stride, c_in, affine)
+    y = batch_norm(ps, name + '.project.bn', conv(ps, name + '.project.conv', y, c_out, 1), affine)
+    return y + x if stride == 1 and c_in == c_out else y
+
+
+def _mb(builder, kernel):
+    def edge(ps, name, src, c, stride, affine):
+        return builder(ps, name, src.h, c, kernel, stride, affine)
+    return edge
+
+
+# The paper's eight (genotypes.PRIMITIVES), each with its wide fast path where it has weights.
+register('none', _zeros, zero=True, parametric=False)
+register('max_pool_3x3', lambda ps, name, src, c, stride, affine: max_pool(src.h, stride),
+         shared_strides=(1, 2), search_bn=True, parametric=False)
+register('avg_pool_3x3', lambda ps, name, src, c, stride, affine: avg_pool(src.h, stride),
+         shared_strides=(1, 2), search_bn=True, parametric=False)
+register('skip_connect', _skip, wide=_skip_wide, shared_strides=(1,), parametric=False)
+register('sep_conv_3x3', **_sep(3))
+register('sep_conv_5x5', **_sep(5))
+register('dil_conv_3x3', **_dil(3))
+register('dil_conv_5x5', **_dil(5))
+# Opt-in extras (--primitives): no wide builder, so the search runs them on the generic path.
+register('mb_conv_3x3', _mb(mb_conv, 3))
+register('mb_conv_5x5', _mb(mb_conv, 5))
+register('fused_mb_conv_3x3', _mb(fused_mb_conv, 3))

@@ -26,10 +26,22 @@ from utils import UserError
 # Flags a resumed run may change; everything else is taken from the run's args.json.
 RESUMABLE_OVERRIDES = ('epochs', 'device', 'num_workers', 'report_freq', 'data', 'test_data', 'cache_dir')
 
+# --preset NAME: a published method's settings as defaults (flags given explicitly still win).
+PRESETS = {
+    # PC-DARTS (Xu et al., ICLR 2020), CIFAR-10: K=4 with edge normalisation, batch 256,
+    # lr 0.1 cosine to 0, Adam arch lr 6e-4, first order, no architecture steps for 15 epochs.
+    'pc_darts': dict(partial_channels=4, batch_size=256, learning_rate=0.1, learning_rate_min=0.0,
+                     arch_learning_rate=6e-4, arch_warmup_epochs=15, first_order=True),
+}
+
 
 def parse_args(argv=None):
+    from operations import OPS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
+    a('--preset', choices=sorted(PRESETS), default=None,
+      help='a published setting as defaults; pc_darts: ' + ', '.join(
+          f'--{k} {v}' if v is not True else f'--{k}' for k, v in PRESETS['pc_darts'].items()))
     datasets.add_arguments(p)
     a('--epochs', type=int, default=50)
     a('--batch_size', type=int, default=64)
@@ -44,6 +56,17 @@ def parse_args(argv=None):
     a('--arch_weight_decay', type=float, default=1e-3)
     a('--train_portion', type=float, default=0.5)
     a('--first_order', action='store_true', help='first-order alpha gradient (DARTS V1)')
+    a('--second_order', dest='first_order', action='store_false',
+      help='second-order alpha gradient (the default; overrides a preset\'s --first_order)')
+    a('--primitives', default=','.join(genotypes.PRIMITIVES), metavar='OP,OP,...',
+      help=f'the candidate ops, comma-separated (default: the paper\'s eight); registered: {", ".join(OPS)}')
+    a('--nodes', type=int, default=4, help='intermediate nodes per cell; the cell output concatenates them')
+    a('--partial_channels', type=int, default=1, metavar='K',
+      help='PC-DARTS: the mixed ops see 1/K of the channels, with edge normalisation (1: plain DARTS; paper: 4)')
+    a('--no_edge_normalization', action='store_true',
+      help='PC-DARTS without the per-node edge weights softmax(beta)')
+    a('--arch_warmup_epochs', type=int, default=0,
+      help='train the weights only (no alpha/beta steps) for the first N epochs (PC-DARTS: 15)')
     a('--device', default='auto', choices=['auto', 'gpu', 'cpu'], help='auto: the GPU when there is one')
     a('--seed', type=int, default=2)
     a('--num_workers', type=int, default=min(2, os.cpu_count() or 1),
@@ -52,10 +75,17 @@ def parse_args(argv=None):
     a('--save', default=None, help='run folder (default runs/search-DATE-TIME); must not exist')
     a('--resume', default=None, metavar='RUN_DIR',
       help='continue the run in RUN_DIR from its last checkpoint (from the start if it has none yet)')
+    preset = p.parse_known_args(argv)[0].preset
+    if preset:
+        p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
-    for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'report_freq'):
+    for name in ('epochs', 'batch_size', 'init_channels', 'report_freq', 'nodes', 'partial_channels'):
         if getattr(args, name) < 1:
             p.error(f'--{name} must be at least 1')
+    if args.layers < 2:
+        p.error('--layers must be at least 2: the search learns a normal and a reduction cell')
+    if args.arch_warmup_epochs < 0:
+        p.error('--arch_warmup_epochs must be at least 0')
     if not 0 < args.train_portion < 1:
         p.error('--train_portion must be between 0 and 1')
     return args
@@ -67,6 +97,7 @@ def search(args):
         args = utils.saved_args(args, utils.load_run_args(resume), RESUMABLE_OVERRIDES, parse_args)
         args.resume = resume
     # Everything that can fail on bad input is checked before the run folder is made.
+    space = search_space(args)
     data = datasets.load(args, args.num_workers, print)
     search_train, search_val = search_split(len(data.train_x), args.train_portion, seed=args.seed)
     smallest = min(len(search_train), len(search_val))
@@ -77,7 +108,21 @@ def search(args):
     import paddle
     from architect import (SearchConfig, build_search_programs, count_ops, get_tensors, initial_state,
                            run_search_step, scratch_state, set_tensors, softmax)
+    from model_search import SearchSpaceError, derive_genotype, normalized_betas_numpy
     place = utils.select_place(args.device)
+    paddle.enable_static()
+    cfg = SearchConfig(init_channels=args.init_channels, layers=args.layers, num_classes=data.num_classes,
+                       image_size=data.image_size, in_channels=data.channels, momentum=args.momentum,
+                       weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                       arch_learning_rate=args.arch_learning_rate, arch_weight_decay=args.arch_weight_decay,
+                       second_order=not args.first_order, space=space)
+    t0 = time.time()
+    try:
+        progs = build_search_programs(cfg)  # the only place programs are built
+    except SearchSpaceError as e:
+        raise UserError(str(e)) from None
+    build_time = time.time() - t0
+
     run_dir = utils.prepare_run_dir(args.save, args.resume, 'search')
     log = utils.Log(run_dir)
     ckpt_path = os.path.join(run_dir, 'checkpoint.npz')
@@ -87,22 +132,14 @@ def search(args):
     utils.write_json(os.path.join(run_dir, 'data.json'), dict(data.meta(), describe=data.describe()))
     log(f'data: {data.describe()}; search on {len(search_train)} / {len(search_val)} training images '
         f'(search-train / search-val)')
-    paddle.enable_static()
-    cfg = SearchConfig(init_channels=args.init_channels, layers=args.layers, num_classes=data.num_classes,
-                       image_size=data.image_size, in_channels=data.channels, momentum=args.momentum,
-                       weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                       arch_learning_rate=args.arch_learning_rate, arch_weight_decay=args.arch_weight_decay,
-                       second_order=not args.first_order)
-
-    t0 = time.time()
-    progs = build_search_programs(cfg)  # the only place programs are built
     log(f'run folder {run_dir}; {"first" if args.first_order else "second"}-order search, '
-        f'{progs.layout.size / 1e6:.3f}M weights; programs built in {time.time() - t0:.1f}s '
+        f'{progs.layout.size / 1e6:.3f}M weights; programs built in {build_time:.1f}s '
         f'({sum(count_ops(p) for p in progs.programs.values())} ops)')
+    log(f'search space: {space.describe()}')
 
     scope = paddle.static.Scope()
     exe = paddle.static.Executor(place)
-    state = initial_state(progs.layout, args.seed)
+    state = initial_state(progs.layout, args.seed, cfg.arch_shapes)
     history, start_epoch = [], 0
     if resuming:
         arrays, meta = utils.load_checkpoint(ckpt_path)
@@ -123,16 +160,21 @@ def search(args):
     val_eval = batches(search_val, batch_size=max(args.batch_size, 256), shuffle=False, augment=False)
 
     with paddle.static.scope_guard(scope):
-        set_tensors(scope, place, {**state, **scratch_state(progs.layout)})
+        set_tensors(scope, place, {**state, **scratch_state(progs.layout, cfg.arch_shapes)})
         steps = min(len(train_batches), len(val_batches))
         if start_epoch == 0:
             log('the first step also prepares the programs (Paddle does this once, it takes a while)')
         for epoch in range(start_epoch, args.epochs):
             lr = utils.cosine_lr(epoch, args.epochs, args.learning_rate, args.learning_rate_min)
             t_epoch, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+            update_arch = epoch >= args.arch_warmup_epochs
+            if not update_arch:
+                log(f'epoch {epoch + 1}: warm-up, weights only (architecture steps from epoch '
+                    f'{args.arch_warmup_epochs + 1})')
             progress = utils.Progress(log, steps, f'epoch {epoch + 1}/{args.epochs}', args.report_freq)
             for step, ((tx, ty), (vx, vy)) in enumerate(zip(train_batches.epoch(epoch), val_batches.epoch(epoch))):
-                loss, logits, _ = run_search_step(exe, progs, dict(train_x=tx, train_y=ty, val_x=vx, val_y=vy), lr)
+                loss, logits, _ = run_search_step(exe, progs, dict(train_x=tx, train_y=ty, val_x=vx, val_y=vy), lr,
+                                                  update_arch)
                 if not np.isfinite(loss):
                     raise UserError(f'training loss became {loss} at epoch {epoch + 1} step {step + 1}; '
                                     f'lower --learning_rate (the last checkpoint is kept)')
@@ -143,13 +185,16 @@ def search(args):
             progress.close()
             train_time = time.time() - t_epoch
             val_loss, val_acc = _evaluate(exe, progs, val_eval)
-            alphas = get_tensors(scope, ['alpha_normal', 'alpha_reduce'])
-            w_normal, w_reduce = softmax(alphas['alpha_normal']), softmax(alphas['alpha_reduce'])
-            genotype = genotypes.derive(w_normal, w_reduce)
+            arch = get_tensors(scope, list(cfg.arch_shapes))
+            genotype = derive_genotype(arch, space)
             record = dict(epoch=epoch + 1, lr=lr, train_loss=loss_sum / seen, train_acc=correct / seen,
                           val_loss=val_loss, val_acc=val_acc, images_per_sec=seen / train_time,
-                          epoch_time=time.time() - t_epoch, genotype=json.loads(genotypes.to_json(genotype)),
-                          alpha_normal=w_normal.round(6).tolist(), alpha_reduce=w_reduce.round(6).tolist())
+                          epoch_time=time.time() - t_epoch, arch_updates=update_arch,
+                          genotype=genotypes.to_dict(genotype))
+            for kind in ('normal', 'reduce'):  # softmax(alpha): rows = edges, columns = --primitives
+                record['alpha_' + kind] = softmax(arch['alpha_' + kind]).round(6).tolist()
+                if space.edge_normalization:
+                    record['beta_' + kind] = normalized_betas_numpy(arch['beta_' + kind], space.nodes).round(6).tolist()
             history.append(record)
             names = list(state)
             utils.save_checkpoint(ckpt_path, get_tensors(scope, names),
@@ -157,13 +202,25 @@ def search(args):
                                        note='data order and augmentation are seeded by (seed, epoch, batch)'))
             with open(os.path.join(run_dir, 'history.jsonl'), 'a') as f:
                 f.write(json.dumps(record) + '\n')
-            genotypes.save(genotype, os.path.join(run_dir, 'genotype.json'))
+            genotypes.save(genotype, os.path.join(run_dir, 'genotype.json'), space.to_dict())
             log(f'epoch {epoch + 1}/{args.epochs} lr {lr:.5f} train loss {record["train_loss"]:.4f} '
                 f'top1 {100 * record["train_acc"]:.2f}% | search-val loss {val_loss:.4f} top1 {100 * val_acc:.2f}% '
                 f'| {record["images_per_sec"]:.1f} img/s, epoch {record["epoch_time"]:.1f}s')
             log(f'genotype = {genotype}')
     log(f'done: genotype in {os.path.join(run_dir, "genotype.json")}')
     return run_dir
+
+
+def search_space(args):
+    """The SearchSpace the flags describe; a bad op list or setting is one line."""
+    from model_search import SearchSpace, SearchSpaceError
+    ops = tuple(op.strip() for op in args.primitives.split(',') if op.strip())
+    space = SearchSpace(ops=ops, nodes=args.nodes, partial_channels=args.partial_channels,
+                        edge_normalization=args.partial_channels > 1 and not args.no_edge_normalization)
+    try:
+        return space.check(args.init_channels)
+    except SearchSpaceError as e:
+        raise UserError(f'--primitives/--nodes/--partial_channels: {e}') from None
 
 
 def _evaluate(exe, progs, batches):

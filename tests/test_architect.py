@@ -6,27 +6,30 @@ import pytest
 
 from architect import (MOMENTUM, WEIGHTS, SearchConfig, build_search_programs, count_ops, get_tensors,
                        initial_state, run_search_step, scratch_state, set_tensors)
-from model_search import ALPHA_NAMES, cross_entropy, search_network
+from model_search import SearchSpace, cross_entropy, search_network
 from operations import ParamSet
 
 CFG = SearchConfig(init_channels=4, layers=3, image_size=8, second_order=True)
+# PC-DARTS: a quarter of the channels through the mixed ops, betas learned with the alphas
+PC_CFG = SearchConfig(init_channels=8, layers=3, image_size=8, second_order=True,
+                      space=SearchSpace(partial_channels=4, edge_normalization=True, nodes=3))
 LR = 0.05
 BATCH = 6
 
 
-@pytest.fixture(scope='module')
-def step():
+@pytest.fixture(scope='module', params=[CFG, PC_CFG], ids=['darts', 'pc-darts'])
+def step(request):
     """One second-order step of the static programs from a non-trivial state, paper's R."""
-    return _run_step(CFG)
+    return _run_step(request.param)
 
 
 def _run_step(cfg):
     paddle.enable_static()
     progs = build_search_programs(cfg)
     rng = np.random.default_rng(1)
-    state = initial_state(progs.layout, seed=3)
+    state = initial_state(progs.layout, seed=3, arch_shapes=cfg.arch_shapes)
     state[MOMENTUM] = (0.01 * rng.standard_normal(state[MOMENTUM].shape)).astype('float32')
-    for n in ALPHA_NAMES:  # far from uniform, so the softmax weights differ
+    for n in cfg.arch_shapes:  # far from uniform, so the softmax weights differ
         state[n] = rng.standard_normal(state[n].shape).astype('float32')
     s = cfg.image_size
     batch = dict(train_x=rng.standard_normal((BATCH, 3, s, s)).astype('float32'),
@@ -36,10 +39,10 @@ def _run_step(cfg):
     exe = paddle.static.Executor(place)
     ops_before = {k: count_ops(p) for k, p in progs.programs.items()}
     with paddle.static.scope_guard(scope):
-        set_tensors(scope, place, {**state, **scratch_state(progs.layout)})
+        set_tensors(scope, place, {**state, **scratch_state(progs.layout, cfg.arch_shapes)})
         run_search_step(exe, progs, batch, LR)
-        names = [f'arch/{w}_{n}' for w in ('dalpha', 'hessian', 'grad') for n in ALPHA_NAMES]
-        after = get_tensors(scope, names + [WEIGHTS, MOMENTUM, 'arch/r', 'arch/w_prime', *ALPHA_NAMES])
+        names = [f'arch/{w}_{n}' for w in ('dalpha', 'hessian', 'grad') for n in cfg.arch_shapes]
+        after = get_tensors(scope, names + [WEIGHTS, MOMENTUM, 'arch/r', 'arch/w_prime', *cfg.arch_shapes])
     assert ops_before == {k: count_ops(p) for k, p in progs.programs.items()}
     return progs, state, batch, after
 
@@ -54,11 +57,12 @@ def _reference(progs, state, batch, dtype='float32'):
         x_val, y_val = t(batch['val_x']), paddle.to_tensor(batch['val_y'])
 
         def loss(w, alphas, x, y):
-            return cross_entropy(search_network(ParamSet(layout, w, 'update'), x, *alphas, cfg.init_channels,
-                                                cfg.num_classes, cfg.layers), y)
+            return cross_entropy(search_network(ParamSet(layout, w, 'update'), x, dict(zip(names, alphas)),
+                                                cfg.init_channels, cfg.num_classes, cfg.layers, cfg.space), y)
 
         w, v = t(state[WEIGHTS], True), t(state[MOMENTUM])
-        alphas = [t(state[n], True) for n in ALPHA_NAMES]
+        names = list(cfg.arch_shapes)
+        alphas = [t(state[n], True) for n in names]
         (g,) = paddle.grad(loss(w, alphas, x_tr, y_tr), [w])
         w_prime = t((w - LR * (cfg.momentum * v + g + cfg.weight_decay * w)).numpy(), True)
         *dalpha, dw = paddle.grad(loss(w_prime, alphas, x_val, y_val), alphas + [w_prime])
@@ -99,7 +103,7 @@ def test_second_order_step_matches_eager_formula(step):
     ref = _reference(progs, state, batch)
     close(after['arch/w_prime'], ref['w_prime'], 1e-5)
     close(float(after['arch/r'].reshape(-1)[0]), ref['r'], 1e-3)
-    for i, n in enumerate(ALPHA_NAMES):
+    for i, n in enumerate(progs.config.arch_shapes):
         close(after[f'arch/dalpha_{n}'], ref['dalpha'][i])
         close(after[f'arch/hessian_{n}'], ref['hessian'][i], 2e-2)   # a difference quotient of float32 gradients
         close(after[f'arch/grad_{n}'], ref['g_alpha'][i])
@@ -111,15 +115,15 @@ def test_second_order_step_matches_eager_formula(step):
 def test_second_order_term_is_real_and_changes_the_gradient(step):
     progs, state, batch, after = step
     ref = _reference(progs, state, batch)
-    for i, n in enumerate(ALPHA_NAMES):
+    for i, n in enumerate(progs.config.arch_shapes):
         hess, g2 = after[f'arch/hessian_{n}'], after[f'arch/grad_{n}']
         g1 = ref['first_order'][i]
         # the old fluid implementation's term was exactly zero; ours must move the gradient
         assert np.linalg.norm(LR * hess) > 1e-3 * np.linalg.norm(after[f'arch/dalpha_{n}'])
         assert np.linalg.norm(g2 - g1) > 1e-2 * np.linalg.norm(g1)
     # and the step really moved alpha in the direction of -g (Adam's first step is -lr * sign(g))
-    a0, a1 = state[ALPHA_NAMES[0]], after[ALPHA_NAMES[0]]
-    g = after[f'arch/grad_{ALPHA_NAMES[0]}'] + CFG.arch_weight_decay * a0
+    a0, a1 = state['alpha_normal'], after['alpha_normal']
+    g = after['arch/grad_alpha_normal'] + progs.config.arch_weight_decay * a0
     moved = np.abs(g) > 1e-6
     assert np.all(np.sign(a1 - a0)[moved] == -np.sign(g)[moved])
 
@@ -143,11 +147,12 @@ def test_finite_difference_is_the_directional_derivative_of_the_alpha_gradient(s
     try:
         layout, cfg = progs.layout, progs.config
         t = lambda a, grad=False: paddle.to_tensor(np.asarray(a, 'float64'), stop_gradient=not grad)  # noqa: E731
-        alphas = [t(state[n], True) for n in ALPHA_NAMES]
+        names = list(cfg.arch_shapes)
+        alphas = [t(state[n], True) for n in names]
 
         def grad_alpha(w):
-            logits = search_network(ParamSet(layout, t(w), 'update'), t(batch['train_x']), *alphas,
-                                    cfg.init_channels, cfg.num_classes, cfg.layers)
+            logits = search_network(ParamSet(layout, t(w), 'update'), t(batch['train_x']), dict(zip(names, alphas)),
+                                    cfg.init_channels, cfg.num_classes, cfg.layers, cfg.space)
             return [g.numpy() for g in paddle.grad(cross_entropy(logits, paddle.to_tensor(batch['train_y'])), alphas)]
 
         w = state[WEIGHTS].astype('float64')
@@ -155,6 +160,6 @@ def test_finite_difference_is_the_directional_derivative_of_the_alpha_gradient(s
     finally:
         paddle.set_default_dtype('float32')
         paddle.enable_static()
-    for i, n in enumerate(ALPHA_NAMES):
+    for i, n in enumerate(progs.config.arch_shapes):
         assert np.linalg.norm(derivative[i]) > 1e-3
         close(after[f'arch/hessian_{n}'], derivative[i], 1e-2)

@@ -58,9 +58,9 @@ def test_search_network_runs_at_every_size(dygraph, size, channels, classes):
     rng = np.random.default_rng(0)
     ps = ParamSet(layout, paddle.to_tensor(layout.initial_weights(rng)))
     x = paddle.to_tensor(rng.standard_normal((2, channels, size, size)).astype('float32'))
-    alphas = [paddle.to_tensor(1e-3 * rng.standard_normal((14, len(genotypes.PRIMITIVES))).astype('float32'))
-              for _ in range(2)]
-    logits = search_network(ps, x, *alphas, 4, classes, 3)
+    arch = {name: paddle.to_tensor(1e-3 * rng.standard_normal((14, len(genotypes.PRIMITIVES))).astype('float32'))
+            for name in ('alpha_normal', 'alpha_reduce')}
+    logits = search_network(ps, x, arch, 4, classes, 3)
     assert list(logits.shape) == [2, classes]
     assert np.all(np.isfinite(logits.numpy()))
     stem_weight = [s for n, s in zip(layout.names, layout.shapes) if n.startswith('stem.conv')][0]
