@@ -123,15 +123,6 @@ def targets(j, nodes):
     return list(range(max(0, j - 1), nodes))
 
 
-def edge_weights(arch, space, reduction):
-    """W[e, o] = softmax(alpha_e)_o [* softmax(beta_node(e))_e]: the weight of op o on edge e."""
-    kind = 'reduce' if reduction else 'normal'
-    w = F.softmax(arch['alpha_' + kind], axis=-1)
-    if space.edge_normalization:
-        w = w * paddle.unsqueeze(normalized_betas(arch['beta_' + kind], space.nodes), 1)
-    return w
-
-
 def normalized_betas(beta, nodes):
     """softmax(beta) per node over its incoming edges (rows 0:2, 2:5, 5:9, ...)."""
     parts = paddle.split(beta, [i + 2 for i in range(nodes)])
@@ -142,50 +133,66 @@ def _strides(reduction):
     return (2, 1) if reduction else (1,)
 
 
-def mixture_weights(arch, space, reduction, c):
-    """The edge weights laid out for the blocks of a cell of width c, per source node j:
+def cell_weights(arch, space, reduction):
+    """The edge weights W[e, o] = softmax(alpha_e)_o [* softmax(beta_i)_e] of one cell type,
+    laid out per source node j (edges in target order), built once per network:
+
+      per_edge   the ops with a weight per edge and channel (wide or generic builders)
+      columns    [|per_edge|, E]  their weights, edges grouped by source node
+      shared[s]  [n_j, k]         per node: the weights of the ops shared at stride s
+      bypass     [1, i + 2]       per target node i, PC-DARTS with edge normalisation:
+                                  softmax(beta_i), the weights of its edges' bypassed channels
+    """
+    nodes, ops = space.nodes, space.ops
+    kind = 'reduce' if reduction else 'normal'
+    order = [edge_index(i, j) for j in range(nodes + 1) for i in targets(j, nodes)]
+    sizes = [len(targets(j, nodes)) for j in range(nodes + 1)]  # the last node feeds no edge
+    index = paddle.to_tensor(order)
+    w = F.softmax(arch['alpha_' + kind], axis=-1)
+    if space.edge_normalization:
+        beta = normalized_betas(arch['beta_' + kind], nodes)
+        w = w * paddle.unsqueeze(beta, 1)
+    rows = paddle.gather(w, index)      # [E, |ops|], grouped by source node
+    strides = _strides(reduction)
+    per_edge = [op for op in ops if not lookup(op).zero and any(not _shared(op, s, space) for s in strides)]
+    shared = {s: [op for op in ops if _shared(op, s, space)] for s in strides}
+    shared = {s: names for s, names in shared.items() if names}
+    # one gather of every column needed, split into per-edge and shared parts
+    groups = [per_edge] * bool(per_edge) + list(shared.values())
+    picked = paddle.gather(rows, paddle.to_tensor([ops.index(op) for names in groups for op in names]), axis=1)
+    picked = paddle.split(picked, [len(names) for names in groups], axis=1) if len(groups) > 1 else [picked]
+    out = dict(sizes=sizes, per_edge=per_edge, shared=[{} for _ in sizes], bypass=None,
+               columns=paddle.transpose(picked[0], [1, 0]) if per_edge else None)
+    for s, ws in zip(shared, picked[bool(per_edge):]):
+        for node, w_node in zip(out['shared'], paddle.split(ws, sizes)):
+            node[s] = w_node
+    if space.partial_channels > 1 and space.edge_normalization:
+        out['bypass'] = [paddle.unsqueeze(b, 0) for b in paddle.split(beta, [i + 2 for i in range(nodes)])]
+    return out
+
+
+def mixture_weights(weights, c):
+    """cell_weights laid out for the blocks of a cell of width c, per source node j:
 
       gamma[op]     [n_j * c]  op's weight on each of the n_j edges leaving j, repeated per
                                channel (the final BN's gamma of op's wide block, or the
                                factor of its generic per-edge outputs);
       beta[op]      [n_j * c]  zeros derived from gamma (see operations.batch_norm);
-      shared[s]     [n_j, k]   the weights of the ops shared at stride s (space_ops order);
-      bypass        [n_j, 1]   PC-DARTS with edge normalisation: softmax(beta) of those edges.
+      shared[s]                as in cell_weights;
+    and bypass (per target node) as in cell_weights.
 
-    Built once per (alpha, c) and shared by every cell with that alpha and width.
+    Built once per (cell type, c) and shared by every cell with that type and width.
     """
-    nodes, ops = space.nodes, space.ops
-    order = [edge_index(i, j) for j in range(nodes + 1) for i in targets(j, nodes)]
-    sizes = [len(targets(j, nodes)) for j in range(nodes + 1)]  # the last node feeds no edge
-    index = paddle.to_tensor(order)
-    rows = paddle.gather(edge_weights(arch, space, reduction), index)      # [E, |ops|], grouped by source
-    strides = _strides(reduction)
-    per_edge = [op for op in ops if not lookup(op).zero
-                and any(not _shared(op, s, space) for s in strides)]
-    shared = {s: [op for op in ops if _shared(op, s, space)] for s in strides}
-    shared = {s: names for s, names in shared.items() if names}
-    # one gather of every column this cell width needs, split into per-edge and shared parts
-    groups = [per_edge] * bool(per_edge) + list(shared.values())
-    columns = paddle.to_tensor([ops.index(op) for names in groups for op in names])
-    picked = paddle.gather(rows, columns, axis=1)
-    picked = paddle.split(picked, [len(names) for names in groups], axis=1) if len(groups) > 1 else [picked]
-    out = [dict(n=n, gamma={}, beta={}, shared={}, bypass=None) for n in sizes]
+    sizes, per_edge = weights['sizes'], weights['per_edge']
+    out = [dict(n=n, gamma={}, beta={}, shared=sh) for n, sh in zip(sizes, weights['shared'])]
     if per_edge:
-        per_channel = paddle.repeat_interleave(paddle.transpose(picked[0], [1, 0]), c, axis=1)
+        per_channel = paddle.repeat_interleave(weights['columns'], c, axis=1)
         gammas = paddle.split(per_channel, [n * c for n in sizes], axis=1)
         betas = paddle.split(per_channel * 0.0, [n * c for n in sizes], axis=1)
         for node, g, b in zip(out, gammas, betas):
             node['gamma'] = dict(zip(per_edge, paddle.unbind(g, axis=0)))
             node['beta'] = dict(zip(per_edge, paddle.unbind(b, axis=0)))
-    for s, w in zip(shared, picked[bool(per_edge):]):
-        for node, w_node in zip(out, paddle.split(w, sizes)):
-            node['shared'][s] = w_node
-    if space.partial_channels > 1 and space.edge_normalization:
-        kind = 'reduce' if reduction else 'normal'
-        bypass = paddle.gather(normalized_betas(arch['beta_' + kind], nodes), index)
-        for node, w in zip(out, paddle.split(paddle.unsqueeze(bypass, 1), sizes)):
-            node['bypass'] = w
-    return out
+    return dict(sources=out, bypass=weights['bypass'])
 
 
 def _shared(op, stride, space):
@@ -239,14 +246,7 @@ def _node_block(ps, name, h, mix, c, stride, space):
     return sum_all(terms)
 
 
-def channel_shuffle(x, groups):
-    """[N, C, H, W] viewed as [N, groups, C / groups, H, W], axes 1 and 2 swapped, flattened back."""
-    c, h, w = x.shape[1], x.shape[2], x.shape[3]
-    y = paddle.reshape(x, [-1, groups, c // groups, h, w])
-    return paddle.reshape(paddle.transpose(y, [0, 2, 1, 3, 4]), [-1, c, h, w])
-
-
-def search_cell(ps, name, s0, s1, mixes, c, reduction, reduction_prev, space=DEFAULT_SPACE):
+def search_cell(ps, name, s0, s1, mix, c, reduction, reduction_prev, space=DEFAULT_SPACE):
     if reduction_prev:
         s0 = factorized_reduce(ps, name + '.pre0', F.relu(s0), c, affine=False)
     else:
@@ -254,34 +254,35 @@ def search_cell(ps, name, s0, s1, mixes, c, reduction, reduction_prev, space=DEF
     s1 = relu_conv_bn(ps, name + '.pre1', s1, c, 1, 1, 0, affine=False)
     nodes, k = space.nodes, space.partial_channels
     c_op = c // k
-    states = [s0, s1]
-    mixed, bypassed = [[] for _ in range(nodes)], [[] for _ in range(nodes)]
+    states, mixed, rests = [s0, s1], [[] for _ in range(nodes)], []
 
     def node(i):
+        m = sum_all(mixed[i])
         if k == 1:
-            return sum_all(mixed[i])
-        return channel_shuffle(paddle.concat([sum_all(mixed[i]), sum_all(bypassed[i])], axis=1), k)
+            return m
+        # the bypassed channels of node i's edges, [N, 1, (K-1) C/K H W] each: weighted by softmax(beta_i)
+        if mix['bypass'] is None:
+            b = sum_all(rests[:i + 2])
+        else:
+            b = paddle.matmul(mix['bypass'][i], paddle.concat(rests[:i + 2], axis=1))
+        # shuffle(concat(m, b)) with K groups: m is group 0, b groups 1..K-1
+        hh, ww = m.shape[2], m.shape[3]
+        groups = paddle.concat([paddle.reshape(m, [-1, 1, c_op, hh, ww]),
+                                paddle.reshape(b, [-1, k - 1, c_op, hh, ww])], axis=1)
+        return paddle.reshape(paddle.transpose(groups, [0, 2, 1, 3, 4]), [-1, c, hh, ww])
     for j in range(nodes + 1):
         if j >= 2:  # node j - 2 has all its inputs now
             states.append(node(j - 2))
         stride = 2 if reduction and j < 2 else 1
         h, out = states[j], targets(j, nodes)
-        block = _node_block(ps, f'{name}.n{j}', h[:, :c_op] if k > 1 else h, mixes[j], c_op, stride, space)
-        for i, part in zip(out, paddle.split(block, len(out), axis=1) if len(out) > 1 else [block]):
-            mixed[i].append(part)
-        if k > 1:
-            rest = h[:, c_op:]
+        if k > 1:  # the first C/K channels go through the mixed ops, the rest bypass them
+            h, rest = paddle.split(h, [c_op, c - c_op], axis=1)
             if stride == 2:
                 rest = F.max_pool2d(rest, 2, 2, ceil_mode=True)
-            if mixes[j]['bypass'] is None:
-                parts = [rest] * len(out)
-            else:  # [n, 1] @ [N, 1, C'HW]: the bypass weighted by each target's beta
-                cr, hh, ww = rest.shape[1], rest.shape[2], rest.shape[3]
-                weighted = paddle.matmul(mixes[j]['bypass'], paddle.reshape(rest, [-1, 1, cr * hh * ww]))
-                weighted = paddle.reshape(weighted, [-1, len(out) * cr, hh, ww])
-                parts = paddle.split(weighted, len(out), axis=1) if len(out) > 1 else [weighted]
-            for i, part in zip(out, parts):
-                bypassed[i].append(part)
+            rests.append(paddle.reshape(rest, [-1, 1, (c - c_op) * rest.shape[2] * rest.shape[3]]))
+        block = _node_block(ps, f'{name}.n{j}', h, mix['sources'][j], c_op, stride, space)
+        for i, part in zip(out, paddle.split(block, len(out), axis=1) if len(out) > 1 else [block]):
+            mixed[i].append(part)
     states.append(node(nodes - 1))
     return paddle.concat(states[2:], axis=1)
 
@@ -291,11 +292,13 @@ def search_network(ps, x, arch, c=16, num_classes=10, layers=8, space=DEFAULT_SP
 
     arch: {name: tensor} with the names of space.arch_shapes().
     x: [N, 1 or 3, S, S], any S >= 16 (operations.stem downsamples from 64 px up)."""
-    mixes = {}  # (reduction, width) -> mixture_weights, built once per network
+    weights, mixes = {}, {}  # per cell type, and per (cell type, width): built once per network
 
     def mix(reduction, width):
+        if reduction not in weights:
+            weights[reduction] = cell_weights(arch, space, reduction)
         if (reduction, width) not in mixes:
-            mixes[reduction, width] = mixture_weights(arch, space, reduction, width // space.partial_channels)
+            mixes[reduction, width] = mixture_weights(weights[reduction], width // space.partial_channels)
         return mixes[reduction, width]
     # The official search stem's BN is affine (torch default); the cells' BNs are not.
     s = stem(ps, x, STEM_MULTIPLIER * c, affine=True)

@@ -126,7 +126,8 @@ class ParamSet:
         self.layout, self.bn_stats, self.buffer_prefix = layout, bn_stats, buffer_prefix
         self.pieces = {}
         groups = layout.groups()
-        sizes = [sum(layout.sizes[i] for i in members) for _, members in groups]
+        tensor_sizes = layout.sizes  # computed once: it is a list comprehension over every tensor
+        sizes = [sum(tensor_sizes[i] for i in members) for _, members in groups]
         chunks = paddle.split(flat, sizes) if len(groups) > 1 else [flat]
         for (trailing, members), chunk in zip(groups, chunks):
             # [sum of first dims, *trailing] -> one tensor per member along axis 0

@@ -19,7 +19,7 @@ import training
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a('--arch', default='DARTS_PADDLE', help=f'a named genotype: {", ".join(genotypes.NAMED)}')
     a('--genotype_file', default=None, help='a genotype JSON written by train_search.py (overrides --arch)')

@@ -37,7 +37,7 @@ PRESETS = {
 
 def parse_args(argv=None):
     from operations import OPS
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a('--preset', choices=sorted(PRESETS), default=None,
       help='a published setting as defaults; pc_darts: ' + ', '.join(

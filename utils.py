@@ -1,4 +1,5 @@
 """Run plumbing shared by the training scripts: errors, device, run folder, log, checkpoints."""
+import argparse
 import ctypes
 import json
 import os
@@ -27,6 +28,14 @@ def _one_malloc_arena():
 
 
 _one_malloc_arena()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage block is in --help)."""
+
+    def error(self, message):
+        print(f'{self.prog}: error: {message} (see --help)', file=sys.stderr)
+        raise SystemExit(2)
 
 
 class UserError(Exception):

@@ -19,7 +19,7 @@ import shutil
 import sys
 
 import genotypes
-from utils import UserError, run_main
+from utils import ArgumentParser, UserError, run_main
 
 CELLS = ('normal', 'reduce')
 
@@ -345,7 +345,7 @@ def confusion_png(confusion, path, title=None):
 # ---------------------------------------------------------------- command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('genotype', nargs='?', help=f'a named genotype: {", ".join(genotypes.NAMED)}')
     p.add_argument('--genotype_file', help='a genotype JSON written by train_search.py')
     p.add_argument('--run', help='a run folder: draws curves.png, and cells.gif (search run) and '

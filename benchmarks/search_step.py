@@ -1,6 +1,8 @@
 """Seconds per search step and peak memory, first and second order, as JSON.
 
     python benchmarks/search_step.py --batch_size 16 --init_channels 8 --layers 5 --image_size 32
+    python benchmarks/search_step.py --partial_channels 4          # PC-DARTS, K = 4
+    python benchmarks/search_step.py --primitives none,skip_connect,sep_conv_3x3,mb_conv_3x3
 
 Each order runs in its own process so its peak resident memory (ru_maxrss) is its own.
 Reported: build time, time to the end of the first step (Paddle prepares each program
@@ -25,17 +27,21 @@ def measure(args, second_order):
     import paddle
     from architect import (SearchConfig, build_search_programs, count_ops, initial_state,
                            run_search_step, scratch_state, set_tensors)
+    from model_search import SearchSpace
     from operations import stem_reductions
     paddle.enable_static()
     place = utils.select_place(args.device)
+    space = SearchSpace(ops=tuple(args.primitives.split(',')), nodes=args.nodes, partial_channels=args.partial_channels,
+                        edge_normalization=args.partial_channels > 1, fast=not args.generic)
     cfg = SearchConfig(init_channels=args.init_channels, layers=args.layers, image_size=args.image_size,
-                       second_order=second_order)
+                       second_order=second_order, space=space)
     t0 = time.time()
     progs = build_search_programs(cfg)
     build = time.time() - t0
     exe = paddle.static.Executor(place)
     scope = paddle.static.global_scope()
-    set_tensors(scope, place, {**initial_state(progs.layout, 0), **scratch_state(progs.layout)})
+    set_tensors(scope, place, {**initial_state(progs.layout, 0, cfg.arch_shapes),
+                               **scratch_state(progs.layout, cfg.arch_shapes)})
     rng = np.random.default_rng(0)
     b, s = args.batch_size, args.image_size
     batch = dict(train_x=rng.standard_normal((b, 3, s, s)).astype('float32'), train_y=rng.integers(0, 10, b),
@@ -59,6 +65,11 @@ def main():
     p.add_argument('--init_channels', type=int, default=8)
     p.add_argument('--layers', type=int, default=5)
     p.add_argument('--image_size', type=int, default=32)
+    p.add_argument('--primitives', default='none,max_pool_3x3,avg_pool_3x3,skip_connect,sep_conv_3x3,sep_conv_5x5,'
+                   'dil_conv_3x3,dil_conv_5x5', help='the op list (default: the paper\'s eight)')
+    p.add_argument('--nodes', type=int, default=4)
+    p.add_argument('--partial_channels', type=int, default=1, help='PC-DARTS K (with edge normalisation when > 1)')
+    p.add_argument('--generic', action='store_true', help='every op on the generic per-edge path (no wide builders)')
     p.add_argument('--steps', type=int, default=10)
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--order', choices=['first', 'second', 'both'], default='both')
@@ -74,11 +85,14 @@ def main():
     for order in orders:
         cmd = [sys.executable, __file__, '--_child', order] + [
             f'--{k}={getattr(args, k)}' for k in ('batch_size', 'init_channels', 'layers', 'image_size',
-                                                   'steps', 'warmup', 'device')]
+                                                   'steps', 'warmup', 'device', 'primitives', 'nodes',
+                                                   'partial_channels')] + ['--generic'] * args.generic
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
     report = dict(config=dict(batch_size=args.batch_size, init_channels=args.init_channels, layers=args.layers,
-                              image_size=args.image_size, device=args.device, threads=os.cpu_count()),
+                              image_size=args.image_size, device=args.device, threads=os.cpu_count(),
+                              primitives=args.primitives, nodes=args.nodes, partial_channels=args.partial_channels,
+                              generic=args.generic),
                   results=results)
     if len(results) == 2:
         report['second_over_first'] = results[1]['seconds_per_step_median'] / results[0]['seconds_per_step_median']

@@ -137,7 +137,7 @@ def dygraph():
     paddle.enable_static()
 
 
-def _compare(space, c=4, seed=0):
+def _compare(space, c=4, seed=0, with_plain=True):
     """(logits, arch grads) of the wide network, the generic network and the plain reference."""
     generic = SearchSpace(**{**space.__dict__, 'fast': False})
     rng = np.random.default_rng(seed)
@@ -161,8 +161,12 @@ def _compare(space, c=4, seed=0):
     gen = run(lambda a: search_network(ParamSet(generic_layout, paddle.to_tensor(generic_flat)), x, a, c,
                                        CLASSES, LAYERS, generic))
     tensors = {k: paddle.to_tensor(v) for k, v in W.items()}
-    plain = run(lambda a: _plain_network(tensors, x, a, space, c))
+    plain = run(lambda a: _plain_network(tensors, x, a, space, c)) if with_plain else None
     return wide, gen, plain
+
+
+def _compare_paths(space, c=4):
+    return _compare(space, c, with_plain=False)
 
 
 def _agree(result, reference):
@@ -201,3 +205,22 @@ def test_pc_darts_network_is_partial_channel_edges_with_edge_normalisation(dygra
     _agree(wide, plain)
     if edge_norm:   # betas (the last two arch tensors) get gradients
         assert all(np.abs(g).max() > 1e-5 for g in wide[1][2:])
+
+
+def test_a_users_wide_builder_matches_its_edge_builder(dygraph):
+    """The README's example op: ReLU, 3x3 conv, BN, with both builders."""
+    from operations import OPS, batch_norm, conv, register
+
+    def edge(ps, name, src, c, stride, affine):
+        return batch_norm(ps, name + '.bn', conv(ps, name + '.conv', src.relu, c, 3, stride, 1), affine)
+
+    def wide(ps, name, src, c, stride, copies, mix):
+        # one conv to copies * c channels = the copies' convs stacked along the weight's axis 0
+        return batch_norm(ps, name + '.bn', conv(ps, name + '.conv', src.relu, copies * c, 3, stride, 1), False, mix)
+    register('conv_3x3_test', edge, wide=wide)
+    try:
+        space = SearchSpace(ops=('none', 'skip_connect', 'conv_3x3_test'), nodes=2)
+        wide_result, generic_result, _ = _compare_paths(space)
+        _agree(wide_result, generic_result)
+    finally:
+        del OPS['conv_3x3_test']
