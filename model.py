@@ -16,7 +16,8 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from operations import Layout, Source, batch_norm, conv, factorized_reduce, linear, lookup, relu_conv_bn, stem
+from operations import (Layout, Source, batch_norm, conv, factorized_reduce, linear, lookup, reduction_layers,
+                        relu_conv_bn, stem)
 
 STEM_MULTIPLIER = 3
 
@@ -74,7 +75,7 @@ def auxiliary_head(ps, name, x, num_classes, pool_stride):
 def _cells(ps, genotype, s0, s1, c, layers, c_curr, reduction_prev, drop_prob, aux_fn):
     aux_logits = None
     for k in range(layers):
-        reduction = k in (layers // 3, 2 * layers // 3)
+        reduction = k in reduction_layers(layers)
         if reduction:
             c_curr *= 2
         out = eval_cell(ps, f'cell{k}', genotype, s0, s1, c_curr, reduction, reduction_prev, drop_prob)

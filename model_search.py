@@ -36,7 +36,8 @@ import paddle.nn.functional as F
 
 import genotypes
 from genotypes import PRIMITIVES, num_edges
-from operations import Layout, Source, batch_norm, factorized_reduce, linear, lookup, relu_conv_bn, stem, sum_all
+from operations import (Layout, Source, batch_norm, factorized_reduce, linear, lookup, reduction_layers,
+                        relu_conv_bn, stem, sum_all)
 
 STEM_MULTIPLIER = 3
 
@@ -106,11 +107,6 @@ class SearchSpace:
 
 
 DEFAULT_SPACE = SearchSpace()
-
-
-def reduction_layers(layers):
-    """The reduction cells: at 1/3 and 2/3 depth (paper); a 2-cell network is normal, reduction."""
-    return (1,) if layers == 2 else (layers // 3, 2 * layers // 3)
 
 
 def edge_index(i, j):
@@ -208,10 +204,21 @@ def _checked(y, op, c, stride, h, where):
     return y
 
 
+def _build(op, where, builder, *args):
+    """builder(*args); a failure becomes one SearchSpaceError naming the op."""
+    try:
+        return builder(*args)
+    except SearchSpaceError:
+        raise
+    except Exception as e:
+        raise SearchSpaceError(f'operation {op!r} ({where}) failed to build: {type(e).__name__}: {e}') from e
+
+
 def _search_edge(ps, name, op, src, c, stride):
     """One edge's op on the search network's generic path (non-affine BNs)."""
     spec = lookup(op)
-    y = _checked(spec.edge(ps, name, src, c, stride, False), op, c, stride, src.h, 'edge builder')
+    y = _checked(_build(op, 'edge builder', spec.edge, ps, name, src, c, stride, False), op, c, stride, src.h,
+                 'edge builder')
     return batch_norm(ps, name + '.bn', y, affine=False) if spec.search_bn else y
 
 
@@ -228,7 +235,8 @@ def _node_block(ps, name, h, mix, c, stride, space):
         if _shared(op, stride, space):
             shared.append(_search_edge(ps, f'{name}.{op}', op, src, c, stride))
         elif space.fast and spec.wide is not None:
-            y = spec.wide(ps, f'{name}.{op}', src, c, stride, n, (mix['gamma'][op], mix['beta'][op]))
+            y = _build(op, 'wide builder', spec.wide, ps, f'{name}.{op}', src, c, stride, n,
+                       (mix['gamma'][op], mix['beta'][op]))
             want = [n * c, -(-h.shape[2] // stride), -(-h.shape[3] // stride)]
             if list(y.shape[1:]) != want:
                 raise SearchSpaceError(f'operation {op!r} (wide builder) gave {list(y.shape[1:])}; expected {want}')

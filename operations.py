@@ -246,6 +246,11 @@ def linear(ps, name, x, c_out):
     return paddle.matmul(x, w) + b
 
 
+def reduction_layers(layers):
+    """The reduction cells' indices: at 1/3 and 2/3 depth (paper); 2 cells: normal, then reduction."""
+    return (1,) if layers == 2 else (layers // 3, 2 * layers // 3)
+
+
 CELL_INPUT_MAX = 32  # the largest feature map the cells get from a downsampling stem
 
 

@@ -89,14 +89,18 @@ def test_unknown_and_unusable_search_spaces_are_refused():
                                               [('skip_connect', 0), ('skip_connect', 1)], [2]))
 
 
-def test_an_op_that_builds_the_wrong_shape_fails_at_build_time_naming_it(dygraph):
+def test_an_op_that_cannot_be_built_fails_at_build_time_naming_it(dygraph):
+    def broken(ps, name, src, c, stride, affine):
+        return conv(ps, name, src.h, c, 3, stride, padding='nonsense')
     register('bad_shape_test', lambda ps, name, src, c, stride, affine: src.h[:, :, ::2, ::2])
+    register('broken_test', broken)
     try:
-        space = SearchSpace(ops=('skip_connect', 'bad_shape_test'), nodes=2)
         with pytest.raises(SearchSpaceError, match="operation 'bad_shape_test'.*expected"):
-            network_layout(4, 10, 3, 16, space=space)
+            network_layout(4, 10, 3, 16, space=SearchSpace(ops=('skip_connect', 'bad_shape_test'), nodes=2))
+        with pytest.raises(SearchSpaceError, match="operation 'broken_test' .edge builder. failed to build"):
+            network_layout(4, 10, 3, 16, space=SearchSpace(ops=('skip_connect', 'broken_test'), nodes=2))
     finally:
-        del operations.OPS['bad_shape_test']
+        del operations.OPS['bad_shape_test'], operations.OPS['broken_test']
 
 
 def _edge_params(op, c, stride, affine=True, size=8):
