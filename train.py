@@ -42,6 +42,8 @@ def parse_args(argv=None):
     a('--cutout_length', type=int, default=16, help='0: no cutout')
     a('--drop_path_prob', type=float, default=0.2, help='reached linearly at the last epoch')
     a('--device', default='auto', choices=['auto', 'gpu', 'cpu'])
+    a('--no_custom_kernels', action='store_true',
+      help="Paddle's own depthwise convolution instead of the compiled one (CPU; see fast_kernels.py)")
     a('--seed', type=int, default=0)
     a('--num_workers', type=int, default=min(2, os.cpu_count() or 1),
       help='processes that decode images and make batches (0: none)')

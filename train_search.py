@@ -19,12 +19,13 @@ import numpy as np
 
 import utils  # first: sets Paddle's environment flags before paddle is imported
 import datasets
+import fast_kernels
 import genotypes
 from reader import ArrayBatches, search_split
 from utils import UserError
 
 # Flags a resumed run may change; everything else is taken from the run's args.json.
-RESUMABLE_OVERRIDES = ('epochs', 'device', 'num_workers', 'report_freq', 'data', 'test_data', 'cache_dir')
+RESUMABLE_OVERRIDES = ('epochs', 'device', 'no_custom_kernels', 'num_workers', 'report_freq', 'data', 'test_data', 'cache_dir')
 
 # --preset NAME: a published method's settings as defaults (flags given explicitly still win).
 PRESETS = {
@@ -68,6 +69,8 @@ def parse_args(argv=None):
     a('--arch_warmup_epochs', type=int, default=0,
       help='train the weights only (no alpha/beta steps) for the first N epochs (PC-DARTS: 15)')
     a('--device', default='auto', choices=['auto', 'gpu', 'cpu'], help='auto: the GPU when there is one')
+    a('--no_custom_kernels', action='store_true',
+      help="Paddle's own depthwise convolution instead of the compiled one (CPU; see fast_kernels.py)")
     a('--seed', type=int, default=2)
     a('--num_workers', type=int, default=min(2, os.cpu_count() or 1),
       help='processes that decode images and make batches (0: none)')
@@ -109,7 +112,7 @@ def search(args):
     from architect import (SearchConfig, build_search_programs, count_ops, get_tensors, initial_state,
                            run_search_step, scratch_state, set_tensors, softmax)
     from model_search import SearchSpaceError, derive_genotype, normalized_betas_numpy
-    place = utils.select_place(args.device)
+    place = utils.select_place(args.device, not args.no_custom_kernels)
     paddle.enable_static()
     cfg = SearchConfig(init_channels=args.init_channels, layers=args.layers, num_classes=data.num_classes,
                        image_size=data.image_size, in_channels=data.channels, momentum=args.momentum,
@@ -136,6 +139,7 @@ def search(args):
         f'{progs.layout.size / 1e6:.3f}M weights; programs built in {build_time:.1f}s '
         f'({sum(count_ops(p) for p in progs.programs.values())} ops)')
     log(f'search space: {space.describe()}')
+    log(f'depthwise convolution: {fast_kernels.status()}')
 
     scope = paddle.static.Scope()
     exe = paddle.static.Executor(place)

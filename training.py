@@ -10,12 +10,13 @@ import time
 import numpy as np
 
 import utils
+import fast_kernels
 import genotypes
 from optim import MOMENTUM, WEIGHTS
 from utils import UserError
 
 # Flags a resumed run may change; everything else is taken from the run's args.json.
-RESUMABLE_OVERRIDES = ('epochs', 'device', 'num_workers', 'report_freq', 'data', 'test_data', 'cache_dir')
+RESUMABLE_OVERRIDES = ('epochs', 'device', 'no_custom_kernels', 'num_workers', 'report_freq', 'data', 'test_data', 'cache_dir')
 
 
 def load_genotype(args):
@@ -67,7 +68,9 @@ def build_programs(genotype, args, image_size=32, num_classes=10, network=None, 
         paddle.assign(v_new, output=v)
         paddle.assign(w_new, output=w)
     test = paddle.static.Program()
-    with paddle.static.program_guard(test, paddle.static.Program()):
+    # Paddle's own kernels in the test program: it is the one exported, and an inference
+    # model must load anywhere, without this project's compiled operators.
+    with paddle.static.program_guard(test, paddle.static.Program()), fast_kernels.paddle_kernels():
         tx, ty = images()
         test_logits, _ = network(ParamSet(layout, declare(WEIGHTS, [p]), 'running'), tx, auxiliary=False, **kw)
         test_loss = paddle.nn.functional.cross_entropy(test_logits, ty)
@@ -167,7 +170,7 @@ def fit(task, args):
     # Everything that can fail on bad input is checked before the run folder is made.
     genotype = load_genotype(args)
     split = task.data(args, False, print)
-    place = utils.select_place(args.device)
+    place = utils.select_place(args.device, not getattr(args, 'no_custom_kernels', False))
     run_dir = utils.prepare_run_dir(args.save, args.resume, task.prefix)
     log = utils.Log(run_dir)
     ckpt = os.path.join(run_dir, 'checkpoint.npz')
@@ -184,6 +187,7 @@ def fit(task, args):
     log(f'data: {split.info["describe"]}')
     log(f'{count_parameters(progs["layout"]) / 1e6:.3f}M parameters (auxiliary head excluded); '
         f'programs built in {time.time() - t0:.1f}s')
+    log(f'depthwise convolution: {fast_kernels.status()}')
 
     state, history, start_epoch, best = initial_state(progs['layout'], args.seed), [], 0, 0.0
     if resuming:
@@ -326,7 +330,7 @@ def eval_only(task, args):
                                                   'cache_dir'), task.parse)
     genotype = load_genotype(saved)
     split = task.data(saved, True, print)
-    place = utils.select_place(saved.device)
+    place = utils.select_place(saved.device, not getattr(saved, 'no_custom_kernels', False))
     paddle.enable_static()
     progs = task.programs(genotype, saved, split.info)
     scope, exe = paddle.static.Scope(), paddle.static.Executor(place)

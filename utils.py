@@ -79,9 +79,13 @@ def saved_args(args, saved, names, parse):
     return argparse.Namespace(**merged)
 
 
-def select_place(device):
-    """The Paddle place for --device gpu|cpu|auto (auto: the GPU when there is one)."""
+def select_place(device, custom_kernels=True):
+    """The Paddle place for --device gpu|cpu|auto (auto: the GPU when there is one).
+    custom_kernels=False (--no_custom_kernels): Paddle's kernels only (fast_kernels)."""
     import paddle
+    if not custom_kernels:
+        import fast_kernels
+        fast_kernels.disable()
     has_cuda = paddle.is_compiled_with_cuda()
     count = paddle.device.cuda.device_count() if has_cuda else 0
     if device == 'auto':

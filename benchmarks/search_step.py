@@ -52,7 +52,9 @@ def measure(args, second_order):
         run_search_step(exe, progs, batch, 0.025)
         times.append(time.time() - t)
     timed = times[args.warmup:]
+    import fast_kernels
     return dict(order='second' if second_order else 'first', seconds_per_step_median=statistics.median(timed),
+                depthwise=fast_kernels.status(),
                 seconds_per_step_min=min(timed), steps_timed=len(timed), first_step_seconds=times[0],
                 build_seconds=build, ops=sum(count_ops(p) for p in progs.programs.values()),
                 weights=progs.layout.size, stem_reductions=stem_reductions(args.image_size),
@@ -70,6 +72,7 @@ def main():
     p.add_argument('--nodes', type=int, default=4)
     p.add_argument('--partial_channels', type=int, default=1, help='PC-DARTS K (with edge normalisation when > 1)')
     p.add_argument('--generic', action='store_true', help='every op on the generic per-edge path (no wide builders)')
+    p.add_argument('--no_custom_kernels', action='store_true', help="Paddle's depthwise convolution (fast_kernels off)")
     p.add_argument('--steps', type=int, default=10)
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--order', choices=['first', 'second', 'both'], default='both')
@@ -87,12 +90,13 @@ def main():
             f'--{k}={getattr(args, k)}' for k in ('batch_size', 'init_channels', 'layers', 'image_size',
                                                    'steps', 'warmup', 'device', 'primitives', 'nodes',
                                                    'partial_channels')] + ['--generic'] * args.generic
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        env = dict(os.environ, PADDLE_DARTS_CUSTOM_KERNELS='0') if args.no_custom_kernels else None
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
     report = dict(config=dict(batch_size=args.batch_size, init_channels=args.init_channels, layers=args.layers,
                               image_size=args.image_size, device=args.device, threads=os.cpu_count(),
                               primitives=args.primitives, nodes=args.nodes, partial_channels=args.partial_channels,
-                              generic=args.generic),
+                              generic=args.generic, custom_kernels=not args.no_custom_kernels),
                   results=results)
     if len(results) == 2:
         report['second_over_first'] = results[1]['seconds_per_step_median'] / results[0]['seconds_per_step_median']

@@ -59,10 +59,11 @@ def write_cifar(root, per_batch=40, test=40, seed=0, archive=False):
     return folder
 
 
-def run_script(script, *args, timeout=900):
-    """Run a project script as a user would; returns CompletedProcess (text)."""
+def run_script(script, *args, timeout=900, env=None):
+    """Run a project script as a user would; returns CompletedProcess (text).  env: extra variables."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=dict(os.environ, **env) if env else None)
 
 
 @pytest.fixture(scope='session')

@@ -4,6 +4,8 @@ import numpy as np
 import paddle
 import pytest
 
+import fast_kernels
+
 from architect import (MOMENTUM, WEIGHTS, SearchConfig, build_search_programs, count_ops, get_tensors,
                        initial_state, run_search_step, scratch_state, set_tensors)
 from model_search import SearchSpace, cross_entropy, search_network
@@ -17,15 +19,39 @@ LR = 0.05
 BATCH = 6
 
 
-@pytest.fixture(scope='module', params=[CFG, PC_CFG], ids=['darts', 'pc-darts'])
+_STEPS = {}
+
+
+def _step(name):
+    """One second-order step of the static programs from a non-trivial state, paper's R
+    (cached: the step-equality test reuses the fixture's runs)."""
+    if name not in _STEPS:
+        cfg, custom_kernels = dict(darts=(CFG, True), pc_darts=(PC_CFG, True), paddle_kernels=(CFG, False))[name]
+        _STEPS[name] = _run_step(cfg, custom_kernels)
+    return _STEPS[name]
+
+
+@pytest.fixture(scope='module', params=['darts', 'pc_darts', 'paddle_kernels'])
 def step(request):
-    """One second-order step of the static programs from a non-trivial state, paper's R."""
-    return _run_step(request.param)
+    return _step(request.param)
 
 
-def _run_step(cfg):
+def test_the_step_with_the_compiled_depthwise_op_equals_the_step_with_paddles_kernel():
+    if fast_kernels.module() is None:
+        pytest.skip(fast_kernels.status())
+    (_, _, _, compiled), (_, _, _, plain) = _step('darts'), _step('paddle_kernels')
+    assert sorted(compiled) == sorted(plain)
+    for name in compiled:
+        close(compiled[name], plain[name], 1e-4)
+
+
+def _run_step(cfg, custom_kernels=True):
     paddle.enable_static()
-    progs = build_search_programs(cfg)
+    if custom_kernels:
+        progs = build_search_programs(cfg)
+    else:
+        with fast_kernels.paddle_kernels():
+            progs = build_search_programs(cfg)
     rng = np.random.default_rng(1)
     state = initial_state(progs.layout, seed=3, arch_shapes=cfg.arch_shapes)
     state[MOMENTUM] = (0.01 * rng.standard_normal(state[MOMENTUM].shape)).astype('float32')

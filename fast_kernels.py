@@ -1,0 +1,145 @@
+"""Compiled CPU kernels (Paddle custom operators), with Paddle's own kernels as the fallback.
+
+`depthwise_conv(x, w, stride, padding, dilation)` is the one call the graph builders make
+for a depthwise convolution.  On the CPU it uses kernels/depthwise_conv.cc, compiled on
+first use by paddle.utils.cpp_extension for this machine (-O3 -march=native -fopenmp)
+into ~/.cache/paddle-darts/kernels/<hash> (PADDLE_DARTS_CACHE overrides the root) and
+loaded from there afterwards.  Anything else (a GPU, no C++ compiler: $CXX or c++, a
+failed build, `disable()` / --no_custom_kernels, PADDLE_DARTS_CUSTOM_KERNELS=0) gives
+Paddle's conv2d with groups = channels, and `status()` says which is in use and why.
+"""
+import contextlib
+import hashlib
+import io
+import os
+import platform
+import shutil
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(HERE, 'kernels', 'depthwise_conv.cc')
+FLAGS = ['-O3', '-march=native', '-fopenmp']
+
+_state = dict(module=None, tried=False, enabled=None, status=None, forced_off=False)
+
+
+def disable(reason='--no_custom_kernels'):
+    """Use Paddle's kernels from now on (before the programs are built)."""
+    _state.update(enabled=False, module=None, tried=True, status=f"Paddle's depthwise convolution ({reason})")
+
+
+@contextlib.contextmanager
+def paddle_kernels():
+    """Within: depthwise_conv builds Paddle's kernel (for programs that leave the process)."""
+    saved = _state['forced_off']
+    _state['forced_off'] = True
+    try:
+        yield
+    finally:
+        _state['forced_off'] = saved
+
+
+def enabled():
+    if _state['enabled'] is None:
+        _state['enabled'] = os.environ.get('PADDLE_DARTS_CUSTOM_KERNELS', '1') not in ('0', 'false', 'no', 'off')
+        if not _state['enabled']:
+            disable('PADDLE_DARTS_CUSTOM_KERNELS=0')
+    return _state['enabled']
+
+
+def cache_dir():
+    """One build per (source, flags, Paddle version, CPU): -march=native code runs only on its CPU kind."""
+    import paddle
+    with open(SOURCE, 'rb') as f:
+        key = hashlib.sha256(f.read())
+    key.update(' '.join(FLAGS + [paddle.__version__, _cpu_model(), sys.version]).encode())
+    root = os.environ.get('PADDLE_DARTS_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'paddle-darts'))
+    return os.path.join(root, 'kernels', key.hexdigest()[:16])
+
+
+def _cpu_model():
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith(('model name', 'flags')):
+                    return line.strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def module():
+    """The compiled op module, or None; compiled or loaded once per process."""
+    if _state['tried']:
+        return _state['module']
+    _state['tried'] = True
+    if not enabled():
+        return None
+    compiler = os.environ.get('CXX', 'c++')
+    if shutil.which(compiler) is None:
+        _state['status'] = (f"Paddle's depthwise convolution (no C++ compiler: {compiler!r} not found; "
+                            f"Debian: apt-get install g++)")
+        return None
+    build = cache_dir()
+    os.makedirs(build, exist_ok=True)
+    fresh = not any(name.endswith('.so') for _, _, files in os.walk(build) for name in files)
+    t0 = time.time()
+    try:
+        with _lock(os.path.join(build, '.lock')), _quiet():
+            from paddle.utils.cpp_extension import load
+            _state['module'] = load(name='darts_kernels', sources=[SOURCE], extra_cxx_cflags=FLAGS,
+                                    extra_ldflags=['-fopenmp'], build_directory=build)
+    except Exception as e:  # a failed build must never stop a run: Paddle's kernel does the same work
+        _state['status'] = f"Paddle's depthwise convolution (compiling {SOURCE} failed: {type(e).__name__}: " \
+                           f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''})"[:400]
+        return None
+    how = f'compiled in {time.time() - t0:.0f}s, once' if fresh else 'loaded from the cache'
+    _state['status'] = f'compiled depthwise convolution ({how}: {build})'
+    return _state['module']
+
+
+def status():
+    """One line: which depthwise convolution the programs use, and why."""
+    module()
+    return _state['status']
+
+
+def depthwise_conv(x, w, stride=1, padding=0, dilation=1):
+    """out[n, c] = sum_{kh, kw} w[c, 0, kh, kw] * x[n, c, oh*s - p + kh*d, ow*s - p + kw*d] (zero padding)."""
+    import paddle
+    import paddle.nn.functional as F
+    on_cpu = paddle.get_device() == 'cpu' and x.dtype == paddle.float32
+    m = module() if on_cpu and not _state['forced_off'] else None
+    if m is None:
+        return F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=x.shape[1])
+    return m.darts_depthwise_conv2d(x, w, int(stride), int(padding), int(dilation))
+
+
+@contextlib.contextmanager
+def _lock(path):
+    """An exclusive file lock: two processes never build into one folder at once."""
+    import fcntl
+    with open(path, 'w') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Keep the compiler's and Paddle's build chatter (Python-level and fd 1/2) out of the run's output."""
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, 'w') as null:
+        os.dup2(null.fileno(), 1)
+        os.dup2(null.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)

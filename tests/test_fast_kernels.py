@@ -1,0 +1,92 @@
+"""The compiled depthwise convolution against Paddle's kernel, and its fallback."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+import fast_kernels
+from conftest import ROOT
+
+
+@pytest.fixture
+def dygraph():
+    paddle.disable_static()
+    yield
+    paddle.enable_static()
+
+
+@pytest.fixture(scope='module')
+def compiled():
+    m = fast_kernels.module()
+    if m is None:
+        pytest.skip(fast_kernels.status())
+    return m
+
+
+# (batch, channels, size, kernel, stride, dilation): every kernel / stride / dilation the networks
+# use, batch 1, channel counts that are not a multiple of the vector width, odd and even sizes
+CASES = [(n, c, s, k, st, d) for k in (3, 5) for st in (1, 2) for d in (1, 2)
+         for n, c, s in ((1, 3, 7), (2, 17, 8))] + [(3, 1, 9, 3, 1, 1), (2, 40, 16, 5, 2, 1)]
+
+
+@pytest.mark.parametrize('n,c,size,k,stride,dilation', CASES)
+def test_forward_and_both_gradients_equal_paddles_kernel(dygraph, compiled, n, c, size, k, stride, dilation):
+    padding = dilation * (k - 1) // 2     # 'same' padding, as sep_conv and dil_conv use
+    rng = np.random.default_rng(n * 1000 + c + k)
+    x = paddle.to_tensor(rng.standard_normal((n, c, size, size)).astype('float32'), stop_gradient=False)
+    w = paddle.to_tensor(rng.standard_normal((c, 1, k, k)).astype('float32'), stop_gradient=False)
+    ref = F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=c)
+    out = compiled.darts_depthwise_conv2d(x, w, stride, padding, dilation)
+    assert out.shape == ref.shape
+    g = paddle.to_tensor(rng.standard_normal(ref.shape).astype('float32'))
+    expected = [ref] + list(paddle.grad(ref, [x, w], g))
+    actual = [out] + list(paddle.grad(out, [x, w], g))
+    for a, e, what in zip(actual, expected, ('forward', 'grad input', 'grad weight')):
+        e = e.numpy()
+        np.testing.assert_allclose(a.numpy(), e, rtol=1e-5, atol=1e-5 * np.abs(e).max(), err_msg=what)
+
+
+def test_operations_use_the_compiled_op_on_cpu_and_paddles_within_paddle_kernels(compiled):
+    from operations import ParamSet, Layout, conv
+
+    def build(ps):
+        conv(ps, 'dw', paddle.zeros([1, 4, 8, 8]), 4, 3, 1, 1, groups=4)
+    layout = Layout.record(build)
+    for forced_off, expected in ((False, 'darts_depthwise_conv2d'), (True, 'depthwise_conv2d')):
+        program = paddle.static.Program()
+        with paddle.static.program_guard(program, paddle.static.Program()):
+            x = paddle.static.data('x', [-1, 4, 8, 8], 'float32')
+            ps = ParamSet(layout, paddle.static.data('w', [layout.size], 'float32'))
+            if forced_off:
+                with fast_kernels.paddle_kernels():
+                    conv(ps, 'dw', x, 4, 3, 1, 1, groups=4)
+            else:
+                conv(ps, 'dw', x, 4, 3, 1, 1, groups=4)
+        names = [op.name() for op in program.global_block().ops]
+        assert any(name.split('.')[-1] == expected for name in names), names
+
+
+def _status_in_subprocess(env):
+    code = 'import fast_kernels; print(fast_kernels.status())'
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, **env), timeout=600)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().splitlines()
+
+
+def test_a_later_process_loads_the_cached_build(compiled):
+    lines = _status_in_subprocess({})
+    assert len(lines) == 1 and 'loaded from the cache' in lines[0], lines
+
+
+def test_without_a_compiler_paddles_kernel_is_used_and_said_so_in_one_line(tmp_path):
+    lines = _status_in_subprocess({'CXX': str(tmp_path / 'no-such-compiler'), 'PADDLE_DARTS_CACHE': str(tmp_path)})
+    assert lines == [f"Paddle's depthwise convolution (no C++ compiler: '{tmp_path / 'no-such-compiler'}' "
+                     f"not found; Debian: apt-get install g++)"]
+    assert not (tmp_path / 'kernels').exists()
+    lines = _status_in_subprocess({'PADDLE_DARTS_CUSTOM_KERNELS': '0'})
+    assert lines == ["Paddle's depthwise convolution (PADDLE_DARTS_CUSTOM_KERNELS=0)"]
