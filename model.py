@@ -125,10 +125,12 @@ def count_multiply_adds(build, image_size, **kw):
     """Multiply-adds of one image through conv and matmul ops of the built network (no
     auxiliary head): a conv output element costs C_in/groups * k * k, a matmul column `in`.
     BN, pooling, ReLU and additions are not counted (as in the official code's figure)."""
+    import fast_kernels
     from operations import ParamSet, declare
     layout = layout_of(build, image_size, auxiliary=False, **kw)
     program = paddle.static.Program()
-    with paddle.static.program_guard(program, paddle.static.Program()):
+    # Paddle's conv ops, whose shapes are read below (not the compiled depthwise op)
+    with paddle.static.program_guard(program, paddle.static.Program()), fast_kernels.paddle_kernels():
         x = paddle.static.data('x', [1, 3, image_size, image_size], 'float32')
         build(ParamSet(layout, declare('weights', [layout.size]), 'running'), x, auxiliary=False, **kw)
     total = 0
