@@ -40,6 +40,18 @@ inline void valid_columns(const Geometry& g, int64_t kw, int64_t* lo, int64_t* h
   if (*hi < *lo) *hi = *lo;
 }
 
+// For filter tap (kh, kw): f(oh, in, lo, hi) for every output row oh whose input row lies in
+// the image; output column ow in [lo, hi) reads input element in + ow * s of the plane.
+template <class F>
+inline void for_each_row(const Geometry& g, int64_t kh, int64_t kw, F f) {
+  int64_t lo, hi;
+  valid_columns(g, kw, &lo, &hi);
+  for (int64_t oh = 0; oh < g.ho; ++oh) {
+    const int64_t ih = oh * g.s - g.p + kh * g.d;
+    if (ih >= 0 && ih < g.h) f(oh, ih * g.w + kw * g.d - g.p, lo, hi);
+  }
+}
+
 void check(const paddle::Tensor& x, const paddle::Tensor& w) {
   PD_CHECK(x.is_cpu() && w.is_cpu(), "depthwise_conv2d: CPU tensors only");
   PD_CHECK(x.dtype() == paddle::DataType::FLOAT32, "depthwise_conv2d: float32 only");
@@ -69,13 +81,8 @@ std::vector<paddle::Tensor> DepthwiseForward(const paddle::Tensor& x, const padd
     for (int64_t kh = 0; kh < g.k; ++kh) {
       for (int64_t kw = 0; kw < g.k; ++kw) {
         const float wv = filt[kh * g.k + kw];
-        int64_t lo, hi;
-        valid_columns(g, kw, &lo, &hi);
-        const int64_t col_off = kw * g.d - g.p;
-        for (int64_t oh = 0; oh < g.ho; ++oh) {
-          const int64_t ih = oh * g.s - g.p + kh * g.d;
-          if (ih < 0 || ih >= g.h) continue;
-          const float* row = xin + ih * g.w + col_off;
+        for_each_row(g, kh, kw, [&](int64_t oh, int64_t in, int64_t lo, int64_t hi) {
+          const float* row = xin + in;
           float* orow = o + oh * g.wo;
           if (g.s == 1) {
 #pragma omp simd
@@ -83,7 +90,7 @@ std::vector<paddle::Tensor> DepthwiseForward(const paddle::Tensor& x, const padd
           } else {
             for (int64_t ow = lo; ow < hi; ++ow) orow[ow] += wv * row[ow * g.s];
           }
-        }
+        });
       }
     }
   }
@@ -112,13 +119,8 @@ std::vector<paddle::Tensor> DepthwiseBackward(const paddle::Tensor& x, const pad
     for (int64_t kh = 0; kh < g.k; ++kh) {
       for (int64_t kw = 0; kw < g.k; ++kw) {
         const float wv = filt[kh * g.k + kw];
-        int64_t lo, hi;
-        valid_columns(g, kw, &lo, &hi);
-        const int64_t col_off = kw * g.d - g.p;
-        for (int64_t oh = 0; oh < g.ho; ++oh) {
-          const int64_t ih = oh * g.s - g.p + kh * g.d;
-          if (ih < 0 || ih >= g.h) continue;
-          float* drow = d + ih * g.w + col_off;
+        for_each_row(g, kh, kw, [&](int64_t oh, int64_t in, int64_t lo, int64_t hi) {
+          float* drow = d + in;
           const float* grow = go + oh * g.wo;
           if (g.s == 1) {
 #pragma omp simd
@@ -126,7 +128,7 @@ std::vector<paddle::Tensor> DepthwiseBackward(const paddle::Tensor& x, const pad
           } else {
             for (int64_t ow = lo; ow < hi; ++ow) drow[ow * g.s] += wv * grow[ow];
           }
-        }
+        });
       }
     }
   }
@@ -134,17 +136,12 @@ std::vector<paddle::Tensor> DepthwiseBackward(const paddle::Tensor& x, const pad
   for (int64_t c = 0; c < g.c; ++c) {   // dw: one channel per iteration, summed over the batch
     for (int64_t kh = 0; kh < g.k; ++kh) {
       for (int64_t kw = 0; kw < g.k; ++kw) {
-        int64_t lo, hi;
-        valid_columns(g, kw, &lo, &hi);
-        const int64_t col_off = kw * g.d - g.p;
         double acc = 0.0;
         for (int64_t n = 0; n < g.n; ++n) {
           const float* xin = xp + (n * g.c + c) * in_plane;
           const float* go = gp + (n * g.c + c) * out_plane;
-          for (int64_t oh = 0; oh < g.ho; ++oh) {
-            const int64_t ih = oh * g.s - g.p + kh * g.d;
-            if (ih < 0 || ih >= g.h) continue;
-            const float* row = xin + ih * g.w + col_off;
+          for_each_row(g, kh, kw, [&](int64_t oh, int64_t in, int64_t lo, int64_t hi) {
+            const float* row = xin + in;
             const float* grow = go + oh * g.wo;
             float part = 0.0f;
             if (g.s == 1) {
@@ -154,7 +151,7 @@ std::vector<paddle::Tensor> DepthwiseBackward(const paddle::Tensor& x, const pad
               for (int64_t ow = lo; ow < hi; ++ow) part += grow[ow] * row[ow * g.s];
             }
             acc += part;
-          }
+          });
         }
         dwp[(c * g.k + kh) * g.k + kw] = static_cast<float>(acc);
       }
