@@ -237,10 +237,7 @@ def _node_block(ps, name, h, mix, c, stride, space):
         elif space.fast and spec.wide is not None:
             y = _build(op, 'wide builder', spec.wide, ps, f'{name}.{op}', src, c, stride, n,
                        (mix['gamma'][op], mix['beta'][op]))
-            want = [n * c, -(-h.shape[2] // stride), -(-h.shape[3] // stride)]
-            if list(y.shape[1:]) != want:
-                raise SearchSpaceError(f'operation {op!r} (wide builder) gave {list(y.shape[1:])}; expected {want}')
-            terms.append(y)
+            terms.append(_checked(y, op, n * c, stride, h, 'wide builder'))
         else:  # generic: each edge's op, the n outputs side by side, times the edges' weights
             outs = [_search_edge(ps, f'{name}.e{t}.{op}', op, src, c, stride) for t in range(n)]
             y = paddle.concat(outs, axis=1) if n > 1 else outs[0]
