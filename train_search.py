@@ -119,6 +119,7 @@ def search(args):
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                        arch_learning_rate=args.arch_learning_rate, arch_weight_decay=args.arch_weight_decay,
                        second_order=not args.first_order, space=space)
+    print('building the search programs (once per run; this takes a while)', flush=True)
     t0 = time.time()
     try:
         progs = build_search_programs(cfg)  # the only place programs are built
