@@ -27,15 +27,21 @@ def compiled():
     return m
 
 
-# (batch, channels, size, kernel, stride, dilation): every kernel / stride / dilation the networks
-# use, batch 1, channel counts that are not a multiple of the vector width, odd and even sizes
-CASES = [(n, c, s, k, st, d) for k in (3, 5) for st in (1, 2) for d in (1, 2)
-         for n, c, s in ((1, 3, 7), (2, 17, 8))] + [(3, 1, 9, 3, 1, 1), (2, 40, 16, 5, 2, 1)]
+# (batch, channels, size, kernel, stride, dilation, padding): every kernel / stride / dilation the
+# networks use with their 'same' padding (None), batch 1, channel counts that are not a multiple of
+# the vector width, odd and even sizes, row counts that are not a multiple of the 4-row block;
+# and at stride 1, no padding and more padding than the filter reach (the grad input then crops)
+CASES = [(n, c, s, k, st, d, None) for k in (3, 5) for st in (1, 2) for d in (1, 2)
+         for n, c, s in ((1, 3, 7), (2, 17, 8))] + [
+    (3, 1, 9, 3, 1, 1, None), (2, 40, 16, 5, 2, 1, None), (2, 5, 13, 5, 1, 2, None), (1, 2, 32, 3, 1, 1, None),
+    (2, 3, 10, 3, 1, 1, 0), (2, 3, 10, 5, 1, 2, 0), (2, 3, 9, 3, 1, 1, 3), (1, 2, 6, 5, 1, 1, 5)]
 
 
-@pytest.mark.parametrize('n,c,size,k,stride,dilation', CASES)
-def test_forward_and_both_gradients_equal_paddles_kernel(dygraph, compiled, n, c, size, k, stride, dilation):
-    padding = dilation * (k - 1) // 2     # 'same' padding, as sep_conv and dil_conv use
+@pytest.mark.parametrize('n,c,size,k,stride,dilation,padding', CASES)
+def test_forward_and_both_gradients_equal_paddles_kernel(dygraph, compiled, n, c, size, k, stride, dilation,
+                                                          padding):
+    if padding is None:
+        padding = dilation * (k - 1) // 2     # 'same' padding, as sep_conv and dil_conv use
     rng = np.random.default_rng(n * 1000 + c + k)
     x = paddle.to_tensor(rng.standard_normal((n, c, size, size)).astype('float32'), stop_gradient=False)
     w = paddle.to_tensor(rng.standard_normal((c, 1, k, k)).astype('float32'), stop_gradient=False)
