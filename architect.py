@@ -26,6 +26,14 @@ and w- (as the official code does, which runs those on the model itself); the pa
 at w' uses its own throw-away statistics ('unrolled/'), as the official code's copy
 of the model does.
 
+Guards (guards.py), built only when asked for, read per-epoch values from persistable
+tensors that the caller sets (`schedule_values`), so nothing is rebuilt:
+  DARTS-      the search network adds AUX_SKIP * skip(h) to every edge
+  beta-DARTS  g_alpha += BETA_DECAY * softmax(alpha) / E (the gradient of
+              BETA_DECAY * mean_e logsumexp(alpha_e)), per cell type, in both orders
+  RobustDARTS hessian_program: grad_alpha L_val(w, alpha_eig) at alphas set in EIG_PREFIX,
+              for `hessian_eigenvalue`
+
 Why several programs and not one: Paddle 3.3's PIR interpreter takes time quadratic
 in a program's size to prepare its first run, so five small programs start far
 faster than one large one.
@@ -45,6 +53,10 @@ R_SCALE = 0.01
 ADAM_EPS = 1e-8
 ADAM_T = 'alpha.adam_t'
 UNROLLED_BN_PREFIX = 'unrolled/'
+AUX_SKIP = 'guard/aux_skip'
+BETA_DECAY = 'guard/beta_decay'
+EIG_PREFIX = 'eig/'
+EIG_STEP = 1e-4   # finite-difference step along a unit direction of the alphas: larger steps cross ReLU and max-pool kinks, and the quotient then measures those jumps, not the curvature
 
 
 @dataclass
@@ -63,6 +75,8 @@ class SearchConfig:
     second_order: bool = True
     r_scale: float = R_SCALE  # R = r_scale / ||dw'||; the paper's 0.01
     space: SearchSpace = field(default_factory=SearchSpace)
+    beta_decay: bool = False      # build beta-DARTS' term (its weight is the tensor BETA_DECAY)
+    hessian_eigen: bool = False   # build hessian_program (RobustDARTS' eigenvalue)
 
     @property
     def arch_shapes(self):
@@ -78,6 +92,7 @@ class SearchPrograms:
     feeds: dict                        # program name -> names of the data it takes
     fetch: dict = field(default_factory=dict)        # (program name, what) -> Value
     eval_program: paddle.static.Program = None
+    hessian_program: paddle.static.Program = None
 
     @property
     def step_programs(self):
@@ -115,6 +130,16 @@ def scratch_state(layout, arch_shapes=None):
     return out
 
 
+def schedule_values(cfg, aux_skip=1.0, beta_decay=0.0):
+    """{tensor: value} of the guards' per-epoch weights that cfg's programs read."""
+    out = {}
+    if cfg.space.auxiliary_skip:
+        out[AUX_SKIP] = np.array([aux_skip], 'float32')
+    if cfg.beta_decay:
+        out[BETA_DECAY] = np.array([beta_decay], 'float32')
+    return out
+
+
 def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
     """Build every program of a search step, and the eval program, once."""
     space = cfg.space.check(cfg.init_channels)
@@ -138,8 +163,10 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
 
     def loss_at(flat, alphas, x, y, bn_stats='update', bn_prefix=''):
         ps = ParamSet(layout, flat, bn_stats, bn_prefix)
-        logits = search_network(ps, x, dict(zip(names, alphas)), cfg.init_channels, cfg.num_classes,
-                                cfg.layers, space)
+        arch = dict(zip(names, alphas))
+        if space.auxiliary_skip:
+            arch['aux_skip'] = declare(AUX_SKIP, [1])
+        logits = search_network(ps, x, arch, cfg.init_channels, cfg.num_classes, cfg.layers, space)
         return cross_entropy(logits, y), logits
 
     def alphas(trainable):
@@ -154,6 +181,10 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
         a = alphas(False)
         t = declare(ADAM_T, [1])
         t_new = t + 1.0
+        if cfg.beta_decay:
+            lam = declare(BETA_DECAY, [1])
+            alpha_grad = [gi + lam * paddle.nn.functional.softmax(ai, axis=-1) / shapes[name][0]
+                          if name.startswith('alpha_') else gi for ai, gi, name in zip(a, alpha_grad, names)]
         for ai, gi, name in zip(a, alpha_grad, names):
             m, v = declare(name + '.adam_m', shapes[name]), declare(name + '.adam_v', shapes[name])
             a_new, m_new, v_new = adam_step(ai, gi, m, v, t_new, cfg.arch_learning_rate,
@@ -223,7 +254,17 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
     with paddle.static.program_guard(eval_program, paddle.static.Program()):
         loss, logits = loss_at(declare(WEIGHTS, [p]), alphas(False), data('x'), data('y'), bn_stats='running')
         fetch['eval', 'loss'], fetch['eval', 'logits'] = loss, logits
-    return SearchPrograms(cfg, layout, programs, feeds, fetch, eval_program)
+    hessian_program = None
+    if cfg.hessian_eigen:
+        hessian_program = paddle.static.Program()
+        with paddle.static.program_guard(hessian_program, paddle.static.Program()):
+            # the alphas from EIG_PREFIX (set per direction), PC-DARTS' betas as they are
+            at = [declare(EIG_PREFIX + n, shapes[n], True) if n.startswith('alpha_') else declare(n, shapes[n])
+                  for n in names]
+            loss, _ = loss_at(declare(WEIGHTS, [p]), at, data('x'), data('y'), bn_prefix=UNROLLED_BN_PREFIX)
+            wrt = [a for a, n in zip(at, names) if n.startswith('alpha_')]
+            fetch['hessian', 'grads'] = paddle.static.gradients(loss, wrt)
+    return SearchPrograms(cfg, layout, programs, feeds, fetch, eval_program, hessian_program)
 
 
 def count_ops(program):
@@ -253,6 +294,29 @@ def run_search_step(exe, progs, batch, lr, update_arch=True):
         out.update({k[1]: r for (k, _), r in zip(wanted, results)})
     val_loss = float(out['val_loss']) if 'val_loss' in out else None
     return float(out['train_loss']), out['train_logits'], val_loss
+
+
+def hessian_eigenvalue(exe, scope, place, progs, x, y, iterations=20, seed=0):
+    """RobustDARTS' dominant (largest) eigenvalue of the Hessian of L_val(w, .) at the current
+    alphas (normal and reduce together), on the batch (x, y): Lanczos (guards.top_eigenvalue)
+    on H v ~ (grad L_val(alpha + e v) - grad L_val(alpha - e v)) / (2 e), e = EIG_STEP, so
+    2 * iterations forward-backward passes.  Returns (eigenvalue, unit eigenvector as {name: array})."""
+    from guards import top_eigenvalue
+    names = [n for n in progs.config.arch_shapes if n.startswith('alpha_')]
+    base = get_tensors(scope, names)
+    sizes = [base[n].size for n in names]
+
+    def grad_at(vec):
+        parts = np.split(vec, np.cumsum(sizes)[:-1])
+        set_tensors(scope, place, {EIG_PREFIX + n: base[n] + p.reshape(base[n].shape) for n, p in zip(names, parts)})
+        grads = exe.run(progs.hessian_program, feed={'x': x, 'y': y}, fetch_list=progs.fetch['hessian', 'grads'])
+        return np.concatenate([np.asarray(g, np.float64).reshape(-1) for g in grads])
+
+    def hessian_vector(v):
+        return (grad_at(EIG_STEP * v) - grad_at(-EIG_STEP * v)) / (2 * EIG_STEP)
+    value, v = top_eigenvalue(hessian_vector, sum(sizes), iterations, seed)
+    parts = np.split(v, np.cumsum(sizes)[:-1])
+    return value, {n: p.reshape(base[n].shape) for n, p in zip(names, parts)}
 
 
 def evaluate_batch(exe, progs, x, y):

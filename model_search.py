@@ -55,6 +55,7 @@ class SearchSpace:
     partial_channels: int = 1            # K: the mixed ops see C / K channels (1: plain DARTS)
     edge_normalization: bool = False     # PC-DARTS' betas: node i weights its edges by softmax(beta_i)
     fast: bool = True                    # wide builders where ops have them; False: the generic path only
+    auxiliary_skip: bool = False         # DARTS-: + coefficient * skip(h) on every edge, outside the softmax
 
     def __post_init__(self):
         object.__setattr__(self, 'ops', tuple(self.ops))
@@ -99,11 +100,13 @@ class SearchSpace:
             text += f'; PC-DARTS K={self.partial_channels}'
         if self.edge_normalization:
             text += ', edge normalisation'
+        if self.auxiliary_skip:
+            text += '; auxiliary skip on every edge (DARTS-)'
         return text
 
     def to_dict(self):
         return dict(primitives=list(self.ops), nodes=self.nodes, partial_channels=self.partial_channels,
-                    edge_normalization=self.edge_normalization)
+                    edge_normalization=self.edge_normalization, auxiliary_skip=self.auxiliary_skip)
 
 
 DEFAULT_SPACE = SearchSpace()
@@ -138,6 +141,7 @@ def cell_weights(arch, space, reduction):
       shared[s]  [n_j, k]         per node: the weights of the ops shared at stride s
       bypass     [1, i + 2]       per target node i, PC-DARTS with edge normalisation:
                                   softmax(beta_i), the weights of its edges' bypassed channels
+      aux        [1]              DARTS-' auxiliary skip coefficient (arch['aux_skip'], else 1)
     """
     nodes, ops = space.nodes, space.ops
     kind = 'reduce' if reduction else 'normal'
@@ -158,7 +162,9 @@ def cell_weights(arch, space, reduction):
     picked = paddle.gather(rows, paddle.to_tensor([ops.index(op) for names in groups for op in names]), axis=1)
     picked = paddle.split(picked, [len(names) for names in groups], axis=1) if len(groups) > 1 else [picked]
     out = dict(sizes=sizes, per_edge=per_edge, shared=[{} for _ in sizes], bypass=None,
-               columns=paddle.transpose(picked[0], [1, 0]) if per_edge else None)
+               columns=paddle.transpose(picked[0], [1, 0]) if per_edge else None, aux=None)
+    if space.auxiliary_skip:
+        out['aux'] = arch['aux_skip'] if 'aux_skip' in arch else paddle.ones([1])
     for s, ws in zip(shared, picked[bool(per_edge):]):
         for node, w_node in zip(out['shared'], paddle.split(ws, sizes)):
             node[s] = w_node
@@ -180,7 +186,7 @@ def mixture_weights(weights, c):
     Built once per (cell type, c) and shared by every cell with that type and width.
     """
     sizes, per_edge = weights['sizes'], weights['per_edge']
-    out = [dict(n=n, gamma={}, beta={}, shared=sh) for n, sh in zip(sizes, weights['shared'])]
+    out = [dict(n=n, gamma={}, beta={}, shared=sh, aux=weights['aux']) for n, sh in zip(sizes, weights['shared'])]
     if per_edge:
         per_channel = paddle.repeat_interleave(weights['columns'], c, axis=1)
         gammas = paddle.split(per_channel, [n * c for n in sizes], axis=1)
@@ -223,8 +229,8 @@ def _search_edge(ps, name, op, src, c, stride):
 
 
 def _node_block(ps, name, h, mix, c, stride, space):
-    """sum_o w_o * o(h) for every edge leaving h: [N, n * C, H', W'], edge t in channels
-    [t * C, (t + 1) * C), n = the number of edges leaving h."""
+    """sum_o w_o * o(h) [+ a * skip(h), DARTS-] for every edge leaving h: [N, n * C, H', W'],
+    edge t in channels [t * C, (t + 1) * C), n = the number of edges leaving h."""
     n = mix['n']
     src = Source(h, n)
     shared, terms = [], []
@@ -248,6 +254,10 @@ def _node_block(ps, name, h, mix, c, stride, space):
         mixed = paddle.matmul(mix['shared'][stride], paddle.reshape(paddle.stack(shared, axis=1),
                                                                     [-1, len(shared), c * hh * ww]))
         terms.append(paddle.reshape(mixed, [-1, n * c, hh, ww]))
+    if mix['aux'] is not None:  # DARTS-: identity (a non-affine factorized reduce at stride 2) per edge
+        aux = paddle.tile(h, [1, n, 1, 1]) if stride == 1 else factorized_reduce(
+            ps, f'{name}.aux_skip', src.relu, c, False, copies=n)
+        terms.append(aux * mix['aux'])
     return sum_all(terms)
 
 

@@ -7,8 +7,13 @@ MNIST / Fashion-MNIST, or your own images (class folders or a CSV file).
 
 The search uses the training data only (its two halves: search-train and search-val);
 the test split is never seen.  Writes RUN_DIR/{args.json, data.json (class names),
-log.txt, checkpoint.npz, genotype.json, history.jsonl}.  A folder whose run stopped
-before its first checkpoint is continued by --resume from the beginning.
+log.txt, checkpoint.npz, genotype.json, history.jsonl, result.json at the end}, and with --max_skip
+genotype_raw.json, with --early_stop early_stop.json once it stops.  A folder whose run
+stopped before its first checkpoint is continued by --resume from the beginning.
+
+Collapse: every epoch logs the derived cells' skip / parameter-free op counts and the
+alphas' entropy; the guards --max_skip, --auxiliary_skip, --beta_decay, --early_stop and
+the diagnostic --hessian_eigen_every are described in guards.py and the README.
 """
 import argparse
 import json
@@ -21,11 +26,13 @@ import utils  # first: sets Paddle's environment flags before paddle is imported
 import datasets
 import fast_kernels
 import genotypes
+import guards
 from reader import ArrayBatches, search_split
 from utils import UserError
 
 # Flags a resumed run may change; everything else is taken from the run's args.json.
-RESUMABLE_OVERRIDES = ('epochs', 'device', 'no_custom_kernels', 'num_workers', 'report_freq', 'data', 'test_data', 'cache_dir')
+RESUMABLE_OVERRIDES = ('epochs', 'device', 'no_custom_kernels', 'num_workers', 'report_freq', 'data', 'test_data',
+                       'cache_dir', 'continue_stopped')
 
 # --preset NAME: a published method's settings as defaults (flags given explicitly still win).
 PRESETS = {
@@ -68,6 +75,23 @@ def parse_args(argv=None):
       help='PC-DARTS without the per-node edge weights softmax(beta)')
     a('--arch_warmup_epochs', type=int, default=0,
       help='train the weights only (no alpha/beta steps) for the first N epochs (PC-DARTS: 15)')
+    g = p.add_argument_group('collapse guards and diagnostics (all off by default; see the README)')
+    g.add_argument('--max_skip', type=int, default=None, metavar='N',
+                   help='P-DARTS: the derived normal cell keeps at most N skip connections (paper: 2); '
+                        'genotype.json is the limited cell, genotype_raw.json the unlimited one')
+    g.add_argument('--auxiliary_skip', action='store_true',
+                   help='DARTS-: an extra skip on every edge, outside the softmax, weighted 1 -> 0 over the epochs')
+    g.add_argument('--beta_decay', type=float, default=None, metavar='LAMBDA',
+                   help='beta-DARTS: add lambda_t * mean_e logsumexp(alpha_e) per cell to the alpha loss, '
+                        'lambda_t = LAMBDA * epoch / epochs (paper: 50)')
+    g.add_argument('--early_stop', default=None, metavar='RULE',
+                   help='DARTS+: skip:N stops once the normal cell has N skips and keeps the epoch before; '
+                        'stable:K stops once the ranking of the parametric ops has not changed for K epochs')
+    g.add_argument('--continue_stopped', action='store_true',
+                   help='with --resume: go on searching after an early stop (the rule is then off)')
+    g.add_argument('--hessian_eigen_every', type=int, default=0, metavar='N',
+                   help='RobustDARTS: every N epochs, the dominant eigenvalue of the Hessian of L_val w.r.t. '
+                        'alpha (Lanczos on finite-difference Hessian-vector products: 40 passes on one search-val batch; 0: never)')
     a('--device', default='auto', choices=['auto', 'gpu', 'cpu'], help='auto: the GPU when there is one')
     a('--no_custom_kernels', action='store_true',
       help="Paddle's own depthwise convolution instead of the compiled one (CPU; see fast_kernels.py)")
@@ -89,6 +113,14 @@ def parse_args(argv=None):
         p.error('--layers must be at least 2: the search learns a normal and a reduction cell')
     if args.arch_warmup_epochs < 0:
         p.error('--arch_warmup_epochs must be at least 0')
+    for name in ('max_skip', 'beta_decay', 'hessian_eigen_every'):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            p.error(f'--{name} must be at least 0')
+    if args.early_stop is not None:
+        try:
+            guards.EarlyStop(args.early_stop)
+        except ValueError as e:
+            p.error(str(e))
     if not 0 < args.train_portion < 1:
         p.error('--train_portion must be between 0 and 1')
     return args
@@ -109,16 +141,17 @@ def search(args):
                         f'({len(search_train)} train / {len(search_val)} val images)')
 
     import paddle
-    from architect import (SearchConfig, build_search_programs, count_ops, get_tensors, initial_state,
-                           run_search_step, scratch_state, set_tensors, softmax)
-    from model_search import SearchSpaceError, derive_genotype, normalized_betas_numpy
+    from architect import (SearchConfig, build_search_programs, count_ops, get_tensors, hessian_eigenvalue,
+                           initial_state, run_search_step, schedule_values, scratch_state, set_tensors, softmax)
+    from model_search import SearchSpaceError, derive_genotype, edge_weights_numpy, normalized_betas_numpy
     place = utils.select_place(args.device, not args.no_custom_kernels)
     paddle.enable_static()
     cfg = SearchConfig(init_channels=args.init_channels, layers=args.layers, num_classes=data.num_classes,
                        image_size=data.image_size, in_channels=data.channels, momentum=args.momentum,
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                        arch_learning_rate=args.arch_learning_rate, arch_weight_decay=args.arch_weight_decay,
-                       second_order=not args.first_order, space=space)
+                       second_order=not args.first_order, space=space, beta_decay=bool(args.beta_decay),
+                       hessian_eigen=args.hessian_eigen_every > 0)
     print('building the search programs (once per run; this takes a while)', flush=True)
     t0 = time.time()
     try:
@@ -155,6 +188,20 @@ def search(args):
         log(f'resumed from epoch {meta["epoch"] + 1} of {args.epochs}')
     elif args.resume:
         log('no checkpoint yet: starting from the beginning with the saved flags')
+    early_stop = guards.EarlyStop(args.early_stop) if args.early_stop else None
+    stop_path = os.path.join(run_dir, 'early_stop.json')
+    if os.path.isfile(stop_path):
+        stopped = utils.read_json(stop_path)
+        if not args.continue_stopped:
+            log(f'this search stopped early at epoch {stopped["stopped_at"]} ({stopped["reason"]}); its genotype '
+                f'(epoch {stopped["chosen_epoch"]}) is in {os.path.join(run_dir, "genotype.json")}; '
+                f'search on with --resume {run_dir} --continue_stopped')
+            return run_dir
+        os.replace(stop_path, os.path.join(run_dir, 'early_stop_overridden.json'))
+    if os.path.isfile(os.path.join(run_dir, 'early_stop_overridden.json')):
+        if early_stop:
+            log(f'--early_stop {args.early_stop} is off: this search was continued after it stopped')
+        early_stop = None
 
     def batches(indices, **kw):
         return ArrayBatches(data.train_x[indices], data.train_y[indices], mean=data.mean, std=data.std, **kw)
@@ -163,16 +210,21 @@ def search(args):
     train_batches = batches(search_train, stream=0, **augmented)
     val_batches = batches(search_val, stream=1, **augmented)
     val_eval = batches(search_val, batch_size=max(args.batch_size, 256), shuffle=False, augment=False)
+    eigen_batch = None
 
     with paddle.static.scope_guard(scope):
         set_tensors(scope, place, {**state, **scratch_state(progs.layout, cfg.arch_shapes)})
         steps = min(len(train_batches), len(val_batches))
+        saved = history[-1] if history else None   # the last epoch on disk (checkpoint, genotype)
         if start_epoch == 0:
             log('the first step also prepares the programs (Paddle does this once, it takes a while)')
         for epoch in range(start_epoch, args.epochs):
             lr = utils.cosine_lr(epoch, args.epochs, args.learning_rate, args.learning_rate_min)
             t_epoch, seen, loss_sum, correct = time.time(), 0, 0.0, 0
             update_arch = epoch >= args.arch_warmup_epochs
+            schedule = dict(aux_skip=guards.auxiliary_skip_coefficient(epoch, args.epochs),
+                            beta_decay=guards.beta_decay_weight(args.beta_decay or 0.0, epoch, args.epochs))
+            set_tensors(scope, place, schedule_values(cfg, **schedule))  # fed each epoch, never rebuilt
             if not update_arch:
                 log(f'epoch {epoch + 1}: warm-up, weights only (architecture steps from epoch '
                     f'{args.arch_warmup_epochs + 1})')
@@ -191,27 +243,66 @@ def search(args):
             train_time = time.time() - t_epoch
             val_loss, val_acc = _evaluate(exe, progs, val_eval)
             arch = get_tensors(scope, list(cfg.arch_shapes))
-            genotype = derive_genotype(arch, space)
+            raw = genotype = derive_genotype(arch, space)
             record = dict(epoch=epoch + 1, lr=lr, train_loss=loss_sum / seen, train_acc=correct / seen,
                           val_loss=val_loss, val_acc=val_acc, images_per_sec=seen / train_time,
                           epoch_time=time.time() - t_epoch, arch_updates=update_arch,
-                          genotype=genotypes.to_dict(genotype))
+                          genotype=genotypes.to_dict(genotype), **guards.diagnostics(arch, genotype))
+            if args.auxiliary_skip:
+                record['aux_skip'] = schedule['aux_skip']
+            if args.beta_decay:
+                record['beta_decay_weight'] = schedule['beta_decay']
+            if args.max_skip is not None:
+                normal, zeroed = guards.limit_skips(edge_weights_numpy(arch, space, 'normal'), args.max_skip,
+                                                    space.nodes, space.ops)
+                genotype = raw._replace(normal=normal)
+                record.update(genotype_limited=genotypes.to_dict(genotype), skips_removed=len(zeroed))
+            if args.hessian_eigen_every and (epoch + 1) % args.hessian_eigen_every == 0:
+                if eigen_batch is None:  # the same unaugmented search-val batch every time
+                    x, y = next(iter(val_eval.epoch(0)))
+                    eigen_batch = x[:args.batch_size], y[:args.batch_size]
+                t_eig = time.time()
+                record['hessian_eigenvalue'] = hessian_eigenvalue(exe, scope, place, progs, *eigen_batch)[0]
+                record['hessian_seconds'] = time.time() - t_eig
             for kind in ('normal', 'reduce'):  # softmax(alpha): rows = edges, columns = --primitives
                 record['alpha_' + kind] = softmax(arch['alpha_' + kind]).round(6).tolist()
                 if space.edge_normalization:
                     record['beta_' + kind] = normalized_betas_numpy(arch['beta_' + kind], space.nodes).round(6).tolist()
             history.append(record)
+            stop = early_stop.check(history, space.ops) if early_stop else None
+            if stop and stop['chosen_epoch'] < epoch + 1:
+                # the checkpoint, history and genotype on disk are the chosen (previous) epoch's
+                utils.write_json(stop_path, dict(stop, collapsed_genotype=genotypes.to_dict(genotype)))
+                log(f'epoch {epoch + 1}: {guards.describe(record, len(space.ops))}')
+                log(f'early stop (--early_stop {args.early_stop}): {stop["reason"]}; keeping epoch '
+                    f'{stop["chosen_epoch"]}\'s checkpoint and genotype')
+                break
             names = list(state)
             utils.save_checkpoint(ckpt_path, get_tensors(scope, names),
                                   dict(epoch=epoch, history=history, seed=args.seed,
                                        note='data order and augmentation are seeded by (seed, epoch, batch)'))
             with open(os.path.join(run_dir, 'history.jsonl'), 'a') as f:
                 f.write(json.dumps(record) + '\n')
-            genotypes.save(genotype, os.path.join(run_dir, 'genotype.json'), space.to_dict())
+            saved_with = dict(space.to_dict(), guards=guard_settings(args))
+            if args.max_skip is not None:
+                genotypes.save(raw, os.path.join(run_dir, 'genotype_raw.json'), saved_with)
+            genotypes.save(genotype, os.path.join(run_dir, 'genotype.json'), saved_with)
+            saved = record
             log(f'epoch {epoch + 1}/{args.epochs} lr {lr:.5f} train loss {record["train_loss"]:.4f} '
                 f'top1 {100 * record["train_acc"]:.2f}% | search-val loss {val_loss:.4f} top1 {100 * val_acc:.2f}% '
                 f'| {record["images_per_sec"]:.1f} img/s, epoch {record["epoch_time"]:.1f}s')
+            log(guards.describe(record, len(space.ops)))
+            if args.max_skip is not None and record['skips_removed']:
+                log(f'genotype (unlimited) = {raw}')
             log(f'genotype = {genotype}')
+            if stop:
+                utils.write_json(stop_path, dict(stop, collapsed_genotype=None))
+                log(f'early stop (--early_stop {args.early_stop}): {stop["reason"]}; keeping this epoch')
+                break
+    if saved is not None:
+        utils.write_json(os.path.join(run_dir, 'result.json'), dict(
+            epoch=saved['epoch'], epochs=args.epochs, search_val_top1=saved['val_acc'],
+            genotype=saved.get('genotype_limited', saved['genotype']), early_stop=os.path.isfile(stop_path)))
     log(f'done: genotype in {os.path.join(run_dir, "genotype.json")}')
     return run_dir
 
@@ -219,13 +310,25 @@ def search(args):
 def search_space(args):
     """The SearchSpace the flags describe; a bad op list or setting is one line."""
     from model_search import SearchSpace, SearchSpaceError
+    from operations import lookup
     ops = tuple(op.strip() for op in args.primitives.split(',') if op.strip())
     space = SearchSpace(ops=ops, nodes=args.nodes, partial_channels=args.partial_channels,
-                        edge_normalization=args.partial_channels > 1 and not args.no_edge_normalization)
+                        edge_normalization=args.partial_channels > 1 and not args.no_edge_normalization,
+                        auxiliary_skip=args.auxiliary_skip)
     try:
-        return space.check(args.init_channels)
+        space.check(args.init_channels)
     except SearchSpaceError as e:
         raise UserError(f'--primitives/--nodes/--partial_channels: {e}') from None
+    if args.max_skip is not None and guards.SKIP in ops and not any(
+            op != guards.SKIP and not lookup(op).zero for op in ops):
+        raise UserError(f'--max_skip needs an op other than {guards.SKIP} and none in --primitives')
+    return space
+
+
+def guard_settings(args):
+    """The guards a search ran with (saved beside its genotype)."""
+    return dict(max_skip=args.max_skip, auxiliary_skip=args.auxiliary_skip, beta_decay=args.beta_decay,
+                early_stop=args.early_stop)
 
 
 def _evaluate(exe, progs, batches):

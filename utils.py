@@ -199,6 +199,15 @@ def load_checkpoint(path):
     return arrays, meta
 
 
+def read_json(path):
+    """A JSON file the project wrote; unreadable is one line."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f'cannot read {path}: {e}') from None
+
+
 def write_json(path, obj):
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:

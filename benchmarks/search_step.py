@@ -3,6 +3,7 @@
     python benchmarks/search_step.py --batch_size 16 --init_channels 8 --layers 5 --image_size 32
     python benchmarks/search_step.py --partial_channels 4          # PC-DARTS, K = 4
     python benchmarks/search_step.py --primitives none,skip_connect,sep_conv_3x3,mb_conv_3x3
+    python benchmarks/search_step.py --auxiliary_skip --beta_decay --hessian_eigen   # the guards' costs
 
 Each order runs in its own process so its peak resident memory (ru_maxrss) is its own.
 Reported: build time, time to the end of the first step (Paddle prepares each program
@@ -25,23 +26,26 @@ def measure(args, second_order):
     import numpy as np
     import utils  # noqa: F401  (environment flags)
     import paddle
-    from architect import (SearchConfig, build_search_programs, count_ops, initial_state,
-                           run_search_step, scratch_state, set_tensors)
+    from architect import (SearchConfig, build_search_programs, count_ops, hessian_eigenvalue, initial_state,
+                           run_search_step, schedule_values, scratch_state, set_tensors)
     from model_search import SearchSpace
     from operations import stem_reductions
     paddle.enable_static()
     place = utils.select_place(args.device)
     space = SearchSpace(ops=tuple(args.primitives.split(',')), nodes=args.nodes, partial_channels=args.partial_channels,
-                        edge_normalization=args.partial_channels > 1, fast=not args.generic)
+                        edge_normalization=args.partial_channels > 1, fast=not args.generic,
+                        auxiliary_skip=args.auxiliary_skip)
     cfg = SearchConfig(init_channels=args.init_channels, layers=args.layers, image_size=args.image_size,
-                       second_order=second_order, space=space)
+                       second_order=second_order, space=space, beta_decay=args.beta_decay,
+                       hessian_eigen=args.hessian_eigen)
     t0 = time.time()
     progs = build_search_programs(cfg)
     build = time.time() - t0
     exe = paddle.static.Executor(place)
     scope = paddle.static.global_scope()
     set_tensors(scope, place, {**initial_state(progs.layout, 0, cfg.arch_shapes),
-                               **scratch_state(progs.layout, cfg.arch_shapes)})
+                               **scratch_state(progs.layout, cfg.arch_shapes),
+                               **schedule_values(cfg, aux_skip=0.5, beta_decay=10.0)})
     rng = np.random.default_rng(0)
     b, s = args.batch_size, args.image_size
     batch = dict(train_x=rng.standard_normal((b, 3, s, s)).astype('float32'), train_y=rng.integers(0, 10, b),
@@ -52,13 +56,19 @@ def measure(args, second_order):
         run_search_step(exe, progs, batch, 0.025)
         times.append(time.time() - t)
     timed = times[args.warmup:]
+    eigen = {}
+    if args.hessian_eigen:   # one estimate as train_search.py runs it (20 products), the first preparing
+        for what in ('hessian_eigen_first_seconds', 'hessian_eigen_seconds'):
+            t = time.time()
+            hessian_eigenvalue(exe, scope, place, progs, batch['val_x'], batch['val_y'])
+            eigen[what] = time.time() - t
     import fast_kernels
     return dict(order='second' if second_order else 'first', seconds_per_step_median=statistics.median(timed),
                 depthwise=fast_kernels.status(),
                 seconds_per_step_min=min(timed), steps_timed=len(timed), first_step_seconds=times[0],
                 build_seconds=build, ops=sum(count_ops(p) for p in progs.programs.values()),
                 weights=progs.layout.size, stem_reductions=stem_reductions(args.image_size),
-                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **eigen)
 
 
 def main():
@@ -73,6 +83,9 @@ def main():
     p.add_argument('--partial_channels', type=int, default=1, help='PC-DARTS K (with edge normalisation when > 1)')
     p.add_argument('--generic', action='store_true', help='every op on the generic per-edge path (no wide builders)')
     p.add_argument('--no_custom_kernels', action='store_true', help="Paddle's depthwise convolution (fast_kernels off)")
+    p.add_argument('--auxiliary_skip', action='store_true', help='DARTS-: the auxiliary skip on every edge')
+    p.add_argument('--beta_decay', action='store_true', help='beta-DARTS: the regularisation in the alpha step')
+    p.add_argument('--hessian_eigen', action='store_true', help='also time one Hessian eigenvalue estimate')
     p.add_argument('--steps', type=int, default=10)
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--order', choices=['first', 'second', 'both'], default='both')
@@ -89,14 +102,16 @@ def main():
         cmd = [sys.executable, __file__, '--_child', order] + [
             f'--{k}={getattr(args, k)}' for k in ('batch_size', 'init_channels', 'layers', 'image_size',
                                                    'steps', 'warmup', 'device', 'primitives', 'nodes',
-                                                   'partial_channels')] + ['--generic'] * args.generic
+                                                   'partial_channels')] + ['--generic'] * args.generic + [
+            f'--{k}' for k in ('auxiliary_skip', 'beta_decay', 'hessian_eigen') if getattr(args, k)]
         env = dict(os.environ, PADDLE_DARTS_CUSTOM_KERNELS='0') if args.no_custom_kernels else None
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
     report = dict(config=dict(batch_size=args.batch_size, init_channels=args.init_channels, layers=args.layers,
                               image_size=args.image_size, device=args.device, threads=os.cpu_count(),
                               primitives=args.primitives, nodes=args.nodes, partial_channels=args.partial_channels,
-                              generic=args.generic, custom_kernels=not args.no_custom_kernels),
+                              generic=args.generic, custom_kernels=not args.no_custom_kernels,
+                              auxiliary_skip=args.auxiliary_skip, beta_decay=args.beta_decay),
                   results=results)
     if len(results) == 2:
         report['second_over_first'] = results[1]['seconds_per_step_median'] / results[0]['seconds_per_step_median']

@@ -7,7 +7,7 @@ import pytest
 import fast_kernels
 
 from architect import (MOMENTUM, WEIGHTS, SearchConfig, build_search_programs, count_ops, get_tensors,
-                       initial_state, run_search_step, scratch_state, set_tensors)
+                       initial_state, run_search_step, schedule_values, scratch_state, set_tensors)
 from model_search import SearchSpace, cross_entropy, search_network
 from operations import ParamSet
 
@@ -15,6 +15,10 @@ CFG = SearchConfig(init_channels=4, layers=3, image_size=8, second_order=True)
 # PC-DARTS: a quarter of the channels through the mixed ops, betas learned with the alphas
 PC_CFG = SearchConfig(init_channels=8, layers=3, image_size=8, second_order=True,
                       space=SearchSpace(partial_channels=4, edge_normalization=True, nodes=3))
+# DARTS- and beta-DARTS on: the auxiliary skip in the network, the beta-decay gradient in g_alpha
+GUARD_CFG = SearchConfig(init_channels=4, layers=2, image_size=8, second_order=True, beta_decay=True,
+                         space=SearchSpace(nodes=2, auxiliary_skip=True))
+AUX_SKIP, BETA_DECAY = 0.7, 3.0
 LR = 0.05
 BATCH = 6
 
@@ -26,12 +30,13 @@ def _step(name):
     """One second-order step of the static programs from a non-trivial state, paper's R
     (cached: the step-equality test reuses the fixture's runs)."""
     if name not in _STEPS:
-        cfg, custom_kernels = dict(darts=(CFG, True), pc_darts=(PC_CFG, True), paddle_kernels=(CFG, False))[name]
+        cfg, custom_kernels = dict(darts=(CFG, True), pc_darts=(PC_CFG, True), paddle_kernels=(CFG, False),
+                                   guards=(GUARD_CFG, True))[name]
         _STEPS[name] = _run_step(cfg, custom_kernels)
     return _STEPS[name]
 
 
-@pytest.fixture(scope='module', params=['darts', 'pc_darts', 'paddle_kernels'])
+@pytest.fixture(scope='module', params=['darts', 'pc_darts', 'paddle_kernels', 'guards'])
 def step(request):
     return _step(request.param)
 
@@ -65,7 +70,8 @@ def _run_step(cfg, custom_kernels=True):
     exe = paddle.static.Executor(place)
     ops_before = {k: count_ops(p) for k, p in progs.programs.items()}
     with paddle.static.scope_guard(scope):
-        set_tensors(scope, place, {**state, **scratch_state(progs.layout, cfg.arch_shapes)})
+        set_tensors(scope, place, {**state, **scratch_state(progs.layout, cfg.arch_shapes),
+                                   **schedule_values(cfg, AUX_SKIP, BETA_DECAY)})
         run_search_step(exe, progs, batch, LR)
         names = [f'arch/{w}_{n}' for w in ('dalpha', 'hessian', 'grad') for n in cfg.arch_shapes]
         after = get_tensors(scope, names + [WEIGHTS, MOMENTUM, 'arch/r', 'arch/w_prime', *cfg.arch_shapes])
@@ -83,7 +89,10 @@ def _reference(progs, state, batch, dtype='float32'):
         x_val, y_val = t(batch['val_x']), paddle.to_tensor(batch['val_y'])
 
         def loss(w, alphas, x, y):
-            return cross_entropy(search_network(ParamSet(layout, w, 'update'), x, dict(zip(names, alphas)),
+            arch = dict(zip(names, alphas))
+            if cfg.space.auxiliary_skip:
+                arch['aux_skip'] = t([AUX_SKIP])
+            return cross_entropy(search_network(ParamSet(layout, w, 'update'), x, arch,
                                                 cfg.init_channels, cfg.num_classes, cfg.layers, cfg.space), y)
 
         w, v = t(state[WEIGHTS], True), t(state[MOMENTUM])
@@ -97,6 +106,9 @@ def _reference(progs, state, batch, dtype='float32'):
         g_minus = paddle.grad(loss(t((w - r * dw).numpy()), alphas, x_tr, y_tr), alphas)
         hessian = [((p - m) / (2 * r)).numpy() for p, m in zip(g_plus, g_minus)]
         g_alpha = [d.numpy() - LR * h for d, h in zip(dalpha, hessian)]
+        if cfg.beta_decay:  # + lambda * grad of beta-DARTS' mean_e logsumexp_o(alpha_e), per cell type
+            g_alpha = [ga + BETA_DECAY * paddle.grad(paddle.logsumexp(a, axis=-1).mean(), a)[0].numpy()
+                       if n.startswith('alpha_') else ga for ga, a, n in zip(g_alpha, alphas, names)]
         first_order = [a.numpy() for a in paddle.grad(loss(w, alphas, x_val, y_val), alphas)]
 
         # Adam, first step (t = 1), L2 weight decay
@@ -177,7 +189,8 @@ def test_finite_difference_is_the_directional_derivative_of_the_alpha_gradient(s
         alphas = [t(state[n], True) for n in names]
 
         def grad_alpha(w):
-            logits = search_network(ParamSet(layout, t(w), 'update'), t(batch['train_x']), dict(zip(names, alphas)),
+            arch = dict(zip(names, alphas), **({'aux_skip': t([AUX_SKIP])} if cfg.space.auxiliary_skip else {}))
+            logits = search_network(ParamSet(layout, t(w), 'update'), t(batch['train_x']), arch,
                                     cfg.init_channels, cfg.num_classes, cfg.layers, cfg.space)
             return [g.numpy() for g in paddle.grad(cross_entropy(logits, paddle.to_tensor(batch['train_y'])), alphas)]
 
