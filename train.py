@@ -8,7 +8,9 @@ digits, MNIST / Fashion-MNIST, or your own images (class folders or a CSV file).
     python train.py --predict runs/eval-X/inference/model a.png b.jpg     # path, class name, probability
 
 Writes RUN_DIR/{args.json, data.json, log.txt, checkpoint.npz, best.npz, history.jsonl,
-confusion.json, inference/}.  A folder whose run stopped before its first checkpoint
+confusion.json, result.json, inference/}.  With --val_fraction F the run trains on the rest
+of the training images and is evaluated on those F (a validation split for choosing between
+cells, as protocol.py does); the test set is then left alone.  A folder whose run stopped before its first checkpoint
 is continued by --resume from the beginning, with its saved flags.
 """
 import argparse
@@ -41,6 +43,8 @@ def parse_args(argv=None):
     a('--auxiliary_weight', type=float, default=0.4)
     a('--cutout_length', type=int, default=16, help='0: no cutout')
     a('--drop_path_prob', type=float, default=0.2, help='reached linearly at the last epoch')
+    a('--val_fraction', type=float, default=0.0, metavar='F',
+      help='evaluate on a stratified hold-out of F of the training images instead of the test set (0: test set)')
     a('--device', default='auto', choices=['auto', 'gpu', 'cpu'])
     a('--no_custom_kernels', action='store_true',
       help="Paddle's own depthwise convolution instead of the compiled one (CPU; see fast_kernels.py)")
@@ -58,20 +62,31 @@ def parse_args(argv=None):
     for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'report_freq'):
         if getattr(args, name) < 1:
             p.error(f'--{name} must be at least 1')
+    if not 0 <= args.val_fraction < 1:
+        p.error('--val_fraction must be at least 0 and below 1')
     return args
 
 
 def array_data(args, for_eval, say):
     """Batches from a data set held as arrays (datasets.load): random crop, flip, cutout."""
     data = datasets.load(args, args.num_workers, say)
-    if not for_eval and args.batch_size > len(data.train_x):
-        raise UserError(f'--batch_size {args.batch_size} is larger than the training set ({len(data.train_x)} images)')
+    train_x, train_y, eval_x, eval_y, eval_split = data.train_x, data.train_y, data.test_x, data.test_y, 'test'
+    fraction = getattr(args, 'val_fraction', 0.0)
+    if fraction > 0 and not for_eval:  # choose cells on held-out training images, never on the test set
+        tr, va = datasets.holdout_split(data.train_y, fraction)
+        train_x, train_y, eval_x, eval_y, eval_split = data.train_x[tr], data.train_y[tr], \
+            data.train_x[va], data.train_y[va], 'validation'
+    if not for_eval and args.batch_size > len(train_x):
+        raise UserError(f'--batch_size {args.batch_size} is larger than the training set ({len(train_x)} images)')
     train = None if for_eval else ArrayBatches(
-        data.train_x, data.train_y, args.batch_size, data.mean, data.std, shuffle=True, augment=True, seed=args.seed,
+        train_x, train_y, args.batch_size, data.mean, data.std, shuffle=True, augment=True, seed=args.seed,
         num_workers=args.num_workers, drop_last=True, cutout=args.cutout_length, flip=data.flip)
-    test = ArrayBatches(data.test_x, data.test_y, max(args.batch_size, 256), data.mean, data.std, shuffle=False,
+    test = ArrayBatches(eval_x, eval_y, max(args.batch_size, 256), data.mean, data.std, shuffle=False,
                         augment=False)
-    return training.Split(train, test, dict(data.meta(), resize='short_side_crop', describe=data.describe()))
+    describe = data.describe() + (f'; evaluated on a {fraction:.0%} validation hold-out of the training images'
+                                  if eval_split == 'validation' else '')
+    return training.Split(train, test, dict(data.meta(), resize='short_side_crop', describe=describe,
+                                            eval_split=eval_split))
 
 
 TASK = training.Task(

@@ -185,7 +185,9 @@ def fit(task, args):
     from model import count_parameters
     log(f'run folder {run_dir}; genotype {genotype}')
     log(f'data: {split.info["describe"]}')
-    log(f'{count_parameters(progs["layout"]) / 1e6:.3f}M parameters (auxiliary head excluded); '
+    parameters = count_parameters(progs['layout'])
+    eval_split = split.info.get('eval_split', 'test')
+    log(f'{parameters / 1e6:.3f}M parameters (auxiliary head excluded); '
         f'programs built in {time.time() - t0:.1f}s')
     log(f'depthwise convolution: {fast_kernels.status()}')
 
@@ -238,7 +240,7 @@ def fit(task, args):
             with open(os.path.join(run_dir, 'history.jsonl'), 'w') as f:
                 f.writelines(json.dumps(r) + '\n' for r in history)
             log(f'epoch {epoch + 1}/{args.epochs} lr {lr:.5f} drop_path {drop_prob:.3f} train loss '
-                f'{record["train_loss"]:.4f} top1 {100 * record["train_acc"]:.2f}% | test loss {test_loss:.4f} '
+                f'{record["train_loss"]:.4f} top1 {100 * record["train_acc"]:.2f}% | {eval_split} loss {test_loss:.4f} '
                 f'top1 {100 * top1:.2f}% top5 {100 * top5:.2f}% (best {100 * best:.2f}%) | '
                 f'{record["images_per_sec"]:.1f} img/s, {record["epoch_time"]:.1f}s')
         best_arrays, best_meta = utils.load_checkpoint(os.path.join(run_dir, 'best.npz'))
@@ -247,10 +249,13 @@ def fit(task, args):
         for line in confusion_report(confusion, split.info['classes']):
             log(line)
         utils.write_json(os.path.join(run_dir, 'confusion.json'),
-                         dict(split='test', epoch=best_meta['epoch'] + 1, classes=split.info['classes'],
+                         dict(split=eval_split, epoch=best_meta['epoch'] + 1, classes=split.info['classes'],
                               matrix=confusion.tolist()))
         exported = export_inference(exe, progs, run_dir, split.info)
-    log(f'done: best test top-1 {100 * best:.2f}% (checkpoint {os.path.join(run_dir, "best.npz")}); '
+    utils.write_json(os.path.join(run_dir, 'result.json'), dict(
+        best_top1=best, best_epoch=best_meta['epoch'] + 1, eval_split=eval_split, parameters=parameters,
+        epochs=args.epochs, genotype=genotypes.to_dict(genotype)))
+    log(f'done: best {eval_split} top-1 {100 * best:.2f}% (checkpoint {os.path.join(run_dir, "best.npz")}); '
         f'inference model {exported}; classify images with: python train.py --predict {exported} IMAGE...')
     return run_dir
 

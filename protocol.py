@@ -1,0 +1,230 @@
+"""The DARTS paper's selection protocol: one search per seed, a short retrain of each cell from
+scratch, and the cell that retrains best on validation data picked.
+
+    python protocol.py --seeds 4 --save runs/protocol --dataset digits --epochs 10 --retrain_epochs 20
+    python protocol.py --seeds 4 --save runs/protocol --data ./data             # CIFAR-10: days on a CPU
+    python protocol.py --seeds 2,5 --save runs/p --dataset folder --data ./parts --first_order --max_skip 2
+
+Liu et al. (2018) ran the search four times and chose by a 100-epoch retrain of a smaller
+network; their code leaves this to the user.  Here, for each seed s:
+
+  search   train_search.py --seed s --save OUT/search-s  [every flag not listed below]
+  retrain  train.py --genotype_file OUT/search-s/genotype.json --seed s --save OUT/retrain-s
+           --epochs RETRAIN_EPOCHS --layers RETRAIN_LAYERS --init_channels RETRAIN_INIT_CHANNELS
+           --batch_size RETRAIN_BATCH_SIZE --val_fraction VAL_FRACTION [RETRAIN_FLAGS],
+           with the search's data, device and worker flags
+
+The retrains are evaluated on a stratified hold-out of the training images (--val_fraction),
+never on the test set, so choosing between cells does not look at the test data.  Then
+OUT/summary.json, OUT/summary.md (a table with mean and standard deviation) and
+OUT/summary.png.  Interrupted, the same command continues: finished runs are kept, an
+unfinished one is resumed from its checkpoint.
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import utils
+from utils import UserError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# search flags the retrain takes too (as well as the data flags)
+SHARED = ('device', 'num_workers', 'no_custom_kernels', 'report_freq')
+OWNED = ('save', 'resume', 'seed')   # set per seed by the protocol
+
+
+def parse_args(argv=None):
+    p = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             allow_abbrev=False,  # --seed is a search flag, not short for --seeds
+                             epilog='Any other flag is a train_search.py flag (see python train_search.py --help).')
+    a = p.add_argument
+    a('--seeds', default='4', help='how many searches (seeds 0..N-1), or the seeds as a comma list')
+    a('--save', default=None, help='the protocol folder (default runs/protocol-DATE-TIME); re-run to continue')
+    a('--retrain_epochs', type=int, default=20, help='epochs of each retrain (the paper: 100)')
+    a('--retrain_layers', type=int, default=8, help='cells of the retrain network')
+    a('--retrain_init_channels', type=int, default=16, help='initial channels of the retrain network')
+    a('--retrain_batch_size', type=int, default=64)
+    a('--val_fraction', type=float, default=0.1,
+      help='the held-out share of the training images the retrains are compared on')
+    a('--retrain_flags', default='', metavar='"FLAGS"', help='more train.py flags for every retrain, quoted')
+    args, search_flags = p.parse_known_args(argv)
+    try:
+        args.seed_list = ([int(s) for s in args.seeds.split(',')] if ',' in args.seeds
+                          else list(range(int(args.seeds))))
+    except ValueError:
+        p.error(f'--seeds {args.seeds!r}: a count or a comma-separated list of integers')
+    if not args.seed_list or len(set(args.seed_list)) != len(args.seed_list) or args.seeds.strip() == '0':
+        p.error('--seeds: at least one seed, none repeated')
+    if args.retrain_epochs < 1:
+        p.error('--retrain_epochs must be at least 1')
+    for flag in search_flags:
+        if flag.startswith('--') and flag[2:].split('=')[0] in OWNED:
+            p.error(f'{flag.split("=")[0]} is set by the protocol (per seed: OUT/search-SEED, --seed SEED)')
+    import train
+    import train_search
+    args.search_flags = search_flags
+    search_args = _checked(train_search.parse_args, search_flags, 'train_search.py')
+    args.data_flags = _changed_flags(search_args, _data_flag_names() + SHARED, train_search.parse_args([]))
+    args.retrain_flag_list = [
+        '--epochs', str(args.retrain_epochs), '--layers', str(args.retrain_layers),
+        '--init_channels', str(args.retrain_init_channels), '--batch_size', str(args.retrain_batch_size),
+        '--val_fraction', str(args.val_fraction), *args.data_flags, *shlex.split(args.retrain_flags)]
+    _checked(train.parse_args, ['--genotype_file', 'x.json', *args.retrain_flag_list], 'train.py')
+    return args
+
+
+def _checked(parse, flags, script):
+    """parse(flags), with a bad flag reported in one line naming the script it is for."""
+    import contextlib
+    import io
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parse(flags)
+    except SystemExit:
+        message = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else 'bad flags'
+        print(f'protocol.py: {script} flags: {message.split("error: ", 1)[-1]}', file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _data_flag_names():
+    import datasets
+    return tuple(datasets._DEFAULTS)
+
+
+def _changed_flags(args, names, defaults):
+    """The command-line form of the flags in names whose value differs from the default."""
+    out = []
+    for name in names:
+        value = getattr(args, name)
+        if value == getattr(defaults, name):
+            continue
+        out += [f'--{name}'] if value is True else [f'--{name}', str(value)]
+    return out
+
+
+def finished(run_dir):
+    """A search or retrain writes result.json when it is done (or stopped early)."""
+    return os.path.isfile(os.path.join(run_dir, 'result.json'))
+
+
+def run_step(what, script, flags, run_dir):
+    """Run (or resume, or skip when done) one search or retrain; its output goes to ours."""
+    if finished(run_dir):
+        print(f'protocol: {what}: done already ({run_dir})', flush=True)
+        return
+    resume = os.path.isfile(os.path.join(run_dir, 'args.json'))
+    cmd = [sys.executable, os.path.join(HERE, script)] + (['--resume', run_dir] if resume else flags)
+    print(f'protocol: {what}: {"resuming " + run_dir if resume else " ".join(shlex.quote(c) for c in cmd[1:])}',
+          flush=True)
+    rc = subprocess.run(cmd).returncode
+    if rc == 130 or rc == -2:
+        raise KeyboardInterrupt
+    if rc != 0 or not finished(run_dir):
+        raise UserError(f'{what} failed (exit {rc}); see {os.path.join(run_dir, "log.txt")}; '
+                        f're-run this command to continue')
+
+
+def summarise(out, seeds):
+    """summary.json / .md / .png from the run folders."""
+    import numpy as np
+    import genotypes
+    import guards
+    rows = []
+    for s in seeds:
+        search = utils.read_json(os.path.join(out, f'search-{s}', 'result.json'))
+        retrain = utils.read_json(os.path.join(out, f'retrain-{s}', 'result.json'))
+        g = genotypes.from_dict(search['genotype'], check_ops=False)
+        counts = guards.cell_counts(g)
+        rows.append(dict(seed=s, search_val_top1=search['search_val_top1'], search_epochs=search['epoch'],
+                         early_stop=search['early_stop'], retrain_val_top1=retrain['best_top1'],
+                         retrain_best_epoch=retrain['best_epoch'], parameters=retrain['parameters'],
+                         normal_skips=counts['normal_skips'], reduce_skips=counts['reduce_skips'],
+                         genotype=search['genotype'], search_dir=os.path.join(out, f'search-{s}'),
+                         retrain_dir=os.path.join(out, f'retrain-{s}')))
+    best = max(rows, key=lambda r: (r['retrain_val_top1'], -seeds.index(r['seed'])))
+    stats = {k: dict(mean=float(np.mean([r[k] for r in rows])), std=float(np.std([r[k] for r in rows])))
+             for k in ('search_val_top1', 'retrain_val_top1', 'parameters', 'normal_skips')}
+    summary = dict(seeds=seeds, best_seed=best['seed'], best_genotype_file=os.path.join(best['search_dir'],
+                   'genotype.json'), runs=rows, stats=stats)
+    utils.write_json(os.path.join(out, 'summary.json'), summary)
+    lines = ['| seed | search-val top-1 | retrain val top-1 | params (M) | skips (normal / reduce) |',
+             '|---|---|---|---|---|']
+    for r in rows:
+        mark = ' (best)' if r is best else ''
+        lines.append(f"| {r['seed']}{mark} | {100 * r['search_val_top1']:.2f}% | {100 * r['retrain_val_top1']:.2f}% | "
+                     f"{r['parameters'] / 1e6:.3f} | {r['normal_skips']} / {r['reduce_skips']} |")
+    st = stats
+    lines.append(f"| mean ± std | {100 * st['search_val_top1']['mean']:.2f} ± {100 * st['search_val_top1']['std']:.2f}% "
+                 f"| {100 * st['retrain_val_top1']['mean']:.2f} ± {100 * st['retrain_val_top1']['std']:.2f}% "
+                 f"| {st['parameters']['mean'] / 1e6:.3f} ± {st['parameters']['std'] / 1e6:.3f} "
+                 f"| {st['normal_skips']['mean']:.2f} ± {st['normal_skips']['std']:.2f} (normal) |")
+    lines += ['', f"Best: seed {best['seed']}; train it in full with "
+              f"`python train.py --genotype_file {summary['best_genotype_file']}`"]
+    with open(os.path.join(out, 'summary.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    from visualize import line_panels
+    xs = list(range(1, len(rows) + 1))
+    line_panels([('top-1 % per search (in seed order)',
+                  [('search-val', xs, [100 * r['search_val_top1'] for r in rows]),
+                   ('retrain val', xs, [100 * r['retrain_val_top1'] for r in rows])]),
+                 ('skips in the normal cell', [('skips', xs, [r['normal_skips'] for r in rows])])],
+                os.path.join(out, 'summary.png'), f'{len(rows)} searches, seeds {",".join(map(str, seeds))}; '
+                f'best: seed {best["seed"]}', x_label='search')
+    return summary, lines
+
+
+def protocol(args):
+    import time
+    out = args.save or os.path.join('runs', time.strftime('protocol-%Y%m%d-%H%M%S'))
+    plan = dict(seeds=args.seed_list, search_flags=args.search_flags, retrain_flags=args.retrain_flag_list)
+    plan_path = os.path.join(out, 'protocol.json')
+    if os.path.isfile(plan_path):
+        before = utils.read_json(plan_path)
+        if before != plan:
+            raise UserError(f'{out} was started with other settings ({json.dumps(before)}); run the same command '
+                            f'to continue it, or pick another --save')
+    elif os.path.exists(out) and os.listdir(out):
+        raise UserError(f'{out} exists and is not a protocol folder; pick another --save')
+    else:
+        os.makedirs(out, exist_ok=True)
+        utils.write_json(plan_path, plan)
+    n = len(args.seed_list)
+    for k, s in enumerate(args.seed_list, 1):
+        search_dir = os.path.join(out, f'search-{s}')
+        try:
+            run_step(f'search {k}/{n} (seed {s})', 'train_search.py',
+                     [*args.search_flags, '--seed', str(s), '--save', search_dir], search_dir)
+        finally:
+            if os.listdir(out) == ['protocol.json']:   # nothing started (bad data, say): leave nothing behind
+                os.remove(plan_path)
+                os.rmdir(out)
+    for k, s in enumerate(args.seed_list, 1):
+        retrain_dir = os.path.join(out, f'retrain-{s}')
+        run_step(f'retrain {k}/{n} (seed {s})', 'train.py',
+                 ['--genotype_file', os.path.join(out, f'search-{s}', 'genotype.json'), '--seed', str(s),
+                  *args.retrain_flag_list, '--save', retrain_dir], retrain_dir)
+    summary, lines = summarise(out, args.seed_list)
+    print('\n'.join(lines))
+    print(f'protocol: done; {os.path.join(out, "summary.md")}, summary.json, summary.png')
+    return summary
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        protocol(args)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('\ninterrupted: finished runs are kept; run the same command again to continue', file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
