@@ -59,7 +59,22 @@ def require_dot():
 def render_cell(genotype, cell, path_stem, fmt='png'):
     """Write path_stem.fmt; returns the path."""
     require_dot()
-    return cell_graph(genotype, cell).render(outfile=f'{path_stem}.{fmt}', format=fmt, cleanup=True)
+    path = f'{path_stem}.{fmt}'
+    make_folder(os.path.dirname(path) or '.')
+    try:
+        return cell_graph(genotype, cell).render(outfile=path, format=fmt, cleanup=True)
+    except OSError as e:
+        raise UserError(f'cannot write {path}: {e.strerror or e}') from None
+
+
+def make_folder(path):
+    """os.makedirs, with a folder that cannot be made (under a file, read-only, ...) one line."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f'cannot create the folder {path}: {e.strerror or e}') from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f'cannot write into the folder {path}')
 
 
 def cell_png_bytes(genotype, cell):
@@ -79,17 +94,23 @@ def read_history(run_dir):
         raise UserError(f'{run_dir} has no history.jsonl (is it a run folder?)')
     history = []
     with open(path) as f:
-        for k, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise UserError(f'{path} line {k} is not JSON ({e})') from None
-            missing = [key for key in HISTORY_KEYS if not isinstance(record, dict) or key not in record]
-            if missing:
-                raise UserError(f'{path} line {k} has no {", ".join(missing)}')
-            history.append(record)
+        lines = f.read().split('\n')
+    last = max((k for k, line in enumerate(lines, 1) if line.strip()), default=0)
+    for k, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            if k == last:  # what a kill during the append leaves: the epoch is not in the checkpoint either
+                print(f'warning: {path} line {k} is incomplete (the run was stopped while writing it); '
+                      f'drawing the {len(history)} complete epochs', file=sys.stderr)
+                break
+            raise UserError(f'{path} line {k} is not JSON ({e})') from None
+        missing = [key for key in HISTORY_KEYS if not isinstance(record, dict) or key not in record]
+        if missing:
+            raise UserError(f'{path} line {k} has no {", ".join(missing)}')
+        history.append(record)
     return history
 
 
@@ -134,46 +155,74 @@ def _pad(img, size):
     return out
 
 
-def curves_png(history, path, title='search'):
-    """Loss (left) and top-1 accuracy (right) per epoch, train and val, drawn with Pillow."""
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+
+
+def line_panels(panels, path, title, x_label='epoch', panel_size=(520, 380)):
+    """Side-by-side line charts drawn with Pillow.  panels: [(name, [(label, xs, ys)])];
+    a series' points whose y is None are left out."""
     from PIL import Image, ImageDraw
-    epochs = [r['epoch'] for r in history]
-    panels = [('loss', [('train', [r['train_loss'] for r in history]), ('val', [r['val_loss'] for r in history])]),
-              ('top-1 %', [('train', [100 * r['train_acc'] for r in history]),
-                           ('val', [100 * r['val_acc'] for r in history])])]
-    w, h, m = 520, 380, 60
-    img = Image.new('RGB', (2 * w, h + 40), 'white')
+    w, h, m = *panel_size, 60
+    img = Image.new('RGB', (len(panels) * w, h + 40), 'white')
     d = ImageDraw.Draw(img)
     font = _font(16)
-    d.text((10, 8), f'{title}: {len(history)} epochs', fill='black', font=font)
-    colours = {'train': (31, 119, 180), 'val': (214, 39, 40)}
+    d.text((10, 8), title, fill='black', font=font)
     for p, (name, series) in enumerate(panels):
+        series = [(label, [(x, y) for x, y in zip(xs, ys) if y is not None]) for label, xs, ys in series]
         x0, y0, x1, y1 = p * w + m, 40 + 20, p * w + w - 20, 40 + h - m
-        values = [v for _, s in series for v in s]
-        lo, hi = min(values), max(values)
+        d.rectangle([x0, y0, x1, y1], outline='black')
+        d.text((x0 + 8, y0 + 6), name, fill='black', font=font)
+        points = [pt for _, s in series for pt in s]
+        if not points:
+            continue
+        lo, hi = min(y for _, y in points), max(y for _, y in points)
         if hi - lo < 1e-9:
             lo, hi = lo - 1, hi + 1
         lo, hi = lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)  # keep points off the frame
-        e_lo, e_hi = min(epochs), max(epochs) if max(epochs) > min(epochs) else min(epochs) + 1
-        d.rectangle([x0, y0, x1, y1], outline='black')
+        e_lo, e_hi = min(x for x, _ in points), max(x for x, _ in points)
+        e_hi = e_hi if e_hi > e_lo else e_lo + 1
         for t in range(5):  # y ticks
             v = lo + (hi - lo) * t / 4
             y = y1 - (y1 - y0) * t / 4
             d.line([x0 - 4, y, x0, y], fill='black')
             d.text((x0 - 55, y - 8), f'{v:.3g}', fill='black', font=font)
-        d.text((x0, y1 + 8), f'epoch {e_lo}', fill='black', font=font)
-        d.text((x1 - 70, y1 + 8), f'epoch {e_hi}', fill='black', font=font)
-        d.text((x0 + 8, y0 + 6), name, fill='black', font=font)
+        d.text((x0, y1 + 8), f'{x_label} {e_lo}', fill='black', font=font)
+        d.text((x1 - 70, y1 + 8), f'{x_label} {e_hi}', fill='black', font=font)
         for k, (label, s) in enumerate(series):
-            pts = [(x0 + (x1 - x0) * (e - e_lo) / (e_hi - e_lo), y1 - (y1 - y0) * (v - lo) / (hi - lo))
-                   for e, v in zip(epochs, s)]
+            colour = COLOURS[k % len(COLOURS)]
+            pts = [(x0 + (x1 - x0) * (e - e_lo) / (e_hi - e_lo), y1 - (y1 - y0) * (v - lo) / (hi - lo)) for e, v in s]
             if len(pts) > 1:
-                d.line(pts, fill=colours[label], width=3)
+                d.line(pts, fill=colour, width=3)
             for x, y in pts:
-                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colours[label])
-            d.text((x1 - 60, y0 + 6 + 18 * k), label, fill=colours[label], font=font)
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+            d.text((x1 - 150, y0 + 6 + 18 * k), label, fill=colour, font=font)
     img.save(path)
     return path
+
+
+def curves_png(history, path, title='search'):
+    """Loss (left) and top-1 accuracy (right) per epoch, train and val."""
+    epochs = [r['epoch'] for r in history]
+    panels = [('loss', [('train', epochs, [r['train_loss'] for r in history]),
+                        ('val', epochs, [r['val_loss'] for r in history])]),
+              ('top-1 %', [('train', epochs, [100 * r['train_acc'] for r in history]),
+                           ('val', epochs, [100 * r['val_acc'] for r in history])])]
+    return line_panels(panels, path, f'{title}: {len(history)} epochs')
+
+
+def collapse_png(history, path, title='search'):
+    """The collapse diagnostics per epoch (guards.py): skip and parameter-free op counts of the
+    derived cells, the alphas' mean entropy, and the Hessian eigenvalue where it was measured."""
+    epochs = [r['epoch'] for r in history]
+    series = lambda key: [r.get(key) for r in history]  # noqa: E731
+    panels = [('ops in the derived cells', [('normal: skip', epochs, series('normal_skips')),
+                                            ('normal: param-free', epochs, series('normal_param_free')),
+                                            ('reduce: skip', epochs, series('reduce_skips'))]),
+              ('entropy of softmax(alpha)', [('normal', epochs, series('entropy_normal')),
+                                             ('reduce', epochs, series('entropy_reduce'))])]
+    if any(r.get('hessian_eigenvalue') is not None for r in history):
+        panels.append(('Hessian eigenvalue', [('dominant', epochs, series('hessian_eigenvalue'))]))
+    return line_panels(panels, path, f'{title}: collapse diagnostics')
 
 
 # ---------------------------------------------------------------- confusion matrix
@@ -348,8 +397,8 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('genotype', nargs='?', help=f'a named genotype: {", ".join(genotypes.NAMED)}')
     p.add_argument('--genotype_file', help='a genotype JSON written by train_search.py')
-    p.add_argument('--run', help='a run folder: draws curves.png, and cells.gif (search run) and '
-                                 'confusion.png (when it has confusion.json) into it')
+    p.add_argument('--run', help='a run folder: draws curves.png, and cells.gif and collapse.png (search run) '
+                                 'and confusion.png (when it has confusion.json) into it')
     p.add_argument('--format', default='png', choices=['png', 'pdf', 'svg'])
     p.add_argument('--out', default=None,
                    help='output path stem for cells (default: <genotype>_normal / <genotype>_reduce), '
@@ -369,12 +418,14 @@ def visualize(args):
         confusion_path = os.path.join(args.run, 'confusion.json')
         confusion = read_confusion(confusion_path) if os.path.isfile(confusion_path) else None
         out = args.out or args.run
-        os.makedirs(out, exist_ok=True)
+        make_folder(out)
         name = os.path.basename(os.path.normpath(args.run))
         if search:
             print(cells_gif(history, os.path.join(out, 'cells.gif')))
         print(curves_png(history, os.path.join(out, 'curves.png'),
                          title=f'{name} ({"search" if search else "evaluation"})'))
+        if search and all('normal_skips' in r for r in history):
+            print(collapse_png(history, os.path.join(out, 'collapse.png'), title=name))
         if confusion is not None:
             print(confusion_png(confusion, os.path.join(out, 'confusion.png'), title=name))
         return

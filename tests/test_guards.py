@@ -198,6 +198,10 @@ def test_a_guarded_search_records_diagnostics_and_stops_early(tmp_path):
     assert saved['search_space']['guards'] == dict(max_skip=0, auxiliary_skip=True, beta_decay=10.0,
                                                    early_stop='stable:1')
     assert 'collapse watch: normal cell' in r.stdout and 'early stop' in r.stdout
+    r = run_script('visualize.py', '--run', run)
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+    assert Image.open(os.path.join(run, 'collapse.png')).width == 3 * 520          # counts, entropy, eigenvalue
     # a stopped search is not continued by --resume ...
     r = run_script('train_search.py', '--resume', run)
     assert r.returncode == 0 and 'stopped early at epoch 3' in r.stdout, r.stdout + r.stderr

@@ -191,3 +191,26 @@ def test_history_without_the_curve_values_is_one_line(tmp_path, capsys):
     assert visualize.main(['--run', str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'val_loss' in err[0]
+
+
+def test_an_incomplete_last_history_line_is_skipped_with_a_warning(tmp_path, capsys):
+    _history(tmp_path, 3)
+    text = (tmp_path / 'history.jsonl').read_text()
+    (tmp_path / 'history.jsonl').write_text(text + text.splitlines()[0][:40])   # a kill during the append
+    assert visualize.main(['--run', str(tmp_path)]) == 0
+    assert 'incomplete' in capsys.readouterr().err
+    assert Image.open(tmp_path / 'cells.gif').n_frames == 3
+    lines = text.splitlines()                                                     # but not in the middle
+    (tmp_path / 'history.jsonl').write_text('\n'.join([lines[0], lines[1][:30], lines[2]]) + '\n')
+    assert visualize.main(['--run', str(tmp_path)]) == 2
+    assert 'line 2 is not JSON' in capsys.readouterr().err
+
+
+def test_an_out_that_cannot_be_created_is_one_line(tmp_path, capsys):
+    (tmp_path / 'file').write_text('x')
+    for argv in (['DARTS_V2', '--out', str(tmp_path / 'file' / 'cells' / 'v2')],
+                 ['--run', str(tmp_path), '--out', str(tmp_path / 'file' / 'pictures')]):
+        _history(tmp_path, 1)
+        assert visualize.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and 'cannot create the folder' in err[0], err
