@@ -9,8 +9,10 @@ stride-2 conv, so cells start at 28x28 from 224x224; auxiliary head; 7x7 average
 
 Every BN is affine; pools carry no BN.  Each cell applies its genotype's two ops per
 node and concatenates the genotype's concat nodes.  Drop path (on every op but the
-identity skip) takes the probability as a tensor, so it is fed per epoch:
-    drop_path(x, p) = x / (1 - p) * floor(1 - p + U[0, 1)),  one draw per sample.
+identity skip) takes the probability and its uniform draws as fed tensors (`DropPath`):
+    drop_path(x, p, u) = x / (1 - p) * floor(1 - p + u),  u ~ U[0, 1) one per sample,
+with u made on the host from (seed, epoch, step), so a run and its resumed copy drop the
+same paths.
 """
 import numpy as np
 import paddle
@@ -22,18 +24,33 @@ from operations import (Layout, Source, batch_norm, conv, factorized_reduce, lin
 STEM_MULTIPLIER = 3
 
 
-def drop_path(x, drop_prob):
-    """Zero whole samples with probability drop_prob and rescale the rest by 1 / (1 - drop_prob).
-
-    Exactly the identity at drop_prob = 0 (floor(1 + u) = 1 for u in [0, 1)).
-    """
+def drop_path(x, drop_prob, u):
+    """Zero whole samples where u < drop_prob and rescale the rest by 1 / (1 - drop_prob);
+    u: [N, 1, 1, 1] uniform in [0, 1).  Exactly the identity at drop_prob = 0."""
     keep = 1.0 - drop_prob
-    mask = paddle.floor(keep + paddle.rand([paddle.shape(x)[0], 1, 1, 1], dtype=x.dtype))
-    return x / keep * mask
+    return x / keep * paddle.floor(keep + u)
+
+
+class DropPath:
+    """Drop path for a training network: prob [1] and noise [sites, N] are fed each step;
+    the k-th op the network drops reads row k.  `sites` counts them once the network is built."""
+
+    def __init__(self, prob, noise):
+        self.prob, self.noise, self.sites = prob, noise, 0
+
+    def __call__(self, x):
+        u = paddle.reshape(self.noise[self.sites], [-1, 1, 1, 1])
+        self.sites += 1
+        return drop_path(x, self.prob, u)
+
+
+def drop_noise(seed, epoch, step, sites, batch):
+    """The uniform draws DropPath reads at (seed, epoch, step): [max(sites, 1), batch] float32."""
+    return np.random.default_rng([seed, epoch, step, 0xD709]).random((max(sites, 1), batch), dtype=np.float32)
 
 
 def eval_cell(ps, name, genotype, s0, s1, c, reduction, reduction_prev, drop_prob=None):
-    """One discrete cell; drop_prob None = evaluation (no drop path)."""
+    """One discrete cell; drop_prob: a DropPath, or None for evaluation (no drop path)."""
     pairs = genotype.reduce if reduction else genotype.normal
     concat = genotype.reduce_concat if reduction else genotype.normal_concat
     if reduction_prev:
@@ -50,7 +67,7 @@ def eval_cell(ps, name, genotype, s0, s1, c, reduction, reduction_prev, drop_pro
             h = lookup(op).edge(ps, f'{name}.op{k}', states[j], c, stride, affine=True)
             is_identity = h is states[j].h  # the official code's drop path skips only Identity
             if drop_prob is not None and not is_identity:
-                h = drop_path(h, drop_prob)
+                h = drop_prob(h)
             node.append(h)
         states.append(Source(node[0] + node[1]))
     states = [s.h for s in states]

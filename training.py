@@ -28,7 +28,8 @@ def build_programs(genotype, args, image_size=32, num_classes=10, network=None, 
     """Startup-free train and test programs over flat weights, built once per run.
 
     train: loss = CE(logits) + aux_weight * CE(aux_logits); g = clip(grad_w loss);
-           v = mu v + g + wd w;  w = w - lr v.   lr and drop_prob are fed.
+           v = mu v + g + wd w;  w = w - lr v.   lr, drop_prob and drop_noise are fed
+           (model.DropPath; drop_sites rows of noise per step, model.drop_noise).
     test:  logits with BN running statistics, no auxiliary head, no drop path.
     """
     import paddle
@@ -58,9 +59,10 @@ def build_programs(genotype, args, image_size=32, num_classes=10, network=None, 
     train = paddle.static.Program()
     with paddle.static.program_guard(train, paddle.static.Program()):
         x, y = images()
-        lr, drop_prob = data('lr', [1]), data('drop_prob', [1])
+        lr = data('lr', [1])
+        drop = model.DropPath(data('drop_prob', [1]), data('drop_noise', [-1, -1]))
         w, v = declare(WEIGHTS, [p], trainable=True), declare(MOMENTUM, [p])
-        logits, aux_logits = network(ParamSet(layout, w, 'update'), x, auxiliary=auxiliary, drop_prob=drop_prob, **kw)
+        logits, aux_logits = network(ParamSet(layout, w, 'update'), x, auxiliary=auxiliary, drop_prob=drop, **kw)
         loss = train_loss(logits, y)
         total = loss + args.auxiliary_weight * train_loss(aux_logits, y) if auxiliary else loss
         g = clip_by_global_norm(paddle.static.gradients(total, [w])[0], args.grad_clip)
@@ -75,7 +77,7 @@ def build_programs(genotype, args, image_size=32, num_classes=10, network=None, 
         test_logits, _ = network(ParamSet(layout, declare(WEIGHTS, [p]), 'running'), tx, auxiliary=False, **kw)
         test_loss = paddle.nn.functional.cross_entropy(test_logits, ty)
         test_probs = paddle.nn.functional.softmax(test_logits, axis=-1)
-    return dict(layout=layout, train=train, test=test, train_fetch=[loss, logits, total],
+    return dict(layout=layout, train=train, test=test, train_fetch=[loss, logits, total], drop_sites=drop.sites,
                 test_fetch=[test_loss, test_logits], test_x=tx, test_probs=test_probs)
 
 
@@ -168,6 +170,8 @@ def fit(task, args):
         args = utils.saved_args(args, saved, RESUMABLE_OVERRIDES, task.parse)
         args.resume = resume
     # Everything that can fail on bad input is checked before the run folder is made.
+    if not args.resume:
+        utils.check_save(args.save)
     genotype = load_genotype(args)
     split = task.data(args, False, print)
     place = utils.select_place(args.device, not getattr(args, 'no_custom_kernels', False))
@@ -179,6 +183,7 @@ def fit(task, args):
         utils.write_json(os.path.join(run_dir, 'args.json'), vars(args))
     utils.write_json(os.path.join(run_dir, 'data.json'), split.info)
     import paddle
+    import model
     paddle.enable_static()
     t0 = time.time()
     progs = task.programs(genotype, args, split.info)
@@ -212,8 +217,9 @@ def fit(task, args):
             t_epoch, seen, loss_sum, correct = time.time(), 0, 0.0, 0
             feed_const = dict(lr=np.array([lr], 'float32'), drop_prob=np.array([drop_prob], 'float32'))
             progress = utils.Progress(log, len(split.train), f'epoch {epoch + 1}/{args.epochs}', args.report_freq)
-            for x, y in split.train.epoch(epoch):
-                loss, logits, _ = exe.run(progs['train'], feed=dict(feed_const, x=x, y=y),
+            for step, (x, y) in enumerate(split.train.epoch(epoch)):
+                noise = model.drop_noise(args.seed, epoch, step, progs['drop_sites'], len(y))
+                loss, logits, _ = exe.run(progs['train'], feed=dict(feed_const, x=x, y=y, drop_noise=noise),
                                           fetch_list=progs['train_fetch'])
                 loss = float(loss)
                 if not np.isfinite(loss):

@@ -25,6 +25,7 @@ def train_step(args):
     import utils  # noqa: F401
     import paddle
     import genotypes
+    import model
     import train
     import training
     from utils import set_tensors
@@ -38,7 +39,8 @@ def train_step(args):
     rng = np.random.default_rng(0)
     feed = dict(x=rng.standard_normal((args.batch_size, 3, 32, 32)).astype('float32'),
                 y=rng.integers(0, 10, args.batch_size), lr=np.array([0.025], 'float32'),
-                drop_prob=np.array([0.2], 'float32'))
+                drop_prob=np.array([0.2], 'float32'),
+                drop_noise=model.drop_noise(0, 0, 0, progs['drop_sites'], args.batch_size))
     times = []
     for _ in range(args.warmup + args.steps):
         t = time.time()

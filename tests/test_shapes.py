@@ -75,7 +75,8 @@ def test_evaluation_network_runs_at_every_size_with_its_auxiliary_head(dygraph, 
     rng = np.random.default_rng(0)
     ps = ParamSet(layout, paddle.to_tensor(layout.initial_weights(rng)))
     x = paddle.to_tensor(rng.standard_normal((2, channels, size, size)).astype('float32'))
-    logits, aux = model.network_cifar(ps, x, auxiliary=True, drop_prob=paddle.to_tensor([0.1]), **kw)
+    drop = model.DropPath(paddle.to_tensor([0.1]), paddle.to_tensor(rng.random((24, 2)).astype('float32')))
+    logits, aux = model.network_cifar(ps, x, auxiliary=True, drop_prob=drop, **kw)
     assert list(logits.shape) == [2, classes] and list(aux.shape) == [2, classes]
     assert np.all(np.isfinite(logits.numpy())) and np.all(np.isfinite(aux.numpy()))
 
