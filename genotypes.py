@@ -192,7 +192,6 @@ def load(path, check_ops=True):
 
 
 def save(genotype, path, space=None):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write(to_json(genotype, space) + '\n')
-    os.replace(tmp, path)
+    """Write the genotype JSON atomically (utils.atomic_write)."""
+    from utils import atomic_write
+    atomic_write(path, lambda f: f.write(to_json(genotype, space) + '\n'))

@@ -132,6 +132,8 @@ def search(args):
         args = utils.saved_args(args, utils.load_run_args(resume), RESUMABLE_OVERRIDES, parse_args)
         args.resume = resume
     # Everything that can fail on bad input is checked before the run folder is made.
+    if not args.resume:
+        utils.check_save(args.save)
     space = search_space(args)
     data = datasets.load(args, args.num_workers, print)
     search_train, search_val = search_split(len(data.train_x), args.train_portion, seed=args.seed)
@@ -184,7 +186,10 @@ def search(args):
         if set(arrays) != set(state) or any(arrays[k].shape != state[k].shape for k in state):
             raise UserError(f'{ckpt_path} does not match this network (different flags?)')
         state, history, start_epoch = arrays, meta['history'], meta['epoch'] + 1
+        # what a kill after the checkpoint may have left stale or half-written is rewritten from it
         _rewrite_history(run_dir, history)
+        if history:
+            write_genotypes(run_dir, history[-1], space, args)
         log(f'resumed from epoch {meta["epoch"] + 1} of {args.epochs}')
     elif args.resume:
         log('no checkpoint yet: starting from the beginning with the saved flags')
@@ -283,10 +288,7 @@ def search(args):
                                        note='data order and augmentation are seeded by (seed, epoch, batch)'))
             with open(os.path.join(run_dir, 'history.jsonl'), 'a') as f:
                 f.write(json.dumps(record) + '\n')
-            saved_with = dict(space.to_dict(), guards=guard_settings(args))
-            if args.max_skip is not None:
-                genotypes.save(raw, os.path.join(run_dir, 'genotype_raw.json'), saved_with)
-            genotypes.save(genotype, os.path.join(run_dir, 'genotype.json'), saved_with)
+            write_genotypes(run_dir, record, space, args)
             saved = record
             log(f'epoch {epoch + 1}/{args.epochs} lr {lr:.5f} train loss {record["train_loss"]:.4f} '
                 f'top1 {100 * record["train_acc"]:.2f}% | search-val loss {val_loss:.4f} top1 {100 * val_acc:.2f}% '
@@ -344,11 +346,18 @@ def _evaluate(exe, progs, batches):
 
 def _rewrite_history(run_dir, history):
     """history.jsonl as the checkpoint knows it: epochs written after it are dropped."""
-    tmp = os.path.join(run_dir, 'history.jsonl.tmp')
-    with open(tmp, 'w') as f:
-        for r in history:
-            f.write(json.dumps(r) + '\n')
-    os.replace(tmp, os.path.join(run_dir, 'history.jsonl'))
+    utils.atomic_write(os.path.join(run_dir, 'history.jsonl'), lambda f: f.writelines(json.dumps(r) + '\n'
+                                                                                      for r in history))
+
+
+def write_genotypes(run_dir, record, space, args):
+    """genotype.json (and with --max_skip genotype_raw.json) of an epoch's history record."""
+    saved_with = dict(space.to_dict(), guards=guard_settings(args))
+    raw = genotypes.from_dict(record['genotype'], check_ops=False)
+    if 'genotype_limited' in record:
+        genotypes.save(raw, os.path.join(run_dir, 'genotype_raw.json'), saved_with)
+    final = genotypes.from_dict(record.get('genotype_limited', record['genotype']), check_ops=False)
+    genotypes.save(final, os.path.join(run_dir, 'genotype.json'), saved_with)
 
 
 def main(argv=None):

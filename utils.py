@@ -1,6 +1,8 @@
 """Run plumbing shared by the training scripts: errors, device, run folder, log, checkpoints."""
 import argparse
+import contextlib
 import ctypes
+import errno
 import json
 import os
 import sys
@@ -52,6 +54,13 @@ def run_main(run, argv, parse):
     except (UserError, DataError, GenotypeError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        where = f'; continue with --resume {_current_run[0]} once it can be written' if _current_run else ''
+        print(f'error: cannot write {e.filename or "the run folder"}: {e.strerror}; the last checkpoint is '
+              f'intact{where}', file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         where = f'--resume {_current_run[0]}' if _current_run else '--resume RUN_DIR'
         print(f'\ninterrupted: the last checkpoint is kept; continue with {where}', file=sys.stderr)
@@ -74,6 +83,14 @@ def saved_args(args, saved, names, parse):
     explicitly (differing from the parser's default) taken from `args`."""
     import argparse
     defaults = vars(parse([]))
+    modes = ('resume', 'eval_only', 'predict')   # what the command does, not a setting of the run
+    fixed = sorted(k for k, v in vars(args).items() if k in defaults and k not in names and k not in modes
+                   and v != defaults[k] and v != saved.get(k, defaults[k]))
+    if fixed:
+        what = '--resume' if getattr(args, 'resume', None) else '--eval_only'
+        raise UserError(f'{what} uses the flags the run started with: {", ".join("--" + k for k in fixed)} '
+                        f'cannot change ({what} takes {", ".join("--" + n for n in names)}); start a new run '
+                        f'with --save to use other settings')
     merged = dict(defaults, **saved)  # flags added since the run started take their defaults
     merged.update({k: getattr(args, k) for k in names if k in defaults and getattr(args, k) != defaults[k]})
     return argparse.Namespace(**merged)
@@ -102,6 +119,22 @@ def select_place(device, custom_kernels=True):
     return paddle.CPUPlace()
 
 
+def check_save(save):
+    """One line now, before any data is read, for a --save that can never be a run folder: a file,
+    a path under a file, or a folder that cannot be written (the rest is found by prepare_run_dir)."""
+    if save is None:
+        return
+    if os.path.exists(save) and not os.path.isdir(save):
+        raise UserError(f'--save {save}: that is a file, not a folder')
+    parent = os.path.dirname(os.path.abspath(save))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f'--save {save}: {parent} is a file, so no folder can be made under it')
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f'--save {save}: cannot create a folder in {parent} (not writable)')
+
+
 def prepare_run_dir(save, resume, prefix):
     """The run folder: a new one (refusing to reuse an existing one) or the resumed one.
 
@@ -113,9 +146,21 @@ def prepare_run_dir(save, resume, prefix):
         path = resume
     else:
         path = save or os.path.join('runs', time.strftime(f'{prefix}-%Y%m%d-%H%M%S'))
-        if os.path.exists(path) and os.listdir(path):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UserError(f'--save {path}: that is a file, not a folder')
+        if os.path.isdir(path) and os.listdir(path):
             raise UserError(f'{path} already exists; continue it with --resume {path}, or pick another --save')
-        os.makedirs(path, exist_ok=True)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise UserError(f'--save {path}: cannot create the folder ({e.strerror or e})') from None
+    probe = os.path.join(path, '.write-test')
+    try:  # a read-only or full disk says so now, not at the first checkpoint
+        with open(probe, 'w') as f:
+            f.write('x')
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f'{path}: cannot write into the run folder ({e.strerror or e})') from None
     _current_run[:] = [path]
     return path
 
@@ -175,18 +220,28 @@ class Progress:
             self.bar = None
 
 
-def save_checkpoint(path, arrays, meta):
-    """All tensors and a JSON meta record in one .npz, replaced atomically.
-
-    The file is written beside the target and renamed over it, so a kill during the
-    write leaves the previous checkpoint whole.
-    """
+def atomic_write(path, write, mode='w'):
+    """write(file) into path.tmp, then rename it over path: a kill leaves the old file whole.
+    A failed write (a full or read-only disk) removes path.tmp and is one UserError line."""
     tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        full = ' (the disk is full)' if e.errno in (errno.ENOSPC, errno.EDQUOT) else ''
+        raise UserError(f'cannot write {path}{full}: {e.strerror or e}; the previous {os.path.basename(path)} '
+                        f'is intact') from None
+
+
+def save_checkpoint(path, arrays, meta):
+    """All tensors and a JSON meta record in one .npz, replaced atomically (atomic_write):
+    a kill or a full disk during the write leaves the previous checkpoint whole."""
+    atomic_write(path, lambda f: np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays), 'wb')
 
 
 def load_checkpoint(path):
@@ -209,11 +264,7 @@ def read_json(path):
 
 
 def write_json(path, obj):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
-        f.write('\n')
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1) + '\n'))
 
 
 def cosine_lr(epoch, epochs, lr_max, lr_min):

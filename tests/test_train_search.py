@@ -225,3 +225,23 @@ def test_a_failed_start_leaves_no_folder_and_a_folder_without_checkpoint_resumes
     assert r.returncode == 0, r.stderr
     assert 'starting from the beginning' in r.stdout
     assert [x['epoch'] for x in history(str(run_dir))] == [1]
+
+
+def test_resume_rewrites_what_a_late_kill_left_stale(reference, tmp_path):
+    """Killed after the last checkpoint but before genotype.json (and during a history append):
+    --resume rewrites both from the checkpoint instead of reporting a stale genotype."""
+    import shutil
+    import genotypes
+    run_dir, _ = reference
+    copy = str(tmp_path / 'copy')
+    shutil.copytree(run_dir, copy)
+    genotypes.save(genotypes.DARTS_V1, os.path.join(copy, 'genotype.json'))
+    with open(os.path.join(copy, 'history.jsonl'), 'a') as f:
+        f.write('{"epoch": 4, "train_lo')
+    os.remove(os.path.join(copy, 'result.json'))
+    r = run_script('train_search.py', '--resume', copy)
+    assert r.returncode == 0, r.stderr
+    h = history(copy)
+    assert len(h) == 3
+    assert json.loads(genotypes.to_json(genotypes.load(os.path.join(copy, 'genotype.json')))) == h[-1]['genotype']
+    assert json.load(open(os.path.join(copy, 'result.json')))['genotype'] == h[-1]['genotype']
