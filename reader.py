@@ -15,6 +15,7 @@ import sys
 import tarfile
 import urllib.error
 import urllib.request
+import zlib
 
 import numpy as np
 
@@ -66,15 +67,29 @@ def _read_cifar_files(source, names):
         return out
     try:
         with tarfile.open(source, 'r:gz') as tar:
+            # getmembers() reads the whole archive: a stream damaged in the middle raises here, rather
+            # than looking like an archive without the later batches
             members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
             missing = [n for n in names if n not in members]
             if missing:
+                _check_gzip_stream(source)  # tarfile stops quietly at a damaged header: tell corrupt from other
                 raise DataError(f'{source} lacks {", ".join(missing)}: not a CIFAR-10 python archive')
             for n in names:
                 out.append(_unpickle_batch(tar.extractfile(members[n]).read(), f'{source}:{n}'))
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f'{source} is not a readable tar.gz archive ({e})') from None
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise DataError(f'{source} is corrupt: not a readable tar.gz archive ({type(e).__name__}: {e})') from None
     return out
+
+
+def _check_gzip_stream(path):
+    """Read the gzip stream to its end (its CRC is checked there); DataError if it is damaged."""
+    import gzip
+    try:
+        with gzip.open(path, 'rb') as g:
+            while g.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f'{path} is corrupt ({type(e).__name__}: {e}); download it again') from None
 
 
 def missing_cifar_message(root):
@@ -309,8 +324,9 @@ def scan_imagenet(root, split):
                 if not line.strip():
                     continue
                 parts = line.split()
-                if len(parts) != 2 or not parts[1].lstrip('-').isdigit():
-                    raise DataError(f'{list_file}:{n}: expected "relative/path label", got {line.strip()!r}')
+                if len(parts) != 2 or not parts[1].isdigit():
+                    raise DataError(f'{list_file}:{n}: expected "relative/path label" with a label 0, 1, 2, ..., '
+                                    f'got {line.strip()!r}')
                 samples.append((os.path.join(root, parts[0]), int(parts[1])))
         if not samples:
             raise DataError(f'{list_file} lists no images')

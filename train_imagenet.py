@@ -55,6 +55,26 @@ def parse_args(argv=None):
     return args
 
 
+def check_labels(root, train, val, classes, val_classes):
+    """The validation samples with labels of the training classes (matched by name), after
+    checking that list-file training labels are 0..K-1 with each used (K sets the network's
+    outputs) and that every validation class is a training class.  Before anything trains."""
+    used = {label for _, label in train}
+    unused = [k for k in range(len(classes)) if k not in used]
+    if unused:
+        raise utils.UserError(
+            f'{os.path.join(root, "train_list.txt")}: labels must be 0..K-1 with every one used, but the largest is '
+            f'{len(classes) - 1} and {len(unused)} below it have no image (first: {unused[0]}); renumber the labels')
+    index = {name: k for k, name in enumerate(classes)}
+    stray = sorted({val_classes[label] for _, label in val} - set(index))
+    if stray:
+        listed = os.path.isfile(os.path.join(root, 'val_list.txt'))
+        where = os.path.join(root, 'val_list.txt' if listed else 'val')
+        raise utils.UserError(f'{where}: {"label" if listed else "class"} {stray[0]} is not in the training data'
+                              + (f' ({len(stray)} such)' if len(stray) > 1 else ''))
+    return [(path, index[val_classes[label]]) for path, label in val]
+
+
 def imagenet_data(args, for_eval, say):
     val, val_classes = scan_imagenet(args.data, 'val')
     train_batches, classes = None, val_classes
@@ -62,8 +82,7 @@ def imagenet_data(args, for_eval, say):
         train, classes = scan_imagenet(args.data, 'train')
         if args.batch_size > len(train):
             raise utils.UserError(f'--batch_size {args.batch_size} is larger than the training set ({len(train)} images)')
-        if len(val_classes) > len(classes):
-            raise utils.UserError(f'{args.data}: val has {len(val_classes)} classes, train only {len(classes)}')
+        val = check_labels(args.data, train, val, classes, val_classes)
         train_batches = FileBatches(train, args.batch_size, True, args.image_size, args.seed, args.num_workers,
                                     drop_last=True)
     test_batches = FileBatches(val, min(args.batch_size, 256), False, args.image_size, num_workers=args.num_workers)

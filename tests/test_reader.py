@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import reader
-from conftest import write_cifar
+from conftest import run_script, write_cifar
 
 
 def test_folder_and_archive_read_the_same(tmp_path):
@@ -104,3 +104,33 @@ def test_download_checks_md5_and_then_loads(tmp_path, http_server, capsys):
     with pytest.raises(reader.DataError, match='MD5'):
         reader.load_cifar10(bad_root, download=True, url=f'{base}/cifar-10-python.tar.gz', md5='0' * 32)
     assert os.listdir(bad_root) == []   # nothing half-written kept
+
+
+def test_an_archive_damaged_in_the_middle_is_called_corrupt(tmp_path):
+    path = write_cifar(str(tmp_path), archive=True)
+    raw = bytearray(open(path, 'rb').read())
+    for k in range(len(raw) // 2, len(raw) // 2 + 64):     # scribble over the middle of the deflate stream
+        raw[k] ^= 0x5A
+    open(path, 'wb').write(bytes(raw))
+    with pytest.raises(reader.DataError, match='corrupt'):
+        reader.load_cifar10(str(tmp_path), download=False)
+
+
+def test_imagenet_lists_refuse_negative_and_gapped_labels(tmp_path):
+    from PIL import Image
+    for k in range(3):
+        Image.new('RGB', (8, 8), (k * 80, 0, 0)).save(tmp_path / f'{k}.jpg')
+    (tmp_path / 'train_list.txt').write_text('0.jpg 0\n1.jpg -1\n')
+    with pytest.raises(reader.DataError, match='train_list.txt:2'):
+        reader.scan_imagenet(str(tmp_path), 'train')
+    (tmp_path / 'train_list.txt').write_text('0.jpg 0\n1.jpg 1\n2.jpg 500\n')
+    (tmp_path / 'val_list.txt').write_text('0.jpg 0\n')
+    r = run_script('train_imagenet.py', '--data', tmp_path, '--batch_size', '2', '--epochs', '1', '--save',
+                   tmp_path / 'run', '--num_workers', '0')
+    assert r.returncode == 2 and 'train_list.txt' in r.stderr and '500' in r.stderr, r.stderr
+    (tmp_path / 'train_list.txt').write_text('0.jpg 0\n1.jpg 1\n')
+    (tmp_path / 'val_list.txt').write_text('0.jpg 0\n2.jpg 2\n')
+    r = run_script('train_imagenet.py', '--data', tmp_path, '--batch_size', '2', '--epochs', '1', '--save',
+                   tmp_path / 'run', '--num_workers', '0')
+    assert r.returncode == 2 and 'val_list.txt' in r.stderr and 'label 2' in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / 'run')
