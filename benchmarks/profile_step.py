@@ -1,0 +1,84 @@
+"""Where a search step's time goes: Paddle's profiler over a few steps, the top operators as JSON.
+
+    python benchmarks/profile_step.py                       # second order, batch 16, C=8, 5 cells
+    python benchmarks/profile_step.py --no_custom_kernels   # with Paddle's depthwise convolution
+    python benchmarks/profile_step.py --order first --top 15
+
+Operator time is the profiler's CPU time per operator type, summed over every thread (the
+kernels run on 2 OpenMP threads), so shares are of the summed operator time.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--batch_size', type=int, default=16)
+    p.add_argument('--init_channels', type=int, default=8)
+    p.add_argument('--layers', type=int, default=5)
+    p.add_argument('--image_size', type=int, default=32)
+    p.add_argument('--order', choices=['first', 'second'], default='second')
+    p.add_argument('--steps', type=int, default=3, help='profiled steps (after 2 unprofiled ones)')
+    p.add_argument('--top', type=int, default=10)
+    p.add_argument('--no_custom_kernels', action='store_true')
+    args = p.parse_args()
+    if args.no_custom_kernels:
+        os.environ['PADDLE_DARTS_CUSTOM_KERNELS'] = '0'
+    import numpy as np
+    import utils  # noqa: F401  (environment flags)
+    import paddle
+    import paddle.profiler as profiler
+    import fast_kernels
+    from architect import SearchConfig, build_search_programs, initial_state, run_search_step, scratch_state, set_tensors
+    paddle.enable_static()
+    cfg = SearchConfig(init_channels=args.init_channels, layers=args.layers, image_size=args.image_size,
+                       second_order=args.order == 'second')
+    progs = build_search_programs(cfg)
+    exe = paddle.static.Executor(paddle.CPUPlace())
+    scope = paddle.static.global_scope()
+    set_tensors(scope, paddle.CPUPlace(), {**initial_state(progs.layout, 0, cfg.arch_shapes),
+                                           **scratch_state(progs.layout, cfg.arch_shapes)})
+    rng = np.random.default_rng(0)
+    b, s = args.batch_size, args.image_size
+    batch = dict(train_x=rng.standard_normal((b, 3, s, s)).astype('float32'), train_y=rng.integers(0, 10, b),
+                 val_x=rng.standard_normal((b, 3, s, s)).astype('float32'), val_y=rng.integers(0, 10, b))
+    for _ in range(2):
+        run_search_step(exe, progs, batch, 0.025)
+    prof = profiler.Profiler(targets=[profiler.ProfilerTarget.CPU])
+    prof.start()
+    for _ in range(args.steps):
+        run_search_step(exe, progs, batch, 0.025)
+    prof.stop()
+    with tempfile.TemporaryFile('w+') as f:
+        saved = sys.stdout
+        sys.stdout = f
+        try:
+            prof.summary(op_detail=False, sorted_by=profiler.SortedKeys.CPUTotal, time_unit='ms')
+        finally:
+            sys.stdout = saved
+        f.seek(0)
+        text = f.read()
+    # the operator table of all threads merged: "name  calls  total / avg / max / min / ratio ..."
+    section = text.split('Operator Summary', 1)[-1].split('All threads merged', 1)[-1]
+    rows = []
+    for line in section.splitlines():
+        m = re.match(r'^(\S+)\s+(\d+)\s+([\d.]+) / ([\d.]+) / [\d.]+ / [\d.]+ / ([\d.]+)', line)
+        if m:
+            rows.append(dict(op=m.group(1), calls=int(m.group(2)), total_ms=float(m.group(3)),
+                             avg_ms=float(m.group(4)), share_percent=float(m.group(5))))
+        elif rows and line.startswith('---'):
+            break
+    rows.sort(key=lambda r: -r['total_ms'])
+    print(json.dumps(dict(config=vars(args), depthwise=fast_kernels.status(), steps=args.steps,
+                          top=rows[:args.top]), indent=1))
+
+
+if __name__ == '__main__':
+    main()
