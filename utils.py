@@ -131,8 +131,12 @@ def check_save(save):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise UserError(f'--save {save}: {parent} is a file, so no folder can be made under it')
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f'--save {save}: cannot create a folder in {parent} (not writable)')
+    probe = os.path.join(parent, f'.paddle-darts-probe-{os.getpid()}')
+    try:  # access(2) says yes to root on /proc and read-only mounts can surprise: try it (and undo it)
+        os.mkdir(probe)
+        os.rmdir(probe)
+    except OSError as e:
+        raise UserError(f'--save {save}: cannot create a folder in {parent} ({e.strerror or e})') from None
 
 
 def prepare_run_dir(save, resume, prefix):
