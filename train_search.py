@@ -89,6 +89,8 @@ def parse_args(argv=None):
                         'stable:K stops once the ranking of the parametric ops has not changed for K epochs')
     g.add_argument('--continue_stopped', action='store_true',
                    help='with --resume: go on searching after an early stop (the rule is then off)')
+    g.add_argument('--hessian_eigen_step', type=float, default=1e-2, metavar='E',
+                   help='the finite-difference step of --hessian_eigen_every (the curvature at this scale)')
     g.add_argument('--hessian_eigen_every', type=int, default=0, metavar='N',
                    help='RobustDARTS: every N epochs, the dominant eigenvalue of the Hessian of L_val w.r.t. '
                         'alpha (Lanczos on finite-difference Hessian-vector products: 40 passes on one search-val batch; 0: never)')
@@ -116,6 +118,8 @@ def parse_args(argv=None):
     for name in ('max_skip', 'beta_decay', 'hessian_eigen_every'):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f'--{name} must be at least 0')
+    if not args.hessian_eigen_step > 0:
+        p.error('--hessian_eigen_step must be above 0')
     if args.early_stop is not None:
         try:
             guards.EarlyStop(args.early_stop)
@@ -267,7 +271,8 @@ def search(args):
                     x, y = next(iter(val_eval.epoch(0)))
                     eigen_batch = x[:args.batch_size], y[:args.batch_size]
                 t_eig = time.time()
-                record['hessian_eigenvalue'] = hessian_eigenvalue(exe, scope, place, progs, *eigen_batch)[0]
+                record['hessian_eigenvalue'] = hessian_eigenvalue(exe, scope, place, progs, *eigen_batch,
+                                                                  step=args.hessian_eigen_step)[0]
                 record['hessian_seconds'] = time.time() - t_eig
             for kind in ('normal', 'reduce'):  # softmax(alpha): rows = edges, columns = --primitives
                 record['alpha_' + kind] = softmax(arch['alpha_' + kind]).round(6).tolist()
