@@ -17,13 +17,12 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from search_step import add_size_arguments, random_batch, ready_programs  # noqa: E402  (benchmarks/)
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--batch_size', type=int, default=16)
-    p.add_argument('--init_channels', type=int, default=8)
-    p.add_argument('--layers', type=int, default=5)
-    p.add_argument('--image_size', type=int, default=32)
+    add_size_arguments(p)
     p.add_argument('--order', choices=['first', 'second'], default='second')
     p.add_argument('--steps', type=int, default=3, help='profiled steps (after 2 unprofiled ones)')
     p.add_argument('--top', type=int, default=10)
@@ -31,24 +30,16 @@ def main():
     args = p.parse_args()
     if args.no_custom_kernels:
         os.environ['PADDLE_DARTS_CUSTOM_KERNELS'] = '0'
-    import numpy as np
     import utils  # noqa: F401  (environment flags)
     import paddle
     import paddle.profiler as profiler
     import fast_kernels
-    from architect import SearchConfig, build_search_programs, initial_state, run_search_step, scratch_state, set_tensors
+    from architect import SearchConfig, run_search_step
     paddle.enable_static()
     cfg = SearchConfig(init_channels=args.init_channels, layers=args.layers, image_size=args.image_size,
                        second_order=args.order == 'second')
-    progs = build_search_programs(cfg)
-    exe = paddle.static.Executor(paddle.CPUPlace())
-    scope = paddle.static.global_scope()
-    set_tensors(scope, paddle.CPUPlace(), {**initial_state(progs.layout, 0, cfg.arch_shapes),
-                                           **scratch_state(progs.layout, cfg.arch_shapes)})
-    rng = np.random.default_rng(0)
-    b, s = args.batch_size, args.image_size
-    batch = dict(train_x=rng.standard_normal((b, 3, s, s)).astype('float32'), train_y=rng.integers(0, 10, b),
-                 val_x=rng.standard_normal((b, 3, s, s)).astype('float32'), val_y=rng.integers(0, 10, b))
+    progs, exe, _, _ = ready_programs(cfg, paddle.CPUPlace())
+    batch = random_batch(args.batch_size, args.image_size)
     for _ in range(2):
         run_search_step(exe, progs, batch, 0.025)
     prof = profiler.Profiler(targets=[profiler.ProfilerTarget.CPU])

@@ -22,12 +22,41 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 
-def measure(args, second_order):
+def add_size_arguments(p):
+    """The network-size flags the search-step benchmarks share."""
+    p.add_argument('--batch_size', type=int, default=16)
+    p.add_argument('--init_channels', type=int, default=8)
+    p.add_argument('--layers', type=int, default=5)
+    p.add_argument('--image_size', type=int, default=32)
+
+
+def random_batch(batch_size, image_size):
+    """A fixed random train and val batch (3 channels, 10 classes), as run_search_step takes it."""
     import numpy as np
+    rng = np.random.default_rng(0)
+    b, s = batch_size, image_size
+    return dict(train_x=rng.standard_normal((b, 3, s, s)).astype('float32'), train_y=rng.integers(0, 10, b),
+                val_x=rng.standard_normal((b, 3, s, s)).astype('float32'), val_y=rng.integers(0, 10, b))
+
+
+def ready_programs(cfg, place):
+    """(programs, executor, scope, build seconds): cfg's programs built, their state set in the global scope."""
+    import paddle
+    from architect import build_search_programs, initial_state, schedule_values, scratch_state, set_tensors
+    t0 = time.time()
+    progs = build_search_programs(cfg)
+    build = time.time() - t0
+    scope = paddle.static.global_scope()
+    set_tensors(scope, place, {**initial_state(progs.layout, 0, cfg.arch_shapes),
+                               **scratch_state(progs.layout, cfg.arch_shapes),
+                               **schedule_values(cfg, aux_skip=0.5, beta_decay=10.0)})
+    return progs, paddle.static.Executor(place), scope, build
+
+
+def measure(args, second_order):
     import utils  # noqa: F401  (environment flags)
     import paddle
-    from architect import (SearchConfig, build_search_programs, count_ops, hessian_eigenvalue, initial_state,
-                           run_search_step, schedule_values, scratch_state, set_tensors)
+    from architect import SearchConfig, count_ops, hessian_eigenvalue, run_search_step
     from model_search import SearchSpace
     from operations import stem_reductions
     paddle.enable_static()
@@ -38,18 +67,8 @@ def measure(args, second_order):
     cfg = SearchConfig(init_channels=args.init_channels, layers=args.layers, image_size=args.image_size,
                        second_order=second_order, space=space, beta_decay=args.beta_decay,
                        hessian_eigen=args.hessian_eigen)
-    t0 = time.time()
-    progs = build_search_programs(cfg)
-    build = time.time() - t0
-    exe = paddle.static.Executor(place)
-    scope = paddle.static.global_scope()
-    set_tensors(scope, place, {**initial_state(progs.layout, 0, cfg.arch_shapes),
-                               **scratch_state(progs.layout, cfg.arch_shapes),
-                               **schedule_values(cfg, aux_skip=0.5, beta_decay=10.0)})
-    rng = np.random.default_rng(0)
-    b, s = args.batch_size, args.image_size
-    batch = dict(train_x=rng.standard_normal((b, 3, s, s)).astype('float32'), train_y=rng.integers(0, 10, b),
-                 val_x=rng.standard_normal((b, 3, s, s)).astype('float32'), val_y=rng.integers(0, 10, b))
+    progs, exe, scope, build = ready_programs(cfg, place)
+    batch = random_batch(args.batch_size, args.image_size)
     times = []
     for i in range(args.warmup + args.steps):
         t = time.time()
@@ -73,10 +92,7 @@ def measure(args, second_order):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--batch_size', type=int, default=16)
-    p.add_argument('--init_channels', type=int, default=8)
-    p.add_argument('--layers', type=int, default=5)
-    p.add_argument('--image_size', type=int, default=32)
+    add_size_arguments(p)
     p.add_argument('--primitives', default='none,max_pool_3x3,avg_pool_3x3,skip_connect,sep_conv_3x3,sep_conv_5x5,'
                    'dil_conv_3x3,dil_conv_5x5', help='the op list (default: the paper\'s eight)')
     p.add_argument('--nodes', type=int, default=4)

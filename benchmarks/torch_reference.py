@@ -192,10 +192,8 @@ def measure(args, second_order):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--batch_size', type=int, default=16)
-    p.add_argument('--init_channels', type=int, default=8)
-    p.add_argument('--layers', type=int, default=5)
-    p.add_argument('--image_size', type=int, default=32)
+    from search_step import add_size_arguments   # the same sizes as ours (no Paddle imported)
+    add_size_arguments(p)
     p.add_argument('--steps', type=int, default=10)
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--threads', type=int, default=os.cpu_count())
