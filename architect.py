@@ -310,17 +310,18 @@ def hessian_eigenvalue(exe, scope, place, progs, x, y, iterations=20, seed=0, st
     base = get_tensors(scope, names)
     sizes = [base[n].size for n in names]
 
+    def unflatten(vec):
+        return {n: p.reshape(base[n].shape) for n, p in zip(names, np.split(vec, np.cumsum(sizes)[:-1]))}
+
     def grad_at(vec):
-        parts = np.split(vec, np.cumsum(sizes)[:-1])
-        set_tensors(scope, place, {EIG_PREFIX + n: base[n] + p.reshape(base[n].shape) for n, p in zip(names, parts)})
+        set_tensors(scope, place, {EIG_PREFIX + n: base[n] + d for n, d in unflatten(vec).items()})
         grads = exe.run(progs.hessian_program, feed={'x': x, 'y': y}, fetch_list=progs.fetch['hessian', 'grads'])
         return np.concatenate([np.asarray(g, np.float64).reshape(-1) for g in grads])
 
     def hessian_vector(v):
         return (grad_at(step * v) - grad_at(-step * v)) / (2 * step)
     value, v = top_eigenvalue(hessian_vector, sum(sizes), iterations, seed)
-    parts = np.split(v, np.cumsum(sizes)[:-1])
-    return value, {n: p.reshape(base[n].shape) for n, p in zip(names, parts)}
+    return value, unflatten(v)
 
 
 def evaluate_batch(exe, progs, x, y):

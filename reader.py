@@ -67,8 +67,7 @@ def _read_cifar_files(source, names):
         return out
     try:
         with tarfile.open(source, 'r:gz') as tar:
-            # getmembers() reads the whole archive: a stream damaged in the middle raises here, rather
-            # than looking like an archive without the later batches
+            # getmembers() reads the whole archive: damaged compressed data raises here (corrupt)
             members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
             missing = [n for n in names if n not in members]
             if missing:

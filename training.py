@@ -187,10 +187,9 @@ def fit(task, args):
     paddle.enable_static()
     t0 = time.time()
     progs = task.programs(genotype, args, split.info)
-    from model import count_parameters
     log(f'run folder {run_dir}; genotype {genotype}')
     log(f'data: {split.info["describe"]}')
-    parameters = count_parameters(progs['layout'])
+    parameters = model.count_parameters(progs['layout'])
     eval_split = split.info.get('eval_split', 'test')
     log(f'{parameters / 1e6:.3f}M parameters (auxiliary head excluded); '
         f'programs built in {time.time() - t0:.1f}s')

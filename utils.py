@@ -150,9 +150,7 @@ def prepare_run_dir(save, resume, prefix):
         path = resume
     else:
         path = save or os.path.join('runs', time.strftime(f'{prefix}-%Y%m%d-%H%M%S'))
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise UserError(f'--save {path}: that is a file, not a folder')
-        if os.path.isdir(path) and os.listdir(path):
+        if os.path.isdir(path) and os.listdir(path):   # (a file or an uncreatable --save: check_save, earlier)
             raise UserError(f'{path} already exists; continue it with --resume {path}, or pick another --save')
         try:
             os.makedirs(path, exist_ok=True)
