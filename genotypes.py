@@ -10,6 +10,8 @@ from collections import namedtuple
 
 import numpy as np
 
+from errors import GenotypeError
+
 Genotype = namedtuple('Genotype', 'normal normal_concat reduce reduce_concat')
 
 PRIMITIVES = [
@@ -63,10 +65,6 @@ DARTS_PADDLE = Genotype(
 DARTS = DARTS_V2
 
 NAMED = {'DARTS_V1': DARTS_V1, 'DARTS_V2': DARTS_V2, 'DARTS_PADDLE': DARTS_PADDLE, 'DARTS': DARTS}
-
-
-class GenotypeError(ValueError):
-    pass
 
 
 def by_name(name):

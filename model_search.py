@@ -35,15 +35,12 @@ import paddle
 import paddle.nn.functional as F
 
 import genotypes
+from errors import SearchSpaceError
 from genotypes import PRIMITIVES, num_edges
 from operations import (Layout, Source, batch_norm, factorized_reduce, linear, lookup, reduction_layers,
                         relu_conv_bn, stem, sum_all)
 
 STEM_MULTIPLIER = 3
-
-
-class SearchSpaceError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import subprocess
 import sys
 
 import utils
-from utils import UserError
+from errors import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # search flags the retrain takes too (as well as the data flags)

@@ -19,6 +19,8 @@ import zlib
 
 import numpy as np
 
+from errors import DataError
+
 CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
 CIFAR_MD5 = 'c58f30108f718f92721af3b95e74349a'
 CIFAR_ARCHIVE = 'cifar-10-python.tar.gz'
@@ -27,10 +29,6 @@ CIFAR_TRAIN_FILES = [f'data_batch_{i}' for i in range(1, 6)]
 CIFAR_TEST_FILE = 'test_batch'
 CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], 'float32')
 CIFAR_STD = np.array([0.2470, 0.2435, 0.2616], 'float32')
-
-
-class DataError(Exception):
-    """Bad or missing data: the message is one line for the user."""
 
 
 # ---------------------------------------------------------------- CIFAR-10 on disk

@@ -21,7 +21,7 @@ import datasets
 import genotypes
 import training
 from reader import ArrayBatches
-from utils import UserError
+from errors import UserError
 
 
 def parse_args(argv=None):

@@ -16,6 +16,7 @@ import genotypes
 import model
 from reader import IMAGENET_MEAN, IMAGENET_STD, FileBatches, scan_imagenet
 import training
+from errors import UserError
 
 
 def parse_args(argv=None):
@@ -62,7 +63,7 @@ def check_labels(root, train, val, classes, val_classes):
     used = {label for _, label in train}
     unused = [k for k in range(len(classes)) if k not in used]
     if unused:
-        raise utils.UserError(
+        raise UserError(
             f'{os.path.join(root, "train_list.txt")}: labels must be 0..K-1 with every one used, but the largest is '
             f'{len(classes) - 1} and {len(unused)} below it have no image (first: {unused[0]}); renumber the labels')
     index = {name: k for k, name in enumerate(classes)}
@@ -70,7 +71,7 @@ def check_labels(root, train, val, classes, val_classes):
     if stray:
         listed = os.path.isfile(os.path.join(root, 'val_list.txt'))
         where = os.path.join(root, 'val_list.txt' if listed else 'val')
-        raise utils.UserError(f'{where}: {"label" if listed else "class"} {stray[0]} is not in the training data'
+        raise UserError(f'{where}: {"label" if listed else "class"} {stray[0]} is not in the training data'
                               + (f' ({len(stray)} such)' if len(stray) > 1 else ''))
     return [(path, index[val_classes[label]]) for path, label in val]
 
@@ -81,7 +82,7 @@ def imagenet_data(args, for_eval, say):
     if not for_eval:
         train, classes = scan_imagenet(args.data, 'train')
         if args.batch_size > len(train):
-            raise utils.UserError(f'--batch_size {args.batch_size} is larger than the training set ({len(train)} images)')
+            raise UserError(f'--batch_size {args.batch_size} is larger than the training set ({len(train)} images)')
         val = check_labels(args.data, train, val, classes, val_classes)
         train_batches = FileBatches(train, args.batch_size, True, args.image_size, args.seed, args.num_workers,
                                     drop_last=True)

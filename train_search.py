@@ -28,7 +28,7 @@ import fast_kernels
 import genotypes
 import guards
 from reader import ArrayBatches, search_split
-from utils import UserError
+from errors import UserError
 
 # Flags a resumed run may change; everything else is taken from the run's args.json.
 RESUMABLE_OVERRIDES = ('epochs', 'device', 'no_custom_kernels', 'num_workers', 'report_freq', 'data', 'test_data',

@@ -13,7 +13,7 @@ import utils
 import fast_kernels
 import genotypes
 from optim import MOMENTUM, WEIGHTS
-from utils import UserError
+from errors import UserError
 
 # Flags a resumed run may change; everything else is taken from the run's args.json.
 RESUMABLE_OVERRIDES = ('epochs', 'device', 'no_custom_kernels', 'num_workers', 'report_freq', 'data', 'test_data', 'cache_dir')

@@ -11,6 +11,8 @@ import warnings
 
 import numpy as np
 
+from errors import UserError
+
 # Paddle's C++ logging (executor banners, PIR warnings) is noise for a user.
 os.environ.setdefault('GLOG_minloglevel', '2')
 warnings.filterwarnings('ignore', category=UserWarning, module=r'paddle\b.*')
@@ -40,18 +42,12 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-class UserError(Exception):
-    """A problem with what the user asked for: reported as one line, exit status 2."""
-
-
 def run_main(run, argv, parse):
     """Parse, run, and turn expected failures into one line on stderr and an exit code."""
-    from genotypes import GenotypeError
-    from reader import DataError
     args = parse(argv)
     try:
         run(args)
-    except (UserError, DataError, GenotypeError) as e:
+    except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     except OSError as e:

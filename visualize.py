@@ -19,7 +19,8 @@ import shutil
 import sys
 
 import genotypes
-from utils import ArgumentParser, UserError, run_main
+from errors import UserError
+from utils import ArgumentParser, run_main
 
 CELLS = ('normal', 'reduce')
 
