@@ -5,7 +5,6 @@ intermediate node.  Inputs 0 and 1 are the cell inputs c_{k-2} and c_{k-1}; inpu
 2 + i is intermediate node i.
 """
 import json
-import os
 from collections import namedtuple
 
 import numpy as np

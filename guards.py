@@ -16,9 +16,13 @@ Guards (each opt-in; train_search.py's flags):
                       gradient is added in architect.py's alpha update
   --early_stop RULE   DARTS+ (Liang et al. 2019): `EarlyStop`
 """
+import json
+import os
+
 import numpy as np
 
 import genotypes
+from errors import UserError
 
 SKIP = 'skip_connect'
 
@@ -122,6 +126,9 @@ class EarlyStop:
               chosen epoch is that one.
     """
 
+    FILE = 'early_stop.json'                     # in the run folder once a search stopped
+    OVERRIDDEN = 'early_stop_overridden.json'    # the same, once it was continued (--continue_stopped)
+
     def __init__(self, rule):
         kind, _, value = str(rule).partition(':')
         if kind not in ('skip', 'stable') or not value.isdigit() or int(value) < 1:
@@ -147,6 +154,43 @@ class EarlyStop:
             chosen = now['epoch']
             reason = f'the ranking of the parametric operations has not changed for {self.value} epochs'
         return dict(rule=self.rule, stopped_at=now['epoch'], chosen_epoch=chosen, reason=reason)
+
+
+    @classmethod
+    def resume(cls, run, rule, continue_stopped):
+        """(the rule a search in `run` (a runfolder.Run) applies, or None; the record of its early stop
+        if it stopped and is not to go on, else None).
+
+        A stopped search is over unless continue_stopped: then its early_stop.json becomes
+        early_stop_overridden.json, and a search continued once keeps the rule off for good."""
+        stopped = _read_json_if_there(run.file(cls.FILE))   # read before looking for OVERRIDDEN: the writer
+        continued = os.path.isfile(run.file(cls.OVERRIDDEN))  # of a data-parallel job may rename it meanwhile
+        if stopped is not None:
+            if not continue_stopped:
+                return None, stopped
+            continued = True
+            if run.writer:
+                os.replace(run.file(cls.FILE), run.file(cls.OVERRIDDEN))
+        if continued:
+            if rule:
+                run.log(f'--early_stop {rule} is off: this search was continued after it stopped')
+            return None, None
+        return (cls(rule) if rule else None), None
+
+    def save(self, run, stop, collapsed_genotype):
+        """early_stop.json: why and where the search stopped, and (when the chosen epoch is the one
+        before) the genotype it would have written instead."""
+        run.write_json(self.FILE, dict(stop, collapsed_genotype=collapsed_genotype))
+
+
+def _read_json_if_there(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UserError(f'cannot read {path}: {e}') from None
 
 
 def top_eigenvalue(hessian_vector, dim, iterations=20, seed=0):

@@ -16,19 +16,17 @@ alphas' entropy; the guards --max_skip, --auxiliary_skip, --beta_decay, --early_
 the diagnostic --hessian_eigen_every are described in guards.py and the README.
 """
 import argparse
-import json
 import os
 import time
-
-import numpy as np
 
 import utils  # first: sets Paddle's environment flags before paddle is imported
 import datasets
 import fast_kernels
 import genotypes
 import guards
+import runfolder
+from errors import SearchSpaceError, UserError
 from reader import ArrayBatches, search_split
-from errors import UserError
 
 # Flags a resumed run may change; everything else is taken from the run's args.json.
 RESUMABLE_OVERRIDES = ('epochs', 'device', 'no_custom_kernels', 'num_workers', 'report_freq', 'data', 'test_data',
@@ -131,192 +129,207 @@ def parse_args(argv=None):
 
 
 def search(args):
-    if args.resume:
-        resume = args.resume
-        args = utils.saved_args(args, utils.load_run_args(resume), RESUMABLE_OVERRIDES, parse_args)
-        args.resume = resume
-    # Everything that can fail on bad input is checked before the run folder is made.
-    if not args.resume:
-        utils.check_save(args.save)
-    space = search_space(args)
-    data = datasets.load(args, args.num_workers, print)
-    search_train, search_val = search_split(len(data.train_x), args.train_portion, seed=args.seed)
-    smallest = min(len(search_train), len(search_val))
-    if args.batch_size > smallest:
-        raise UserError(f'--batch_size {args.batch_size} is larger than the search split '
-                        f'({len(search_train)} train / {len(search_val)} val images)')
+    """Set up, then epoch after epoch (an alpha and a weight step per batch, then the end of the
+    epoch: evaluate, derive, guards, persist) until the last or an early stop, then the result."""
+    return Search(args).run()
 
-    import paddle
-    from architect import (SearchConfig, build_search_programs, count_ops, get_tensors, hessian_eigenvalue,
-                           initial_state, run_search_step, schedule_values, scratch_state, set_tensors, softmax)
-    from model_search import SearchSpaceError, derive_genotype, edge_weights_numpy, normalized_betas_numpy
-    place = utils.select_place(args.device, not args.no_custom_kernels)
-    paddle.enable_static()
-    cfg = SearchConfig(init_channels=args.init_channels, layers=args.layers, num_classes=data.num_classes,
-                       image_size=data.image_size, in_channels=data.channels, momentum=args.momentum,
-                       weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                       arch_learning_rate=args.arch_learning_rate, arch_weight_decay=args.arch_weight_decay,
-                       second_order=not args.first_order, space=space, beta_decay=bool(args.beta_decay),
-                       hessian_eigen=args.hessian_eigen_every > 0)
-    print('building the search programs (once per run; this takes a while)', flush=True)
-    t0 = time.time()
-    try:
-        progs = build_search_programs(cfg)  # the only place programs are built
-    except SearchSpaceError as e:
-        raise UserError(str(e)) from None
-    build_time = time.time() - t0
 
-    run_dir = utils.prepare_run_dir(args.save, args.resume, 'search')
-    log = utils.Log(run_dir)
-    ckpt_path = os.path.join(run_dir, 'checkpoint.npz')
-    resuming = bool(args.resume) and os.path.isfile(ckpt_path)
-    if not args.resume:
-        utils.write_json(os.path.join(run_dir, 'args.json'), vars(args))
-    utils.write_json(os.path.join(run_dir, 'data.json'), dict(data.meta(), describe=data.describe()))
-    log(f'data: {data.describe()}; search on {len(search_train)} / {len(search_val)} training images '
-        f'(search-train / search-val)')
-    log(f'run folder {run_dir}; {"first" if args.first_order else "second"}-order search, '
-        f'{progs.layout.size / 1e6:.3f}M weights; programs built in {build_time:.1f}s '
-        f'({sum(count_ops(p) for p in progs.programs.values())} ops)')
-    log(f'search space: {space.describe()}')
-    log(f'depthwise convolution: {fast_kernels.status()}')
+class Search:
+    """One search run: what its epochs share (flags, data, programs, run folder, executor)."""
 
-    scope = paddle.static.Scope()
-    exe = paddle.static.Executor(place)
-    state = initial_state(progs.layout, args.seed, cfg.arch_shapes)
-    history, start_epoch = [], 0
-    if resuming:
-        arrays, meta = utils.load_checkpoint(ckpt_path)
-        if set(arrays) != set(state) or any(arrays[k].shape != state[k].shape for k in state):
-            raise UserError(f'{ckpt_path} does not match this network (different flags?)')
-        state, history, start_epoch = arrays, meta['history'], meta['epoch'] + 1
-        # what a kill after the checkpoint may have left stale or half-written is rewritten from it
-        _rewrite_history(run_dir, history)
-        if history:
-            write_genotypes(run_dir, history[-1], space, args)
-        log(f'resumed from epoch {meta["epoch"] + 1} of {args.epochs}')
-    elif args.resume:
-        log('no checkpoint yet: starting from the beginning with the saved flags')
-    early_stop = guards.EarlyStop(args.early_stop) if args.early_stop else None
-    stop_path = os.path.join(run_dir, 'early_stop.json')
-    if os.path.isfile(stop_path):
-        stopped = utils.read_json(stop_path)
-        if not args.continue_stopped:
-            log(f'this search stopped early at epoch {stopped["stopped_at"]} ({stopped["reason"]}); its genotype '
-                f'(epoch {stopped["chosen_epoch"]}) is in {os.path.join(run_dir, "genotype.json")}; '
-                f'search on with --resume {run_dir} --continue_stopped')
-            return run_dir
-        os.replace(stop_path, os.path.join(run_dir, 'early_stop_overridden.json'))
-    if os.path.isfile(os.path.join(run_dir, 'early_stop_overridden.json')):
-        if early_stop:
-            log(f'--early_stop {args.early_stop} is off: this search was continued after it stopped')
-        early_stop = None
+    def __init__(self, args):
+        args = runfolder.start(args, 'search', RESUMABLE_OVERRIDES, parse_args)
+        space = search_space(args)  # everything that can fail on bad input, before the folder is made
+        data = datasets.load(args, args.num_workers, print)
+        search_train, search_val = search_split(len(data.train_x), args.train_portion, seed=args.seed)
+        if args.batch_size > min(len(search_train), len(search_val)):
+            raise UserError(f'--batch_size {args.batch_size} is larger than the search split '
+                            f'({len(search_train)} train / {len(search_val)} val images)')
+        import paddle
+        from architect import SearchConfig, build_search_programs, count_ops, initial_state
+        place = utils.select_place(args.device, not args.no_custom_kernels)
+        paddle.enable_static()
+        cfg = SearchConfig(
+            init_channels=args.init_channels, layers=args.layers, num_classes=data.num_classes,
+            image_size=data.image_size, in_channels=data.channels, momentum=args.momentum,
+            weight_decay=args.weight_decay, grad_clip=args.grad_clip, arch_learning_rate=args.arch_learning_rate,
+            arch_weight_decay=args.arch_weight_decay, second_order=not args.first_order, space=space,
+            beta_decay=bool(args.beta_decay), hessian_eigen=args.hessian_eigen_every > 0)
+        print('building the search programs (once per run; this takes a while)', flush=True)
+        t0 = time.time()
+        try:
+            progs = build_search_programs(cfg)  # the only place programs are built
+        except SearchSpaceError as e:
+            raise UserError(str(e)) from None
+        build_time = time.time() - t0
 
-    def batches(indices, **kw):
-        return ArrayBatches(data.train_x[indices], data.train_y[indices], mean=data.mean, std=data.std, **kw)
-    augmented = dict(batch_size=args.batch_size, shuffle=True, augment=True, seed=args.seed,
-                     num_workers=args.num_workers, drop_last=True, flip=data.flip)
-    train_batches = batches(search_train, stream=0, **augmented)
-    val_batches = batches(search_val, stream=1, **augmented)
-    val_eval = batches(search_val, batch_size=max(args.batch_size, 256), shuffle=False, augment=False)
-    eigen_batch = None
+        run = runfolder.Run.open(args, 'search')
+        run.write_json('data.json', dict(data.meta(), describe=data.describe()))
+        run.log(f'data: {data.describe()}; search on {len(search_train)} / {len(search_val)} training images '
+                f'(search-train / search-val)')
+        run.log(f'run folder {run.path}; {"first" if args.first_order else "second"}-order search, '
+                f'{progs.layout.size / 1e6:.3f}M weights; programs built in {build_time:.1f}s '
+                f'({sum(count_ops(p) for p in progs.programs.values())} ops)')
+        run.log(f'search space: {space.describe()}')
+        run.log(f'depthwise convolution: {fast_kernels.status()}')
+        self.args, self.space, self.cfg, self.progs, self.run_folder = args, space, cfg, progs, run
+        self.place, self.scope, self.exe = place, paddle.static.Scope(), paddle.static.Executor(place)
+        self.state, self.history, self.start_epoch, _ = run.restore(
+            initial_state(progs.layout, args.seed, cfg.arch_shapes), args.epochs)
+        if self.history:
+            write_genotypes(run, self.history[-1], space, args)
+        self.saved = self.history[-1] if self.history else None   # the last epoch on disk
+        self.early_stop, self.stopped = guards.EarlyStop.resume(run, args.early_stop, args.continue_stopped)
 
-    with paddle.static.scope_guard(scope):
-        set_tensors(scope, place, {**state, **scratch_state(progs.layout, cfg.arch_shapes)})
-        steps = min(len(train_batches), len(val_batches))
-        saved = history[-1] if history else None   # the last epoch on disk (checkpoint, genotype)
-        if start_epoch == 0:
-            log('the first step also prepares the programs (Paddle does this once, it takes a while)')
-        for epoch in range(start_epoch, args.epochs):
-            lr = utils.cosine_lr(epoch, args.epochs, args.learning_rate, args.learning_rate_min)
-            t_epoch, seen, loss_sum, correct = time.time(), 0, 0.0, 0
-            update_arch = epoch >= args.arch_warmup_epochs
-            schedule = dict(aux_skip=guards.auxiliary_skip_coefficient(epoch, args.epochs),
-                            beta_decay=guards.beta_decay_weight(args.beta_decay or 0.0, epoch, args.epochs))
-            set_tensors(scope, place, schedule_values(cfg, **schedule))  # fed each epoch, never rebuilt
-            if not update_arch:
-                log(f'epoch {epoch + 1}: warm-up, weights only (architecture steps from epoch '
+        def batches(indices, **kw):
+            return ArrayBatches(data.train_x[indices], data.train_y[indices], mean=data.mean, std=data.std, **kw)
+        augmented = dict(batch_size=args.batch_size, shuffle=True, augment=True, seed=args.seed,
+                         num_workers=args.num_workers, drop_last=True, flip=data.flip)
+        self.train_batches = batches(search_train, stream=0, **augmented)
+        self.val_batches = batches(search_val, stream=1, **augmented)
+        self.val_eval = batches(search_val, batch_size=max(args.batch_size, 256), shuffle=False, augment=False)
+        self.eigen_batch = None
+
+    def run(self):
+        import paddle
+        from architect import scratch_state
+        run = self.run_folder
+        if self.stopped is not None:
+            run.log(f'this search stopped early at epoch {self.stopped["stopped_at"]} ({self.stopped["reason"]}); '
+                    f'its genotype (epoch {self.stopped["chosen_epoch"]}) is in {run.file("genotype.json")}; '
+                    f'search on with --resume {run.path} --continue_stopped')
+            return run.path
+        with paddle.static.scope_guard(self.scope):
+            utils.set_tensors(self.scope, self.place, {**self.state,
+                                                       **scratch_state(self.progs.layout, self.cfg.arch_shapes)})
+            if self.start_epoch == 0:
+                run.log('the first step also prepares the programs (Paddle does this once, it takes a while)')
+            for epoch in range(self.start_epoch, self.args.epochs):
+                if self.end_of_epoch(epoch, self.train_epoch(epoch)):
+                    break
+        return self.finish()
+
+    def train_epoch(self, epoch):
+        """One pass over the batches: an alpha step on search-val, then a weight step on search-train."""
+        from architect import run_search_step, schedule_values
+        args, run = self.args, self.run_folder
+        lr = utils.cosine_lr(epoch, args.epochs, args.learning_rate, args.learning_rate_min)
+        update_arch = epoch >= args.arch_warmup_epochs
+        schedule = dict(aux_skip=guards.auxiliary_skip_coefficient(epoch, args.epochs),
+                        beta_decay=guards.beta_decay_weight(args.beta_decay or 0.0, epoch, args.epochs))
+        utils.set_tensors(self.scope, self.place, schedule_values(self.cfg, **schedule))  # fed, never rebuilt
+        if not update_arch:
+            run.log(f'epoch {epoch + 1}: warm-up, weights only (architecture steps from epoch '
                     f'{args.arch_warmup_epochs + 1})')
-            progress = utils.Progress(log, steps, f'epoch {epoch + 1}/{args.epochs}', args.report_freq)
-            for step, ((tx, ty), (vx, vy)) in enumerate(zip(train_batches.epoch(epoch), val_batches.epoch(epoch))):
-                loss, logits, _ = run_search_step(exe, progs, dict(train_x=tx, train_y=ty, val_x=vx, val_y=vy), lr,
-                                                  update_arch)
-                if not np.isfinite(loss):
-                    raise UserError(f'training loss became {loss} at epoch {epoch + 1} step {step + 1}; '
-                                    f'lower --learning_rate (the last checkpoint is kept)')
-                seen += len(ty)
-                loss_sum += loss * len(ty)
-                correct += int((logits.argmax(1) == ty).sum())
-                progress.update(len(ty), lambda: f'train loss {loss_sum / seen:.4f} top1 {100 * correct / seen:.2f}%')
-            progress.close()
-            train_time = time.time() - t_epoch
-            val_loss, val_acc = _evaluate(exe, progs, val_eval)
-            arch = get_tensors(scope, list(cfg.arch_shapes))
-            raw = genotype = derive_genotype(arch, space)
-            record = dict(epoch=epoch + 1, lr=lr, train_loss=loss_sum / seen, train_acc=correct / seen,
-                          val_loss=val_loss, val_acc=val_acc, images_per_sec=seen / train_time,
-                          epoch_time=time.time() - t_epoch, arch_updates=update_arch,
-                          genotype=genotypes.to_dict(genotype), **guards.diagnostics(arch, genotype))
-            if args.auxiliary_skip:
-                record['aux_skip'] = schedule['aux_skip']
-            if args.beta_decay:
-                record['beta_decay_weight'] = schedule['beta_decay']
-            if args.max_skip is not None:
-                normal, zeroed = guards.limit_skips(edge_weights_numpy(arch, space, 'normal'), args.max_skip,
-                                                    space.nodes, space.ops)
-                genotype = raw._replace(normal=normal)
-                record.update(genotype_limited=genotypes.to_dict(genotype), skips_removed=len(zeroed))
-            if args.hessian_eigen_every and (epoch + 1) % args.hessian_eigen_every == 0:
-                if eigen_batch is None:  # the same unaugmented search-val batch every time
-                    x, y = next(iter(val_eval.epoch(0)))
-                    eigen_batch = x[:args.batch_size], y[:args.batch_size]
-                t_eig = time.time()
-                record['hessian_eigenvalue'] = hessian_eigenvalue(exe, scope, place, progs, *eigen_batch,
-                                                                  step=args.hessian_eigen_step)[0]
-                record['hessian_seconds'] = time.time() - t_eig
-            for kind in ('normal', 'reduce'):  # softmax(alpha): rows = edges, columns = --primitives
-                record['alpha_' + kind] = softmax(arch['alpha_' + kind]).round(6).tolist()
-                if space.edge_normalization:
-                    record['beta_' + kind] = normalized_betas_numpy(arch['beta_' + kind], space.nodes).round(6).tolist()
-            history.append(record)
-            stop = early_stop.check(history, space.ops) if early_stop else None
-            if stop and stop['chosen_epoch'] < epoch + 1:
-                # the checkpoint, history and genotype on disk are the chosen (previous) epoch's
-                utils.write_json(stop_path, dict(stop, collapsed_genotype=genotypes.to_dict(genotype)))
-                log(f'epoch {epoch + 1}: {guards.describe(record, len(space.ops))}')
-                log(f'early stop (--early_stop {args.early_stop}): {stop["reason"]}; keeping epoch '
+        stats = utils.EpochStats(epoch)
+        steps = min(len(self.train_batches), len(self.val_batches))
+        progress = utils.Progress(run.log, steps, f'epoch {epoch + 1}/{args.epochs}', args.report_freq)
+        for (tx, ty), (vx, vy) in zip(self.train_batches.epoch(epoch), self.val_batches.epoch(epoch)):
+            loss, logits, _ = run_search_step(self.exe, self.progs, dict(train_x=tx, train_y=ty, val_x=vx, val_y=vy),
+                                              lr, update_arch)
+            stats.add(loss, logits, ty)
+            progress.update(len(ty), lambda: f'train loss {stats.loss:.4f} top1 {100 * stats.accuracy:.2f}%')
+        progress.close()
+        stats.close()
+        return dict(lr=lr, stats=stats, arch_updates=update_arch, **schedule)
+
+    def end_of_epoch(self, epoch, train):
+        """Evaluate, derive, apply the guards, persist, log; True when the search stops here."""
+        args, run, ops = self.args, self.run_folder, self.space.ops
+        record, genotype, raw = self.epoch_record(epoch, train)
+        self.history.append(record)
+        stop = self.early_stop.check(self.history, ops) if self.early_stop else None
+        if stop and stop['chosen_epoch'] < epoch + 1:
+            # the checkpoint, history and genotype on disk are the chosen (previous) epoch's
+            self.early_stop.save(run, stop, genotypes.to_dict(genotype))
+            run.log(f'epoch {epoch + 1}: {guards.describe(record, len(ops))}')
+            run.log(f'early stop (--early_stop {args.early_stop}): {stop["reason"]}; keeping epoch '
                     f'{stop["chosen_epoch"]}\'s checkpoint and genotype')
-                break
-            names = list(state)
-            utils.save_checkpoint(ckpt_path, get_tensors(scope, names),
-                                  dict(epoch=epoch, history=history, seed=args.seed,
-                                       note='data order and augmentation are seeded by (seed, epoch, batch)'))
-            with open(os.path.join(run_dir, 'history.jsonl'), 'a') as f:
-                f.write(json.dumps(record) + '\n')
-            write_genotypes(run_dir, record, space, args)
-            saved = record
-            log(f'epoch {epoch + 1}/{args.epochs} lr {lr:.5f} train loss {record["train_loss"]:.4f} '
-                f'top1 {100 * record["train_acc"]:.2f}% | search-val loss {val_loss:.4f} top1 {100 * val_acc:.2f}% '
-                f'| {record["images_per_sec"]:.1f} img/s, epoch {record["epoch_time"]:.1f}s')
-            log(guards.describe(record, len(space.ops)))
-            if args.max_skip is not None and record['skips_removed']:
-                log(f'genotype (unlimited) = {raw}')
-            log(f'genotype = {genotype}')
-            if stop:
-                utils.write_json(stop_path, dict(stop, collapsed_genotype=None))
-                log(f'early stop (--early_stop {args.early_stop}): {stop["reason"]}; keeping this epoch')
-                break
-    if saved is not None:
-        utils.write_json(os.path.join(run_dir, 'result.json'), dict(
-            epoch=saved['epoch'], epochs=args.epochs, search_val_top1=saved['val_acc'],
-            genotype=saved.get('genotype_limited', saved['genotype']), early_stop=os.path.isfile(stop_path)))
-    log(f'done: genotype in {os.path.join(run_dir, "genotype.json")}')
-    return run_dir
+            return True
+        self.persist(record)
+        run.log(f'epoch {epoch + 1}/{args.epochs} lr {record["lr"]:.5f} train loss {record["train_loss"]:.4f} '
+                f'top1 {100 * record["train_acc"]:.2f}% | search-val loss {record["val_loss"]:.4f} top1 '
+                f'{100 * record["val_acc"]:.2f}% | {record["images_per_sec"]:.1f} img/s, epoch '
+                f'{record["epoch_time"]:.1f}s')
+        run.log(guards.describe(record, len(ops)))
+        if args.max_skip is not None and record['skips_removed']:
+            run.log(f'genotype (unlimited) = {raw}')
+        run.log(f'genotype = {genotype}')
+        if stop:
+            self.early_stop.save(run, stop, None)
+            run.log(f'early stop (--early_stop {args.early_stop}): {stop["reason"]}; keeping this epoch')
+            return True
+        return False
+
+    def epoch_record(self, epoch, train):
+        """(the epoch's history record, its genotype, the genotype before --max_skip): search-val
+        accuracy, the derived cells, the collapse figures and guards, the softmaxed architecture."""
+        from architect import hessian_eigenvalue, softmax
+        from model_search import derive_genotype, edge_weights_numpy, normalized_betas_numpy
+        args, space, stats = self.args, self.space, train['stats']
+        val_loss, val_acc = self.evaluate()
+        arch = utils.get_tensors(self.scope, list(self.cfg.arch_shapes))
+        raw = genotype = derive_genotype(arch, space)
+        record = dict(epoch=epoch + 1, lr=train['lr'], train_loss=stats.loss, train_acc=stats.accuracy,
+                      val_loss=val_loss, val_acc=val_acc, images_per_sec=stats.images_per_sec,
+                      epoch_time=stats.elapsed(), arch_updates=train['arch_updates'],
+                      genotype=genotypes.to_dict(genotype), **guards.diagnostics(arch, genotype))
+        if args.auxiliary_skip:
+            record['aux_skip'] = train['aux_skip']
+        if args.beta_decay:
+            record['beta_decay_weight'] = train['beta_decay']
+        if args.max_skip is not None:
+            normal, zeroed = guards.limit_skips(edge_weights_numpy(arch, space, 'normal'), args.max_skip,
+                                                space.nodes, space.ops)
+            genotype = raw._replace(normal=normal)
+            record.update(genotype_limited=genotypes.to_dict(genotype), skips_removed=len(zeroed))
+        if args.hessian_eigen_every and (epoch + 1) % args.hessian_eigen_every == 0:
+            if self.eigen_batch is None:  # the same unaugmented search-val batch every time
+                x, y = next(iter(self.val_eval.epoch(0)))
+                self.eigen_batch = x[:args.batch_size], y[:args.batch_size]
+            t_eig = time.time()
+            record['hessian_eigenvalue'] = hessian_eigenvalue(self.exe, self.scope, self.place, self.progs,
+                                                              *self.eigen_batch, step=args.hessian_eigen_step)[0]
+            record['hessian_seconds'] = time.time() - t_eig
+        for kind in ('normal', 'reduce'):  # softmax(alpha): rows = edges, columns = --primitives
+            record['alpha_' + kind] = softmax(arch['alpha_' + kind]).round(6).tolist()
+            if space.edge_normalization:
+                record['beta_' + kind] = normalized_betas_numpy(arch['beta_' + kind], space.nodes).round(6).tolist()
+        return record, genotype, raw
+
+    def evaluate(self):
+        """(loss, top-1) at the current weights and alphas over the whole search-val half."""
+        from architect import evaluate_batch
+        loss_sum, correct, n = 0.0, 0, 0
+        for x, y in self.val_eval.epoch(0):
+            loss, logits = evaluate_batch(self.exe, self.progs, x, y)
+            loss_sum += loss * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            n += len(y)
+        return loss_sum / n, correct / n
+
+    def persist(self, record):
+        """The epoch's checkpoint and history line, then its genotype files."""
+        arrays = utils.get_tensors(self.scope, list(self.state))
+        self.run_folder.end_epoch(arrays, self.history, seed=self.args.seed,
+                                  note='data order and augmentation are seeded by (seed, epoch, batch)')
+        write_genotypes(self.run_folder, record, self.space, self.args)
+        self.saved = record
+
+    def finish(self):
+        run, saved = self.run_folder, self.saved
+        if saved is not None:
+            run.write_json('result.json', dict(
+                epoch=saved['epoch'], epochs=self.args.epochs, search_val_top1=saved['val_acc'],
+                genotype=saved.get('genotype_limited', saved['genotype']),
+                early_stop=os.path.isfile(run.file(guards.EarlyStop.FILE))))
+        run.log(f'done: genotype in {run.file("genotype.json")}')
+        return run.path
 
 
 def search_space(args):
     """The SearchSpace the flags describe; a bad op list or setting is one line."""
-    from model_search import SearchSpace, SearchSpaceError
+    from model_search import SearchSpace
     from operations import lookup
     ops = tuple(op.strip() for op in args.primitives.split(',') if op.strip())
     space = SearchSpace(ops=ops, nodes=args.nodes, partial_channels=args.partial_channels,
@@ -338,31 +351,16 @@ def guard_settings(args):
                 early_stop=args.early_stop)
 
 
-def _evaluate(exe, progs, batches):
-    from architect import evaluate_batch
-    loss_sum, correct, n = 0.0, 0, 0
-    for x, y in batches.epoch(0):
-        loss, logits = evaluate_batch(exe, progs, x, y)
-        loss_sum += loss * len(y)
-        correct += int((logits.argmax(1) == y).sum())
-        n += len(y)
-    return loss_sum / n, correct / n
-
-
-def _rewrite_history(run_dir, history):
-    """history.jsonl as the checkpoint knows it: epochs written after it are dropped."""
-    utils.atomic_write(os.path.join(run_dir, 'history.jsonl'), lambda f: f.writelines(json.dumps(r) + '\n'
-                                                                                      for r in history))
-
-
-def write_genotypes(run_dir, record, space, args):
+def write_genotypes(run, record, space, args):
     """genotype.json (and with --max_skip genotype_raw.json) of an epoch's history record."""
+    if not run.writer:
+        return
     saved_with = dict(space.to_dict(), guards=guard_settings(args))
     raw = genotypes.from_dict(record['genotype'], check_ops=False)
     if 'genotype_limited' in record:
-        genotypes.save(raw, os.path.join(run_dir, 'genotype_raw.json'), saved_with)
+        genotypes.save(raw, run.file('genotype_raw.json'), saved_with)
     final = genotypes.from_dict(record.get('genotype_limited', record['genotype']), check_ops=False)
-    genotypes.save(final, os.path.join(run_dir, 'genotype.json'), saved_with)
+    genotypes.save(final, run.file('genotype.json'), saved_with)
 
 
 def main(argv=None):

@@ -12,6 +12,7 @@ import numpy as np
 import utils
 import fast_kernels
 import genotypes
+import runfolder
 from optim import MOMENTUM, WEIGHTS
 from errors import UserError
 
@@ -154,115 +155,114 @@ class Task:
 
 
 def fit(task, args):
-    """Train from scratch (or --resume), evaluating on the test set after every epoch."""
+    """Train from scratch (or --resume): set up, then epoch after epoch (the training steps, then
+    the end of the epoch: evaluate, keep the best, persist), then the best checkpoint's confusion
+    matrix, export and result.  --predict and --eval_only are the other two things it does."""
     if getattr(args, 'predict', None):
         if len(args.predict) < 2:
             raise UserError('--predict takes the model (RUN_DIR/inference/model) and at least one image')
         return predict(args.predict[0], args.predict[1:], args.device)
     if args.eval_only:
         return eval_only(task, args)
-    if args.resume:
-        resume = args.resume
-        saved = utils.load_run_args(resume)
-        if 'arch' not in saved:
-            raise UserError(f'--resume {resume}: that is a search run (train_search.py --resume {resume}); '
-                            f'train its cell with --genotype_file {os.path.join(resume, "genotype.json")}')
-        args = utils.saved_args(args, saved, RESUMABLE_OVERRIDES, task.parse)
-        args.resume = resume
-    # Everything that can fail on bad input is checked before the run folder is made.
-    if not args.resume:
-        utils.check_save(args.save)
-    genotype = load_genotype(args)
-    split = task.data(args, False, print)
-    place = utils.select_place(args.device, not getattr(args, 'no_custom_kernels', False))
-    run_dir = utils.prepare_run_dir(args.save, args.resume, task.prefix)
-    log = utils.Log(run_dir)
-    ckpt = os.path.join(run_dir, 'checkpoint.npz')
-    resuming = bool(args.resume) and os.path.isfile(ckpt)
-    if not args.resume:
-        utils.write_json(os.path.join(run_dir, 'args.json'), vars(args))
-    utils.write_json(os.path.join(run_dir, 'data.json'), split.info)
-    import paddle
-    import model
-    paddle.enable_static()
-    t0 = time.time()
-    progs = task.programs(genotype, args, split.info)
-    log(f'run folder {run_dir}; genotype {genotype}')
-    log(f'data: {split.info["describe"]}')
-    parameters = model.count_parameters(progs['layout'])
-    eval_split = split.info.get('eval_split', 'test')
-    log(f'{parameters / 1e6:.3f}M parameters (auxiliary head excluded); '
-        f'programs built in {time.time() - t0:.1f}s')
-    log(f'depthwise convolution: {fast_kernels.status()}')
+    return Training(task, args).run()
 
-    state, history, start_epoch, best = initial_state(progs['layout'], args.seed), [], 0, 0.0
-    if resuming:
-        arrays, meta = utils.load_checkpoint(ckpt)
-        if set(arrays) != set(state) or any(arrays[k].shape != state[k].shape for k in state):
-            raise UserError(f'{ckpt} does not match this network')
-        state, history, start_epoch, best = arrays, meta['history'], meta['epoch'] + 1, meta['best_top1']
-        log(f'resumed from epoch {start_epoch} of {args.epochs}')
-    elif args.resume:
-        log('no checkpoint yet: starting from the beginning with the saved flags')
 
-    scope, exe = paddle.static.Scope(), paddle.static.Executor(place)
-    with paddle.static.scope_guard(scope):
-        utils.set_tensors(scope, place, state)
-        if start_epoch == 0:
-            log('the first step also prepares the programs (Paddle does this once, it takes a while)')
-        for epoch in range(start_epoch, args.epochs):
-            lr = task.lr_at(args, epoch)
-            drop_prob = args.drop_path_prob * epoch / args.epochs
-            t_epoch, seen, loss_sum, correct = time.time(), 0, 0.0, 0
-            feed_const = dict(lr=np.array([lr], 'float32'), drop_prob=np.array([drop_prob], 'float32'))
-            progress = utils.Progress(log, len(split.train), f'epoch {epoch + 1}/{args.epochs}', args.report_freq)
-            for step, (x, y) in enumerate(split.train.epoch(epoch)):
-                noise = model.drop_noise(args.seed, epoch, step, progs['drop_sites'], len(y))
-                loss, logits, _ = exe.run(progs['train'], feed=dict(feed_const, x=x, y=y, drop_noise=noise),
-                                          fetch_list=progs['train_fetch'])
-                loss = float(loss)
-                if not np.isfinite(loss):
-                    raise UserError(f'training loss became {loss} at epoch {epoch + 1}; lower --learning_rate')
-                seen += len(y)
-                loss_sum += loss * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                progress.update(len(y), lambda: f'loss {loss_sum / seen:.4f} top1 {100 * correct / seen:.2f}%')
-            progress.close()
-            if not seen:
-                raise UserError(f'epoch {epoch + 1} had no readable training images')
-            train_time = time.time() - t_epoch
-            test_loss, top1, top5, _ = evaluate(exe, progs, split.test, split.num_classes)
-            record = dict(epoch=epoch + 1, lr=lr, drop_prob=drop_prob, train_loss=loss_sum / seen,
-                          train_acc=correct / seen, val_loss=test_loss, val_acc=top1, val_top5=top5,
-                          images_per_sec=seen / train_time, epoch_time=time.time() - t_epoch)
-            history.append(record)
-            arrays = utils.get_tensors(scope, list(state))
-            if top1 > best or not os.path.isfile(os.path.join(run_dir, 'best.npz')):
-                best = max(best, top1)
-                utils.save_checkpoint(os.path.join(run_dir, 'best.npz'), arrays,
-                                      dict(epoch=epoch, top1=top1, top5=top5, args=vars(args)))
-            utils.save_checkpoint(ckpt, arrays, dict(epoch=epoch, history=history, best_top1=best, args=vars(args)))
-            with open(os.path.join(run_dir, 'history.jsonl'), 'w') as f:
-                f.writelines(json.dumps(r) + '\n' for r in history)
-            log(f'epoch {epoch + 1}/{args.epochs} lr {lr:.5f} drop_path {drop_prob:.3f} train loss '
-                f'{record["train_loss"]:.4f} top1 {100 * record["train_acc"]:.2f}% | {eval_split} loss {test_loss:.4f} '
-                f'top1 {100 * top1:.2f}% top5 {100 * top5:.2f}% (best {100 * best:.2f}%) | '
-                f'{record["images_per_sec"]:.1f} img/s, {record["epoch_time"]:.1f}s')
-        best_arrays, best_meta = utils.load_checkpoint(os.path.join(run_dir, 'best.npz'))
-        utils.set_tensors(scope, place, best_arrays)
-        _, top1, _, confusion = evaluate(exe, progs, split.test, split.num_classes)
+class Training:
+    """One training run: what its epochs share (flags, data, programs, run folder, executor)."""
+
+    def __init__(self, task, args):
+        args = runfolder.start(args, 'train', RESUMABLE_OVERRIDES, task.parse)
+        genotype = load_genotype(args)   # everything that can fail on bad input, before the folder is made
+        split = task.data(args, False, print)
+        place = utils.select_place(args.device, not getattr(args, 'no_custom_kernels', False))
+        run = runfolder.Run.open(args, task.prefix)
+        run.write_json('data.json', split.info)
+        import paddle
+        import model
+        paddle.enable_static()
+        t0 = time.time()
+        progs = task.programs(genotype, args, split.info)
+        run.log(f'run folder {run.path}; genotype {genotype}')
+        run.log(f'data: {split.info["describe"]}')
+        self.parameters = model.count_parameters(progs['layout'])
+        run.log(f'{self.parameters / 1e6:.3f}M parameters (auxiliary head excluded); '
+                f'programs built in {time.time() - t0:.1f}s')
+        run.log(f'depthwise convolution: {fast_kernels.status()}')
+        self.task, self.args, self.genotype, self.split, self.progs, self.run_folder = \
+            task, args, genotype, split, progs, run
+        self.eval_split = split.info.get('eval_split', 'test')
+        self.place, self.scope, self.exe = place, paddle.static.Scope(), paddle.static.Executor(place)
+        self.state, self.history, self.start_epoch, meta = run.restore(initial_state(progs['layout'], args.seed),
+                                                                       args.epochs)
+        self.best = meta.get('best_top1', 0.0)
+
+    def run(self):
+        import paddle
+        with paddle.static.scope_guard(self.scope):
+            utils.set_tensors(self.scope, self.place, self.state)
+            if self.start_epoch == 0:
+                self.run_folder.log('the first step also prepares the programs (Paddle does this once, it takes a while)')
+            for epoch in range(self.start_epoch, self.args.epochs):
+                self.end_of_epoch(epoch, self.train_epoch(epoch))
+            return self.finish()
+
+    def train_epoch(self, epoch):
+        """One pass over the training batches, a weight step each; drop path's uniforms drawn on the host."""
+        import model
+        args, progs = self.args, self.progs
+        lr = self.task.lr_at(args, epoch)
+        drop_prob = args.drop_path_prob * epoch / args.epochs
+        feed_const = dict(lr=np.array([lr], 'float32'), drop_prob=np.array([drop_prob], 'float32'))
+        stats = utils.EpochStats(epoch)
+        progress = utils.Progress(self.run_folder.log, len(self.split.train), f'epoch {epoch + 1}/{args.epochs}',
+                                  args.report_freq)
+        for step, (x, y) in enumerate(self.split.train.epoch(epoch)):
+            noise = model.drop_noise(args.seed, epoch, step, progs['drop_sites'], len(y))
+            loss, logits, _ = self.exe.run(progs['train'], feed=dict(feed_const, x=x, y=y, drop_noise=noise),
+                                           fetch_list=progs['train_fetch'])
+            stats.add(float(loss), logits, y)
+            progress.update(len(y), lambda: f'loss {stats.loss:.4f} top1 {100 * stats.accuracy:.2f}%')
+        progress.close()
+        stats.close()
+        if not stats.images:
+            raise UserError(f'epoch {epoch + 1} had no readable training images')
+        return dict(lr=lr, drop_prob=drop_prob, stats=stats)
+
+    def end_of_epoch(self, epoch, train):
+        """Evaluate, keep the best checkpoint, persist the epoch, log it."""
+        args, run, stats = self.args, self.run_folder, train['stats']
+        test_loss, top1, top5, _ = evaluate(self.exe, self.progs, self.split.test, self.split.num_classes)
+        record = dict(epoch=epoch + 1, lr=train['lr'], drop_prob=train['drop_prob'], train_loss=stats.loss,
+                      train_acc=stats.accuracy, val_loss=test_loss, val_acc=top1, val_top5=top5,
+                      images_per_sec=stats.images_per_sec, epoch_time=stats.elapsed())
+        self.history.append(record)
+        arrays = utils.get_tensors(self.scope, list(self.state))
+        if top1 > self.best or not os.path.isfile(run.file('best.npz')):
+            self.best = max(self.best, top1)
+            run.save_checkpoint(arrays, dict(epoch=epoch, top1=top1, top5=top5, args=vars(args)), 'best.npz')
+        run.end_epoch(arrays, self.history, best_top1=self.best, args=vars(args))
+        run.log(f'epoch {epoch + 1}/{args.epochs} lr {train["lr"]:.5f} drop_path {train["drop_prob"]:.3f} train loss '
+                f'{stats.loss:.4f} top1 {100 * stats.accuracy:.2f}% | {self.eval_split} loss {test_loss:.4f} '
+                f'top1 {100 * top1:.2f}% top5 {100 * top5:.2f}% (best {100 * self.best:.2f}%) | '
+                f'{stats.images_per_sec:.1f} img/s, {record["epoch_time"]:.1f}s')
+
+    def finish(self):
+        """The best checkpoint: its per-class accuracy and confusion matrix, the inference model, result.json."""
+        run, split = self.run_folder, self.split
+        best_arrays, best_meta = utils.load_checkpoint(run.file('best.npz'))
+        utils.set_tensors(self.scope, self.place, best_arrays)
+        _, top1, _, confusion = evaluate(self.exe, self.progs, split.test, split.num_classes)
         for line in confusion_report(confusion, split.info['classes']):
-            log(line)
-        utils.write_json(os.path.join(run_dir, 'confusion.json'),
-                         dict(split=eval_split, epoch=best_meta['epoch'] + 1, classes=split.info['classes'],
-                              matrix=confusion.tolist()))
-        exported = export_inference(exe, progs, run_dir, split.info)
-    utils.write_json(os.path.join(run_dir, 'result.json'), dict(
-        best_top1=best, best_epoch=best_meta['epoch'] + 1, eval_split=eval_split, parameters=parameters,
-        epochs=args.epochs, genotype=genotypes.to_dict(genotype)))
-    log(f'done: best {eval_split} top-1 {100 * best:.2f}% (checkpoint {os.path.join(run_dir, "best.npz")}); '
-        f'inference model {exported}; classify images with: python train.py --predict {exported} IMAGE...')
-    return run_dir
+            run.log(line)
+        run.write_json('confusion.json', dict(split=self.eval_split, epoch=best_meta['epoch'] + 1,
+                                              classes=split.info['classes'], matrix=confusion.tolist()))
+        exported = export_inference(self.exe, self.progs, run.path, split.info)
+        run.write_json('result.json', dict(
+            best_top1=self.best, best_epoch=best_meta['epoch'] + 1, eval_split=self.eval_split,
+            parameters=self.parameters, epochs=self.args.epochs, genotype=genotypes.to_dict(self.genotype)))
+        run.log(f'done: best {self.eval_split} top-1 {100 * self.best:.2f}% (checkpoint {run.file("best.npz")}); '
+                f'inference model {exported}; classify images with: python train.py --predict {exported} IMAGE...')
+        return run.path
 
 
 def export_inference(exe, progs, run_dir, info):
@@ -336,7 +336,7 @@ def eval_only(task, args):
     if 'args' not in meta:
         raise UserError(f'--eval_only {args.eval_only}: not a checkpoint of a training run '
                         f'(a search checkpoint? train its genotype first)')
-    saved = utils.saved_args(args, meta['args'], ('device', 'data', 'test_data', 'no_download', 'num_workers',
+    saved = runfolder.saved_args(args, meta['args'], ('device', 'data', 'test_data', 'no_download', 'num_workers',
                                                   'cache_dir'), task.parse)
     genotype = load_genotype(saved)
     split = task.data(saved, True, print)

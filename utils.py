@@ -1,4 +1,4 @@
-"""Run plumbing shared by the training scripts: errors, device, run folder, log, checkpoints."""
+"""Plumbing shared by the scripts: one-line errors, the device, progress, atomic files and checkpoints."""
 import argparse
 import contextlib
 import ctypes
@@ -42,6 +42,10 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+# the run folder of this process (runfolder.Run sets it), for the interrupt message
+current_run = []
+
+
 def run_main(run, argv, parse):
     """Parse, run, and turn expected failures into one line on stderr and an exit code."""
     args = parse(argv)
@@ -53,43 +57,15 @@ def run_main(run, argv, parse):
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
-        where = f'; continue with --resume {_current_run[0]} once it can be written' if _current_run else ''
+        where = f'; continue with --resume {current_run[0]} once it can be written' if current_run else ''
         print(f'error: cannot write {e.filename or "the run folder"}: {e.strerror}; the last checkpoint is '
               f'intact{where}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        where = f'--resume {_current_run[0]}' if _current_run else '--resume RUN_DIR'
+        where = f'--resume {current_run[0]}' if current_run else '--resume RUN_DIR'
         print(f'\ninterrupted: the last checkpoint is kept; continue with {where}', file=sys.stderr)
         return 130
     return 0
-
-
-def load_run_args(run_dir):
-    """The args.json a run wrote when it started."""
-    path = os.path.join(run_dir, 'args.json')
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f'--resume {run_dir}: cannot read {path} ({e}); is it a run folder?') from None
-
-
-def saved_args(args, saved, names, parse):
-    """A run's saved settings (a dict), with those of `names` that the command line set
-    explicitly (differing from the parser's default) taken from `args`."""
-    import argparse
-    defaults = vars(parse([]))
-    modes = ('resume', 'eval_only', 'predict')   # what the command does, not a setting of the run
-    fixed = sorted(k for k, v in vars(args).items() if k in defaults and k not in names and k not in modes
-                   and v != defaults[k] and v != saved.get(k, defaults[k]))
-    if fixed:
-        what = '--resume' if getattr(args, 'resume', None) else '--eval_only'
-        raise UserError(f'{what} uses the flags the run started with: {", ".join("--" + k for k in fixed)} '
-                        f'cannot change ({what} takes {", ".join("--" + n for n in names)}); start a new run '
-                        f'with --save to use other settings')
-    merged = dict(defaults, **saved)  # flags added since the run started take their defaults
-    merged.update({k: getattr(args, k) for k in names if k in defaults and getattr(args, k) != defaults[k]})
-    return argparse.Namespace(**merged)
 
 
 def select_place(device, custom_kernels=True):
@@ -115,69 +91,41 @@ def select_place(device, custom_kernels=True):
     return paddle.CPUPlace()
 
 
-def check_save(save):
-    """One line now, before any data is read, for a --save that can never be a run folder: a file,
-    a path under a file, or a folder that cannot be written (the rest is found by prepare_run_dir)."""
-    if save is None:
-        return
-    if os.path.exists(save) and not os.path.isdir(save):
-        raise UserError(f'--save {save}: that is a file, not a folder')
-    parent = os.path.dirname(os.path.abspath(save))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UserError(f'--save {save}: {parent} is a file, so no folder can be made under it')
-    probe = os.path.join(parent, f'.paddle-darts-probe-{os.getpid()}')
-    try:  # access(2) says yes to root on /proc and read-only mounts can surprise: try it (and undo it)
-        os.mkdir(probe)
-        os.rmdir(probe)
-    except OSError as e:
-        raise UserError(f'--save {save}: cannot create a folder in {parent} ({e.strerror or e})') from None
+class EpochStats:
+    """The running figures of an epoch's training steps: images, mean loss, top-1, images/s."""
 
+    def __init__(self, epoch):
+        self.epoch, self.steps, self.images, self.loss_sum, self.correct = epoch, 0, 0, 0.0, 0
+        self.started, self.train_seconds = time.time(), None
 
-def prepare_run_dir(save, resume, prefix):
-    """The run folder: a new one (refusing to reuse an existing one) or the resumed one.
+    def add(self, loss, logits, labels):
+        """One step's mean loss and logits; a non-finite loss is one line (the last checkpoint is kept)."""
+        if not np.isfinite(loss):
+            raise UserError(f'training loss became {loss} at epoch {self.epoch + 1} step {self.steps + 1}; '
+                            f'lower --learning_rate (the last checkpoint is kept)')
+        self.steps += 1
+        self.images += len(labels)
+        self.loss_sum += float(loss) * len(labels)
+        self.correct += int((logits.argmax(1) == labels).sum())
 
-    Call it only once the data, device and flags have been checked, so a failed start
-    leaves nothing behind.  A resumed folder without a checkpoint (a run that stopped
-    before its first epoch ended) starts again from the beginning with its saved flags.
-    """
-    if resume:
-        path = resume
-    else:
-        path = save or os.path.join('runs', time.strftime(f'{prefix}-%Y%m%d-%H%M%S'))
-        if os.path.isdir(path) and os.listdir(path):   # (a file or an uncreatable --save: check_save, earlier)
-            raise UserError(f'{path} already exists; continue it with --resume {path}, or pick another --save')
-        try:
-            os.makedirs(path, exist_ok=True)
-        except OSError as e:
-            raise UserError(f'--save {path}: cannot create the folder ({e.strerror or e})') from None
-    probe = os.path.join(path, '.write-test')
-    try:  # a read-only or full disk says so now, not at the first checkpoint
-        with open(probe, 'w') as f:
-            f.write('x')
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f'{path}: cannot write into the run folder ({e.strerror or e})') from None
-    _current_run[:] = [path]
-    return path
+    def close(self):
+        """The training part of the epoch is over (what follows, evaluation, is not in images/s)."""
+        self.train_seconds = time.time() - self.started
 
+    @property
+    def loss(self):
+        return self.loss_sum / self.images
 
-_current_run = []  # the run folder of this process, for the interrupt message
+    @property
+    def accuracy(self):
+        return self.correct / self.images
 
+    @property
+    def images_per_sec(self):
+        return self.images / self.train_seconds
 
-class Log:
-    """print() that also appends to RUN_DIR/log.txt (file_only: to the file alone)."""
-
-    def __init__(self, run_dir):
-        self.path = os.path.join(run_dir, 'log.txt')
-
-    def __call__(self, *parts, end='\n', file_only=False):
-        line = ' '.join(str(p) for p in parts)
-        if not file_only:
-            print(line, end=end, flush=True)
-        with open(self.path, 'a') as f:
-            f.write(line + ('\n' if end == '\r' else end))
+    def elapsed(self):
+        return time.time() - self.started
 
 
 class Progress:
