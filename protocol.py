@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -111,8 +112,17 @@ def finished(run_dir):
     return os.path.isfile(os.path.join(run_dir, 'result.json'))
 
 
+class Terminated(Exception):
+    """SIGTERM reached the protocol (raised by its handler, in main)."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
 def run_step(what, script, flags, run_dir):
-    """Run (or resume, or skip when done) one search or retrain; its output goes to ours."""
+    """Run (or resume, or skip when done) one search or retrain; its output goes to ours.  Stopped
+    (Ctrl-C or SIGTERM), the child is stopped too, and only the protocol says so (utils.QUIET_STOP)."""
     if finished(run_dir):
         print(f'protocol: {what}: done already ({run_dir})', flush=True)
         return
@@ -120,9 +130,17 @@ def run_step(what, script, flags, run_dir):
     cmd = [sys.executable, os.path.join(HERE, script)] + (['--resume', run_dir] if resume else flags)
     print(f'protocol: {what}: {"resuming " + run_dir if resume else " ".join(shlex.quote(c) for c in cmd[1:])}',
           flush=True)
-    rc = subprocess.run(cmd).returncode
-    if rc == 130 or rc == -2:
+    child = subprocess.Popen(cmd, env=dict(os.environ, **{utils.QUIET_STOP: '1'}))
+    try:
+        rc = child.wait()
+    except BaseException:   # Ctrl-C (which the child has had too) or a SIGTERM that may be ours alone
+        child.send_signal(signal.SIGTERM)   # the child stops at once, its last checkpoint whole
+        child.wait()
+        raise
+    if rc in (130, -signal.SIGINT):
         raise KeyboardInterrupt
+    if rc in (143, -signal.SIGTERM):
+        raise Terminated
     if rc != 0 or not finished(run_dir):
         raise UserError(f'{what} failed (exit {rc}); see {os.path.join(run_dir, "log.txt")}; '
                         f're-run this command to continue')
@@ -215,6 +233,7 @@ def protocol(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         protocol(args)
     except UserError as e:
@@ -223,6 +242,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         print('\ninterrupted: finished runs are kept; run the same command again to continue', file=sys.stderr)
         return 130
+    except Terminated:
+        print('\nterminated (SIGTERM): finished runs are kept; run the same command again to continue',
+              file=sys.stderr)
+        return 143
     return 0
 
 

@@ -264,13 +264,20 @@ class ArrayBatches:
 _SOURCES = {}
 
 
-def worker_init():
-    """In a forked worker: Ctrl-C is the main process's to handle (it ends the pool), and
-    SIGTERM from the pool's teardown just ends the worker: the handler inherited from
-    Paddle would print a C++ 'FatalError: Termination signal' block."""
+def worker_init(parent):
+    """In a forked worker: Ctrl-C is the main process's to handle (it ends the pool), SIGTERM
+    just ends the worker (the handler inherited from Paddle would print a C++ 'FatalError:
+    Termination signal' block; the parent blocks it, see utils.stop_on_sigterm), and the worker
+    is killed when its parent dies, however it dies (else it would wait on the pool's pipe for ever)."""
+    import ctypes
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+    with contextlib.suppress(OSError, AttributeError):   # not Linux: no parent-death signal
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)        # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:   # the parent died before the prctl
+        os._exit(0)
 
 
 @contextlib.contextmanager
@@ -281,7 +288,7 @@ def worker_pool(num_workers):
     if num_workers <= 0:
         yield None
         return
-    pool = mp.get_context('fork').Pool(num_workers, initializer=worker_init)
+    pool = mp.get_context('fork').Pool(num_workers, initializer=worker_init, initargs=(os.getpid(),))
     finished = False
     try:
         yield pool

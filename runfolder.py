@@ -121,7 +121,7 @@ class Run:
     def __init__(self, path, writer=True):
         self.path, self.writer = path, writer
         self.resumed = False
-        utils.current_run[:] = [path]
+        utils.current_run[:] = [self]
 
     @classmethod
     def open(cls, args, prefix, writer=True, path=None):

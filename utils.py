@@ -5,7 +5,9 @@ import ctypes
 import errno
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -42,30 +44,79 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-# the run folder of this process (runfolder.Run sets it), for the interrupt message
+# the open run folder of this process (a runfolder.Run sets itself here), for the stop messages
 current_run = []
+# held by atomic_write: a stop (SIGTERM) waits for the write, so the file it replaces stays whole
+write_lock = threading.Lock()
+# set by protocol.py for its children: their stop is reported once, by the protocol
+QUIET_STOP = 'PADDLE_DARTS_QUIET_STOP'
 
 
 def run_main(run, argv, parse):
-    """Parse, run, and turn expected failures into one line on stderr and an exit code."""
+    """Parse, run, and turn expected failures into one line on stderr and an exit code:
+    2 for a UserError or a full / read-only disk, 130 for Ctrl-C, 143 for SIGTERM."""
     args = parse(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            raise
-        where = f'; continue with --resume {current_run[0]} once it can be written' if current_run else ''
-        print(f'error: cannot write {e.filename or "the run folder"}: {e.strerror}; the last checkpoint is '
-              f'intact{where}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        where = f'--resume {current_run[0]}' if current_run else '--resume RUN_DIR'
-        print(f'\ninterrupted: the last checkpoint is kept; continue with {where}', file=sys.stderr)
-        return 130
+    with stop_on_sigterm():
+        try:
+            run(args)
+        except UserError as e:
+            print(f'error: {e}', file=sys.stderr)
+            return 2
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+            where = f'; continue with --resume {current_run[0].path} once it can be written' if current_run else ''
+            print(f'error: cannot write {e.filename or "the run folder"}: {e.strerror}; the last checkpoint is '
+                  f'intact{where}', file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            _report_stop('interrupted')
+            return 130
     return 0
+
+
+def _report_stop(what):
+    """One line: what stopped the run, and how to continue it (also in the run's log.txt)."""
+    if current_run:
+        message = f'{what}: the last checkpoint is kept; continue with --resume {current_run[0].path}'
+        current_run[0].log(message, file_only=True)
+    else:
+        message = f'{what} before the run folder was made: nothing was written'
+    if not os.environ.get(QUIET_STOP):
+        print(f'\n{message}', file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Within: SIGTERM (what batch schedulers and Paddle's launcher send) ends the process at
+    once like Ctrl-C, with one line (_report_stop) and exit status 143, after any atomic write in
+    progress has finished, so the last checkpoint stays whole.
+
+    Python runs a signal handler only between bytecodes of the main thread, which can be inside
+    one exe.run for minutes, and Paddle's own handler prints a C++ FatalError block; so SIGTERM is
+    blocked in this thread, and in every thread started from it later (Paddle's), and a watcher
+    thread takes it with sigtimedwait."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            if signal.sigtimedwait([signal.SIGTERM], 0.2) is not None:
+                with write_lock:
+                    _report_stop('terminated (SIGTERM)')
+                    sys.stdout.flush()
+                    os._exit(143)
+    watcher = threading.Thread(target=watch, name='sigterm-watch', daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def select_place(device, custom_kernels=True):
@@ -171,11 +222,12 @@ def atomic_write(path, write, mode='w'):
     A failed write (a full or read-only disk) removes path.tmp and is one UserError line."""
     tmp = path + '.tmp'
     try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with write_lock:
+            with open(tmp, mode) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
