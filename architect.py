@@ -18,6 +18,12 @@ One search step runs these programs in order, each one forward-backward pass:
     weight_step_program     g = clip_global_norm(grad_w L_train(w, alpha), grad_clip)
                             v = mu * v + g + wd * w;  w = w - lr * v
 
+Data-parallel (cfg.world_size ranks, each with its share of every batch): every quantity
+computed from a batch is averaged over the ranks inside the program that computes it, by one
+all-reduce (distributed.mean_across_ranks) before it is used: grad_w L_train for w', dalpha and
+dw' together (so R = 0.01 / ||mean dw'||), g+, g-, the first-order alpha gradient, and the
+weight gradient before the global-norm clip.  Every rank then applies the same update.
+
 Values passed between programs (w', w+-, dalpha, R, g+) are persistable tensors
 under 'arch/'.  A gradient is only taken with respect to tensors a program declares
 trainable, so grad_w L_train inside w' and dw' inside w+- are constants: no second
@@ -43,6 +49,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import paddle
 
+import distributed
+from distributed import mean_across_ranks
 from model_search import SearchSpace, cross_entropy, network_layout, search_network
 from operations import ParamSet, declare
 from optim import (MOMENTUM, WEIGHTS, adam_step, clip_by_global_norm, global_norm,  # noqa: F401
@@ -81,6 +89,7 @@ class SearchConfig:
     space: SearchSpace = field(default_factory=SearchSpace)
     beta_decay: bool = False      # build beta-DARTS' term (its weight is the tensor BETA_DECAY)
     hessian_eigen: bool = False   # build hessian_program (RobustDARTS' eigenvalue)
+    world_size: int = distributed.WORLD   # data-parallel ranks: batch-derived quantities are averaged
 
     @property
     def arch_shapes(self):
@@ -148,7 +157,7 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
     """Build every program of a search step, and the eval program, once."""
     space = cfg.space.check(cfg.init_channels)
     layout = network_layout(cfg.init_channels, cfg.num_classes, cfg.layers, cfg.image_size, cfg.in_channels, space)
-    p, size = layout.size, cfg.image_size
+    p, size, world = layout.size, cfg.image_size, cfg.world_size
     shapes = cfg.arch_shapes
     names = list(shapes)
     programs, feeds, fetch = {}, {}, {}
@@ -203,14 +212,14 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
         with new_program('unrolled_step', ['train_x', 'train_y', 'lr']):
             w, lr = declare(WEIGHTS, [p], trainable=True), data('lr')
             loss, _ = loss_at(w, alphas(False), data('train_x'), data('train_y'))
-            g = paddle.static.gradients(loss, [w])[0]
+            (g,) = mean_across_ranks(paddle.static.gradients(loss, [w]), world)
             store(virtual_step(w, g, declare(MOMENTUM, [p]), lr, cfg.momentum, cfg.weight_decay),
                   'arch/w_prime', [p])
 
         with new_program('unrolled_grad', ['val_x', 'val_y']):
             w_prime, a = declare('arch/w_prime', [p], trainable=True), alphas(True)
             loss, _ = loss_at(w_prime, a, data('val_x'), data('val_y'), bn_prefix=UNROLLED_BN_PREFIX)
-            *dalpha, dw = paddle.static.gradients(loss, a + [w_prime])
+            *dalpha, dw = mean_across_ranks(paddle.static.gradients(loss, a + [w_prime]), world)
             r = cfg.r_scale / global_norm([dw])
             w = declare(WEIGHTS, [p])
             store(w + r * dw, 'arch/w_plus', [p])
@@ -223,13 +232,13 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
         with new_program('hessian_plus', ['train_x', 'train_y']):
             a = alphas(True)
             loss, _ = loss_at(declare('arch/w_plus', [p]), a, data('train_x'), data('train_y'))
-            for g, name in zip(paddle.static.gradients(loss, a), names):
+            for g, name in zip(mean_across_ranks(paddle.static.gradients(loss, a), world), names):
                 store(g, f'arch/g_plus_{name}', shapes[name])
 
         with new_program('alpha_update', ['train_x', 'train_y', 'lr']):
             a, lr = alphas(True), data('lr')
             loss, _ = loss_at(declare('arch/w_minus', [p]), a, data('train_x'), data('train_y'))
-            g_minus = paddle.static.gradients(loss, a)
+            g_minus = mean_across_ranks(paddle.static.gradients(loss, a), world)
             r = declare('arch/r', [1])
             alpha_grad = []
             for gm, name in zip(g_minus, names):
@@ -241,13 +250,13 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
         with new_program('alpha_update', ['val_x', 'val_y']):
             a = alphas(True)
             loss, _ = loss_at(declare(WEIGHTS, [p]), a, data('val_x'), data('val_y'))
-            adam_update(paddle.static.gradients(loss, a))
+            adam_update(mean_across_ranks(paddle.static.gradients(loss, a), world))
             fetch['alpha_update', 'val_loss'] = loss
 
     with new_program('weight_step', ['train_x', 'train_y', 'lr']):
         w, v, lr = declare(WEIGHTS, [p], trainable=True), declare(MOMENTUM, [p]), data('lr')
         loss, logits = loss_at(w, alphas(False), data('train_x'), data('train_y'))
-        g = clip_by_global_norm(paddle.static.gradients(loss, [w])[0], cfg.grad_clip)
+        g = clip_by_global_norm(mean_across_ranks(paddle.static.gradients(loss, [w]), world)[0], cfg.grad_clip)
         w_new, v_new = sgd_momentum_step(w, g, v, lr, cfg.momentum, cfg.weight_decay)
         paddle.assign(v_new, output=v)
         paddle.assign(w_new, output=w)

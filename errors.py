@@ -18,7 +18,3 @@ class GenotypeError(UserError, ValueError):
 
 class SearchSpaceError(UserError, ValueError):
     """An op list or cell setting the search network cannot be built with (model_search.py)."""
-
-
-class PeerError(UserError):
-    """Another process of a data-parallel job stopped (distributed.py)."""

@@ -19,6 +19,7 @@ import zlib
 
 import numpy as np
 
+from distributed import shard_bounds
 from errors import DataError
 
 CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
@@ -178,21 +179,40 @@ def crop_padding_for(image_size):
 
 def augment_cifar(images, rng, crop_padding=4, flip=True, cutout=0):
     """Random crop with zero padding, horizontal flip, cutout (length `cutout`) on uint8 NCHW."""
+    return apply_augmentation(images, draw_augmentation(rng, len(images), images.shape[2], images.shape[3],
+                                                        crop_padding, flip, cutout), crop_padding, cutout)
+
+
+def draw_augmentation(rng, n, h, w, crop_padding, flip, cutout):
+    """The random numbers of augment_cifar for a batch of n images of h x w, in a fixed order: a
+    data-parallel rank draws them for the whole batch and applies its rows' (ArrayBatches.make)."""
+    draws = {}
+    if crop_padding:
+        draws['dy'] = rng.integers(0, 2 * crop_padding + 1, n)
+        draws['dx'] = rng.integers(0, 2 * crop_padding + 1, n)
+    if flip:
+        draws['flip'] = rng.random(n) < 0.5
+    if cutout:
+        draws['cy'], draws['cx'] = rng.integers(0, h, n), rng.integers(0, w, n)
+    return draws
+
+
+def apply_augmentation(images, draws, crop_padding, cutout):
+    """augment_cifar with its draws made (draw_augmentation, rows already picked)."""
     n, c, h, w = images.shape
     out = images
     if crop_padding:
         padded = np.zeros((n, c, h + 2 * crop_padding, w + 2 * crop_padding), np.uint8)
         padded[:, :, crop_padding:crop_padding + h, crop_padding:crop_padding + w] = images
-        dy = rng.integers(0, 2 * crop_padding + 1, n)
-        dx = rng.integers(0, 2 * crop_padding + 1, n)
+        dy, dx = draws['dy'], draws['dx']
         out = np.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-    if flip:
-        mask = rng.random(n) < 0.5
+    if 'flip' in draws:
+        mask = draws['flip']
         out = out.copy() if out is images else out
         out[mask] = out[mask][..., ::-1]
     if cutout:
         out = out.copy() if out is images else out
-        cy, cx = rng.integers(0, h, n), rng.integers(0, w, n)
+        cy, cx = draws['cy'], draws['cx']
         for i in range(n):
             y0, y1 = max(cy[i] - cutout // 2, 0), min(cy[i] + cutout // 2, h)
             x0, x1 = max(cx[i] - cutout // 2, 0), min(cx[i] + cutout // 2, w)
@@ -215,15 +235,23 @@ class ArrayBatches:
     processes (0: in this process), ahead of the consumer.  Augmentation: random crop
     with `crop_padding` (default: 1/8 of the image side), horizontal flip when `flip`,
     cutout when `cutout` > 0.
+
+    shard = (rank, ranks): a data-parallel rank's batches, its contiguous share of each batch
+    (distributed.shard_bounds), augmented with the whole batch's draws, so the shares of all
+    ranks together are the single-process batch.
     """
 
+    may_drop_images = False   # FileBatches: a batch (or a share of one) can lose unreadable images
+
     def __init__(self, images, labels, batch_size, mean, std, shuffle, augment,
-                 seed=0, num_workers=0, drop_last=False, cutout=0, stream=0, flip=True, crop_padding=None):
+                 seed=0, num_workers=0, drop_last=False, cutout=0, stream=0, flip=True, crop_padding=None,
+                 shard=(0, 1)):
         self.images, self.labels = images, labels
         self.batch_size, self.mean, self.std = batch_size, mean, std
         self.shuffle, self.augment, self.cutout, self.flip = shuffle, augment, cutout, flip
         self.crop_padding = crop_padding
         self.seed, self.stream, self.num_workers, self.drop_last = seed, stream, num_workers, drop_last
+        self.shard = shard
 
     def __len__(self):
         n = len(self.images)
@@ -235,14 +263,20 @@ class ArrayBatches:
                  if self.shuffle else np.arange(n))
         return [(order[b * self.batch_size:(b + 1) * self.batch_size], epoch, b) for b in range(len(self))]
 
+    def rows(self, batch):
+        """This shard's rows of a batch of `batch` items."""
+        return slice(*shard_bounds(batch, *self.shard))
+
     def make(self, job):
         idx, epoch, b = job
-        x = self.images[idx]
+        rows = self.rows(len(idx))
+        x = self.images[idx[rows]]
         if self.augment:
             rng = np.random.default_rng([self.seed, self.stream, epoch, b])
             pad = crop_padding_for(x.shape[-1]) if self.crop_padding is None else self.crop_padding
-            x = augment_cifar(x, rng, pad, self.flip, self.cutout)
-        return normalize(x, self.mean, self.std), self.labels[idx]
+            draws = draw_augmentation(rng, len(idx), x.shape[2], x.shape[3], pad, self.flip, self.cutout)
+            x = apply_augmentation(x, {k: v[rows] for k, v in draws.items()}, pad, self.cutout)
+        return normalize(x, self.mean, self.std), self.labels[idx[rows]]
 
     def epoch(self, epoch, start=0):
         """Iterate the batches of `epoch`, from batch `start`."""
@@ -404,34 +438,42 @@ def load_image(path, train, size, rng):
 
 
 class FileBatches(ArrayBatches):
-    """Batches decoded from image files in worker processes.
+    """Batches decoded from image files in worker processes; image k of batch b draws its
+    augmentation from (seed, epoch, b, k), so a rank's share needs no other rank's draws.
 
     A file that cannot be decoded is reported on stderr (path and reason) and left out
-    of its batch; a batch with no readable image is skipped.
+    of its batch; a batch with no readable image is skipped (a data-parallel rank's share
+    with none is yielded empty: the ranks decide together, see training.Training.train_epoch).
     """
 
-    def __init__(self, samples, batch_size, train, image_size=224, seed=0, num_workers=0, drop_last=False):
+    may_drop_images = True
+
+    def __init__(self, samples, batch_size, train, image_size=224, seed=0, num_workers=0, drop_last=False,
+                 shard=(0, 1)):
         self.paths = [p for p, _ in samples]
         labels = np.array([label for _, label in samples], np.int64)
         super().__init__(self.paths, labels, batch_size, IMAGENET_MEAN, IMAGENET_STD, shuffle=train,
-                         augment=train, seed=seed, num_workers=num_workers, drop_last=drop_last)
+                         augment=train, seed=seed, num_workers=num_workers, drop_last=drop_last, shard=shard)
         self.image_size = image_size
 
     def make(self, job):
         idx, epoch, b = job
-        rng = np.random.default_rng([self.seed, self.stream, epoch, b])
+        rows = self.rows(len(idx))
         images, keep = [], []
-        for i in idx:
+        for k in range(len(idx))[rows]:
+            i = idx[k]
+            rng = np.random.default_rng([self.seed, self.stream, epoch, b, k])
             try:
                 images.append(load_image(self.paths[i], self.augment, self.image_size, rng))
                 keep.append(i)
             except Exception as e:  # noqa: BLE001 - any decode failure: report, skip, go on
                 print(f'skipping unreadable image {self.paths[i]}: {type(e).__name__}: {e}', file=sys.stderr)
         if not images:
-            return None
-        return normalize(np.stack(images), self.mean, self.std), self.labels[np.array(keep)]
+            size = self.image_size
+            return np.zeros((0, 3, size, size), np.float32), np.zeros(0, np.int64)
+        return normalize(np.stack(images), self.mean, self.std), self.labels[np.array(keep, np.int64)]
 
     def epoch(self, epoch, start=0):
-        for batch in super().epoch(epoch, start):
-            if batch is not None:
-                yield batch
+        for x, y in super().epoch(epoch, start):
+            if len(y) or self.shard[1] > 1:
+                yield x, y

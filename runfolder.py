@@ -21,6 +21,8 @@ import json
 import os
 import time
 
+import numpy as np
+
 import utils
 from errors import UserError
 
@@ -120,18 +122,23 @@ class Run:
 
     def __init__(self, path, writer=True):
         self.path, self.writer = path, writer
-        self.resumed = False
+        self.resumed, self.world = False, None
         utils.current_run[:] = [self]
 
     @classmethod
-    def open(cls, args, prefix, writer=True, path=None):
+    def open(cls, args, prefix, world=None):
         """The run folder of args (new: made, args.json written; --resume: reopened).  Call it only
         once data, device and flags have been checked, so a failed start leaves nothing behind.
-        path: the folder the writer made (for the other ranks of a data-parallel job)."""
+        world (distributed.World): its writer makes the folder and tells the other ranks its name."""
+        writer = world is None or world.writer
+        path = None
         if writer:
             path = args.resume or _make_folder(args.save, prefix)
             _check_writable(path)
-        run = cls(path or args.resume, writer)
+        if world is not None:
+            path = world.share('run folder', path)
+        run = cls(path, writer)
+        run.world = world
         run.resumed = bool(args.resume)
         if not args.resume:
             run.write_json('args.json', vars(args))
@@ -158,17 +165,28 @@ class Run:
         if self.writer:
             utils.save_checkpoint(self.file(name), arrays, meta)
 
-    def restore(self, state, epochs):
+    def restore(self, state, epochs, exe=None):
         """(state, history, start epoch, checkpoint meta): the last checkpoint's if there is one, after
-        checking it holds the tensors of `state` with their shapes; else (state, [], 0, {})."""
+        checking it holds the tensors of `state` with their shapes (and, in a data-parallel job, that
+        every rank read the same one: exe runs that check); else (state, [], 0, {})."""
         path = self.file(self.CHECKPOINT)
-        if not (self.resumed and os.path.isfile(path)):
+        found = self.resumed and os.path.isfile(path)
+        arrays, meta = utils.load_checkpoint(path) if found else (state, dict(epoch=-1, history=[]))
+        if set(arrays) != set(state) or any(arrays[k].shape != state[k].shape for k in state):
+            raise UserError(f'{path} does not match this network (different flags?)')
+        if self.world is not None and self.world.size > 1:
+            self.world.barrier('start')   # the ranks read data and built programs at their own pace
+            checksum = sum(float(np.sum(a, dtype=np.float64)) for a in arrays.values())
+            self.world.check_same(exe, 'checkpoints (epoch, checksum)', [meta['epoch'], checksum])
+        if not found:
             if self.resumed:
                 self.log('no checkpoint yet: starting from the beginning with the saved flags')
             return state, [], 0, {}
-        arrays, meta = utils.load_checkpoint(path)
-        if set(arrays) != set(state) or any(arrays[k].shape != state[k].shape for k in state):
-            raise UserError(f'{path} does not match this network (different flags?)')
+        ran_with = meta.get('processes', 1)
+        if self.world is not None and ran_with != self.world.size:
+            self.log(f'note: this run ran with {ran_with} process(es) and continues with {self.world.size}: the '
+                     f'global batch is the same, the per-process batch-norm statistics are not, so its history '
+                     f'will differ a little from a run with one count throughout')
         history = meta['history']
         # what a kill after the checkpoint may have left stale or half-written is rewritten from it
         if self.writer:
@@ -179,7 +197,9 @@ class Run:
 
     def end_epoch(self, arrays, history, **meta):
         """The epoch's checkpoint (every tensor, the history so far, meta), then its history line."""
-        self.save_checkpoint(arrays, dict(epoch=history[-1]['epoch'] - 1, history=history, **meta))
+        processes = 1 if self.world is None else self.world.size
+        self.save_checkpoint(arrays, dict(epoch=history[-1]['epoch'] - 1, history=history, processes=processes,
+                                          **meta))
         if self.writer:
             with open(self.file(self.HISTORY), 'a') as f:
                 f.write(json.dumps(history[-1]) + '\n')

@@ -67,8 +67,9 @@ def parse_args(argv=None):
     return args
 
 
-def array_data(args, for_eval, say):
-    """Batches from a data set held as arrays (datasets.load): random crop, flip, cutout."""
+def array_data(args, for_eval, say, shard=(0, 1)):
+    """Batches from a data set held as arrays (datasets.load): random crop, flip, cutout; shard =
+    (rank, ranks): that rank's share of every batch."""
     data = datasets.load(args, args.num_workers, say)
     train_x, train_y, eval_x, eval_y, eval_split = data.train_x, data.train_y, data.test_x, data.test_y, 'test'
     fraction = getattr(args, 'val_fraction', 0.0)
@@ -80,9 +81,9 @@ def array_data(args, for_eval, say):
         raise UserError(f'--batch_size {args.batch_size} is larger than the training set ({len(train_x)} images)')
     train = None if for_eval else ArrayBatches(
         train_x, train_y, args.batch_size, data.mean, data.std, shuffle=True, augment=True, seed=args.seed,
-        num_workers=args.num_workers, drop_last=True, cutout=args.cutout_length, flip=data.flip)
+        num_workers=args.num_workers, drop_last=True, cutout=args.cutout_length, flip=data.flip, shard=shard)
     test = ArrayBatches(eval_x, eval_y, max(args.batch_size, 256), data.mean, data.std, shuffle=False,
-                        augment=False)
+                        augment=False, shard=shard)
     describe = data.describe() + (f'; evaluated on a {fraction:.0%} validation hold-out of the training images'
                                   if eval_split == 'validation' else '')
     return training.Split(train, test, dict(data.meta(), resize='short_side_crop', describe=describe,

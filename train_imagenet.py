@@ -76,7 +76,7 @@ def check_labels(root, train, val, classes, val_classes):
     return [(path, index[val_classes[label]]) for path, label in val]
 
 
-def imagenet_data(args, for_eval, say):
+def imagenet_data(args, for_eval, say, shard=(0, 1)):
     val, val_classes = scan_imagenet(args.data, 'val')
     train_batches, classes = None, val_classes
     if not for_eval:
@@ -85,8 +85,9 @@ def imagenet_data(args, for_eval, say):
             raise UserError(f'--batch_size {args.batch_size} is larger than the training set ({len(train)} images)')
         val = check_labels(args.data, train, val, classes, val_classes)
         train_batches = FileBatches(train, args.batch_size, True, args.image_size, args.seed, args.num_workers,
-                                    drop_last=True)
-    test_batches = FileBatches(val, min(args.batch_size, 256), False, args.image_size, num_workers=args.num_workers)
+                                    drop_last=True, shard=shard)
+    test_batches = FileBatches(val, min(args.batch_size, 256), False, args.image_size, num_workers=args.num_workers,
+                               shard=shard)
     info = dict(dataset='imagenet', classes=classes, channels=3, image_size=args.image_size, resize='center_crop',
                 mean=IMAGENET_MEAN.tolist(), std=IMAGENET_STD.tolist(),
                 describe=f'{args.data}: {len(classes)} classes, {len(val)} val images'

@@ -23,6 +23,7 @@ import utils  # first: sets Paddle's environment flags before paddle is imported
 import datasets
 import fast_kernels
 import genotypes
+import distributed
 import guards
 import runfolder
 from errors import SearchSpaceError, UserError
@@ -140,22 +141,24 @@ class Search:
     def __init__(self, args):
         args = runfolder.start(args, 'search', RESUMABLE_OVERRIDES, parse_args)
         space = search_space(args)  # everything that can fail on bad input, before the folder is made
-        data = datasets.load(args, args.num_workers, print)
+        world = distributed.setup(args.device, not args.no_custom_kernels)
+        world.check_batch(args.batch_size)
+        data = datasets.load(args, args.num_workers, print if world.writer else utils.silent)
         search_train, search_val = search_split(len(data.train_x), args.train_portion, seed=args.seed)
         if args.batch_size > min(len(search_train), len(search_val)):
             raise UserError(f'--batch_size {args.batch_size} is larger than the search split '
                             f'({len(search_train)} train / {len(search_val)} val images)')
         import paddle
         from architect import SearchConfig, build_search_programs, count_ops, initial_state
-        place = utils.select_place(args.device, not args.no_custom_kernels)
         paddle.enable_static()
         cfg = SearchConfig(
             init_channels=args.init_channels, layers=args.layers, num_classes=data.num_classes,
             image_size=data.image_size, in_channels=data.channels, momentum=args.momentum,
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, arch_learning_rate=args.arch_learning_rate,
             arch_weight_decay=args.arch_weight_decay, second_order=not args.first_order, space=space,
-            beta_decay=bool(args.beta_decay), hessian_eigen=args.hessian_eigen_every > 0)
-        print('building the search programs (once per run; this takes a while)', flush=True)
+            beta_decay=bool(args.beta_decay), hessian_eigen=args.hessian_eigen_every > 0, world_size=world.size)
+        if world.writer:
+            print('building the search programs (once per run; this takes a while)', flush=True)
         t0 = time.time()
         try:
             progs = build_search_programs(cfg)  # the only place programs are built
@@ -163,7 +166,7 @@ class Search:
             raise UserError(str(e)) from None
         build_time = time.time() - t0
 
-        run = runfolder.Run.open(args, 'search')
+        run = runfolder.Run.open(args, 'search', world)
         run.write_json('data.json', dict(data.meta(), describe=data.describe()))
         run.log(f'data: {data.describe()}; search on {len(search_train)} / {len(search_val)} training images '
                 f'(search-train / search-val)')
@@ -172,22 +175,27 @@ class Search:
                 f'({sum(count_ops(p) for p in progs.programs.values())} ops)')
         run.log(f'search space: {space.describe()}')
         run.log(f'depthwise convolution: {fast_kernels.status()}')
+        run.log(f'processes: {world.describe()}')
         self.args, self.space, self.cfg, self.progs, self.run_folder = args, space, cfg, progs, run
-        self.place, self.scope, self.exe = place, paddle.static.Scope(), paddle.static.Executor(place)
+        self.world, self.place = world, world.place
+        self.scope, self.exe = paddle.static.Scope(), paddle.static.Executor(world.place)
         self.state, self.history, self.start_epoch, _ = run.restore(
-            initial_state(progs.layout, args.seed, cfg.arch_shapes), args.epochs)
+            initial_state(progs.layout, args.seed, cfg.arch_shapes), args.epochs, self.exe)
         if self.history:
             write_genotypes(run, self.history[-1], space, args)
         self.saved = self.history[-1] if self.history else None   # the last epoch on disk
         self.early_stop, self.stopped = guards.EarlyStop.resume(run, args.early_stop, args.continue_stopped)
 
-        def batches(indices, **kw):
-            return ArrayBatches(data.train_x[indices], data.train_y[indices], mean=data.mean, std=data.std, **kw)
+        def batches(indices, shard=(world.rank, world.size), **kw):  # this rank's share of every batch
+            return ArrayBatches(data.train_x[indices], data.train_y[indices], mean=data.mean, std=data.std,
+                                shard=shard, **kw)
         augmented = dict(batch_size=args.batch_size, shuffle=True, augment=True, seed=args.seed,
                          num_workers=args.num_workers, drop_last=True, flip=data.flip)
         self.train_batches = batches(search_train, stream=0, **augmented)
         self.val_batches = batches(search_val, stream=1, **augmented)
         self.val_eval = batches(search_val, batch_size=max(args.batch_size, 256), shuffle=False, augment=False)
+        # the Hessian's batch: the first unaugmented search-val batch, the whole of it on every rank
+        self.eigen_batches = batches(search_val, (0, 1), batch_size=args.batch_size, shuffle=False, augment=False)
         self.eigen_batch = None
 
     def run(self):
@@ -221,14 +229,14 @@ class Search:
         if not update_arch:
             run.log(f'epoch {epoch + 1}: warm-up, weights only (architecture steps from epoch '
                     f'{args.arch_warmup_epochs + 1})')
-        stats = utils.EpochStats(epoch)
+        stats = utils.EpochStats(epoch, lambda local: self.world.sum(self.exe, local))
         steps = min(len(self.train_batches), len(self.val_batches))
         progress = utils.Progress(run.log, steps, f'epoch {epoch + 1}/{args.epochs}', args.report_freq)
         for (tx, ty), (vx, vy) in zip(self.train_batches.epoch(epoch), self.val_batches.epoch(epoch)):
             loss, logits, _ = run_search_step(self.exe, self.progs, dict(train_x=tx, train_y=ty, val_x=vx, val_y=vy),
                                               lr, update_arch)
-            stats.add(loss, logits, ty)
-            progress.update(len(ty), lambda: f'train loss {stats.loss:.4f} top1 {100 * stats.accuracy:.2f}%')
+            images = stats.add(loss, logits, ty)
+            progress.update(images, lambda: f'train loss {stats.loss:.4f} top1 {100 * stats.accuracy:.2f}%')
         progress.close()
         stats.close()
         return dict(lr=lr, stats=stats, arch_updates=update_arch, **schedule)
@@ -267,6 +275,9 @@ class Search:
         from architect import hessian_eigenvalue, softmax
         from model_search import derive_genotype, edge_weights_numpy, normalized_betas_numpy
         args, space, stats = self.args, self.space, train['stats']
+        # the ranks' BN running statistics (each from its share of the batches) averaged: what is
+        # evaluated and saved is then the same on every rank
+        self.world.average_tensors(self.exe, self.scope, list(self.progs.layout.buffers))
         val_loss, val_acc = self.evaluate()
         arch = utils.get_tensors(self.scope, list(self.cfg.arch_shapes))
         raw = genotype = derive_genotype(arch, space)
@@ -284,9 +295,8 @@ class Search:
             genotype = raw._replace(normal=normal)
             record.update(genotype_limited=genotypes.to_dict(genotype), skips_removed=len(zeroed))
         if args.hessian_eigen_every and (epoch + 1) % args.hessian_eigen_every == 0:
-            if self.eigen_batch is None:  # the same unaugmented search-val batch every time
-                x, y = next(iter(self.val_eval.epoch(0)))
-                self.eigen_batch = x[:args.batch_size], y[:args.batch_size]
+            if self.eigen_batch is None:  # the same batch every time
+                self.eigen_batch = next(iter(self.eigen_batches.epoch(0)))
             t_eig = time.time()
             record['hessian_eigenvalue'] = hessian_eigenvalue(self.exe, self.scope, self.place, self.progs,
                                                               *self.eigen_batch, step=args.hessian_eigen_step)[0]
@@ -298,14 +308,17 @@ class Search:
         return record, genotype, raw
 
     def evaluate(self):
-        """(loss, top-1) at the current weights and alphas over the whole search-val half."""
+        """(loss, top-1) at the current weights and alphas over the whole search-val half (each
+        rank its share of every batch, the sums added up)."""
         from architect import evaluate_batch
         loss_sum, correct, n = 0.0, 0, 0
         for x, y in self.val_eval.epoch(0):
-            loss, logits = evaluate_batch(self.exe, self.progs, x, y)
-            loss_sum += loss * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            n += len(y)
+            if len(y):   # a last batch smaller than the ranks leaves some of them nothing
+                loss, logits = evaluate_batch(self.exe, self.progs, x, y)
+                loss_sum += loss * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                n += len(y)
+        loss_sum, correct, n = self.world.sum(self.exe, [loss_sum, correct, n])
         return loss_sum / n, correct / n
 
     def persist(self, record):
@@ -324,6 +337,7 @@ class Search:
                 genotype=saved.get('genotype_limited', saved['genotype']),
                 early_stop=os.path.isfile(run.file(guards.EarlyStop.FILE))))
         run.log(f'done: genotype in {run.file("genotype.json")}')
+        self.world.wait_for_writer('search finished')   # no rank ends before result.json is there
         return run.path
 
 

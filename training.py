@@ -11,6 +11,7 @@ import numpy as np
 
 import utils
 import fast_kernels
+import distributed
 import genotypes
 import runfolder
 from optim import MOMENTUM, WEIGHTS
@@ -35,6 +36,7 @@ def build_programs(genotype, args, image_size=32, num_classes=10, network=None, 
     """
     import paddle
     import model
+    from distributed import mean_across_ranks
     from optim import clip_by_global_norm, sgd_momentum_step
     from operations import ParamSet, declare
     network = network or model.network_cifar
@@ -66,7 +68,8 @@ def build_programs(genotype, args, image_size=32, num_classes=10, network=None, 
         logits, aux_logits = network(ParamSet(layout, w, 'update'), x, auxiliary=auxiliary, drop_prob=drop, **kw)
         loss = train_loss(logits, y)
         total = loss + args.auxiliary_weight * train_loss(aux_logits, y) if auxiliary else loss
-        g = clip_by_global_norm(paddle.static.gradients(total, [w])[0], args.grad_clip)
+        # data-parallel: the mean of the ranks' gradients, one all-reduce, before the clip
+        g = clip_by_global_norm(mean_across_ranks(paddle.static.gradients(total, [w]))[0], args.grad_clip)
         w_new, v_new = sgd_momentum_step(w, g, v, lr, args.momentum, args.weight_decay)
         paddle.assign(v_new, output=v)
         paddle.assign(w_new, output=w)
@@ -88,18 +91,24 @@ def initial_state(layout, seed):
             **layout.initial_buffers()}
 
 
-def evaluate(exe, progs, batches, num_classes):
+def evaluate(exe, progs, batches, num_classes, world=None):
     """(loss, top-1, top-5, confusion) over every test batch; confusion[i, j] counts the
-    images of class i predicted as class j."""
+    images of class i predicted as class j.  world (distributed.World): the batches are this
+    rank's shares, and the sums are added up over the ranks."""
     loss_sum, top1, top5, n = 0.0, 0.0, 0.0, 0
     confusion = np.zeros((num_classes, num_classes), np.int64)
     for x, y in batches.epoch(0):
+        if not len(y):   # a last batch smaller than the ranks leaves some of them nothing
+            continue
         loss, logits = exe.run(progs['test'], feed={'x': x, 'y': y}, fetch_list=progs['test_fetch'])
         loss_sum += float(loss) * len(y)
         top1 += utils.accuracy(logits, y, 1) * len(y)
         top5 += utils.accuracy(logits, y, 5) * len(y)
         np.add.at(confusion, (y, logits.argmax(1)), 1)
         n += len(y)
+    if world is not None:
+        totals = world.sum(exe, np.concatenate([[loss_sum, top1, top5, n], confusion.reshape(-1)]))
+        (loss_sum, top1, top5, n), confusion = totals[:4], totals[4:].reshape(confusion.shape).astype(np.int64)
     if not n:
         raise UserError('the test split has no readable images')
     return loss_sum / n, top1 / n, top5 / n, confusion
@@ -139,7 +148,8 @@ class Split:
 class Task:
     """What differs between the training scripts; the loop (fit) is shared.
 
-    data(args, for_eval, say) -> Split (train batches None when for_eval); say(line) reports progress
+    data(args, for_eval, say, shard) -> Split (train batches None when for_eval); say(line) reports
+        progress; shard = (rank, ranks): the batches are that rank's shares (reader.ArrayBatches)
     network: model.network_cifar or model.network_imagenet
     lr_at(args, epoch) -> the learning rate of that epoch
     label_smoothing(args) -> eps of the training loss
@@ -173,9 +183,10 @@ class Training:
     def __init__(self, task, args):
         args = runfolder.start(args, 'train', RESUMABLE_OVERRIDES, task.parse)
         genotype = load_genotype(args)   # everything that can fail on bad input, before the folder is made
-        split = task.data(args, False, print)
-        place = utils.select_place(args.device, not getattr(args, 'no_custom_kernels', False))
-        run = runfolder.Run.open(args, task.prefix)
+        world = distributed.setup(args.device, not getattr(args, 'no_custom_kernels', False))
+        world.check_batch(args.batch_size)
+        split = task.data(args, False, print if world.writer else utils.silent, (world.rank, world.size))
+        run = runfolder.Run.open(args, task.prefix, world)
         run.write_json('data.json', split.info)
         import paddle
         import model
@@ -188,13 +199,18 @@ class Training:
         run.log(f'{self.parameters / 1e6:.3f}M parameters (auxiliary head excluded); '
                 f'programs built in {time.time() - t0:.1f}s')
         run.log(f'depthwise convolution: {fast_kernels.status()}')
+        run.log(f'processes: {world.describe()}')
         self.task, self.args, self.genotype, self.split, self.progs, self.run_folder = \
             task, args, genotype, split, progs, run
         self.eval_split = split.info.get('eval_split', 'test')
-        self.place, self.scope, self.exe = place, paddle.static.Scope(), paddle.static.Executor(place)
+        self.world, self.place = world, world.place
+        self.scope, self.exe = paddle.static.Scope(), paddle.static.Executor(world.place)
         self.state, self.history, self.start_epoch, meta = run.restore(initial_state(progs['layout'], args.seed),
-                                                                       args.epochs)
+                                                                       args.epochs, self.exe)
         self.best = meta.get('best_top1', 0.0)
+        # the best epoch's tensors, kept in memory: every rank evaluates them at the end, when
+        # reading best.npz back could race with the writer replacing it
+        self.best_arrays = utils.load_checkpoint(run.file('best.npz')) if self.history else None
 
     def run(self):
         import paddle
@@ -213,15 +229,20 @@ class Training:
         lr = self.task.lr_at(args, epoch)
         drop_prob = args.drop_path_prob * epoch / args.epochs
         feed_const = dict(lr=np.array([lr], 'float32'), drop_prob=np.array([drop_prob], 'float32'))
-        stats = utils.EpochStats(epoch)
-        progress = utils.Progress(self.run_folder.log, len(self.split.train), f'epoch {epoch + 1}/{args.epochs}',
+        world, batches = self.world, self.split.train
+        stats = utils.EpochStats(epoch, lambda local: world.sum(self.exe, local))
+        progress = utils.Progress(self.run_folder.log, len(batches), f'epoch {epoch + 1}/{args.epochs}',
                                   args.report_freq)
-        for step, (x, y) in enumerate(self.split.train.epoch(epoch)):
-            noise = model.drop_noise(args.seed, epoch, step, progs['drop_sites'], len(y))
+        for step, (x, y) in enumerate(batches.epoch(epoch)):
+            if batches.may_drop_images and world.size > 1 and world.sum(self.exe, [len(y) == 0]) > 0:
+                continue   # a rank's share had no readable image: every rank skips the step
+            # this rank's columns of the global batch's uniforms (fewer when images were unreadable)
+            noise = model.drop_noise(args.seed, epoch, step, progs['drop_sites'], args.batch_size)
+            noise = noise[:, world.shard(args.batch_size)][:, :len(y)]
             loss, logits, _ = self.exe.run(progs['train'], feed=dict(feed_const, x=x, y=y, drop_noise=noise),
                                            fetch_list=progs['train_fetch'])
-            stats.add(float(loss), logits, y)
-            progress.update(len(y), lambda: f'loss {stats.loss:.4f} top1 {100 * stats.accuracy:.2f}%')
+            images = stats.add(float(loss), logits, y)
+            progress.update(images, lambda: f'loss {stats.loss:.4f} top1 {100 * stats.accuracy:.2f}%')
         progress.close()
         stats.close()
         if not stats.images:
@@ -231,15 +252,19 @@ class Training:
     def end_of_epoch(self, epoch, train):
         """Evaluate, keep the best checkpoint, persist the epoch, log it."""
         args, run, stats = self.args, self.run_folder, train['stats']
-        test_loss, top1, top5, _ = evaluate(self.exe, self.progs, self.split.test, self.split.num_classes)
+        # the ranks' BN running statistics averaged, so what is evaluated and saved is the same on every rank
+        self.world.average_tensors(self.exe, self.scope, list(self.progs['layout'].buffers))
+        test_loss, top1, top5, _ = evaluate(self.exe, self.progs, self.split.test, self.split.num_classes,
+                                            self.world)
         record = dict(epoch=epoch + 1, lr=train['lr'], drop_prob=train['drop_prob'], train_loss=stats.loss,
                       train_acc=stats.accuracy, val_loss=test_loss, val_acc=top1, val_top5=top5,
                       images_per_sec=stats.images_per_sec, epoch_time=stats.elapsed())
         self.history.append(record)
         arrays = utils.get_tensors(self.scope, list(self.state))
-        if top1 > self.best or not os.path.isfile(run.file('best.npz')):
+        if top1 > self.best or self.best_arrays is None:
             self.best = max(self.best, top1)
-            run.save_checkpoint(arrays, dict(epoch=epoch, top1=top1, top5=top5, args=vars(args)), 'best.npz')
+            self.best_arrays = arrays, dict(epoch=epoch, top1=top1, top5=top5, args=vars(args))
+            run.save_checkpoint(*self.best_arrays, 'best.npz')
         run.end_epoch(arrays, self.history, best_top1=self.best, args=vars(args))
         run.log(f'epoch {epoch + 1}/{args.epochs} lr {train["lr"]:.5f} drop_path {train["drop_prob"]:.3f} train loss '
                 f'{stats.loss:.4f} top1 {100 * stats.accuracy:.2f}% | {self.eval_split} loss {test_loss:.4f} '
@@ -249,19 +274,20 @@ class Training:
     def finish(self):
         """The best checkpoint: its per-class accuracy and confusion matrix, the inference model, result.json."""
         run, split = self.run_folder, self.split
-        best_arrays, best_meta = utils.load_checkpoint(run.file('best.npz'))
+        best_arrays, best_meta = self.best_arrays
         utils.set_tensors(self.scope, self.place, best_arrays)
-        _, top1, _, confusion = evaluate(self.exe, self.progs, split.test, split.num_classes)
+        _, top1, _, confusion = evaluate(self.exe, self.progs, split.test, split.num_classes, self.world)
         for line in confusion_report(confusion, split.info['classes']):
             run.log(line)
         run.write_json('confusion.json', dict(split=self.eval_split, epoch=best_meta['epoch'] + 1,
                                               classes=split.info['classes'], matrix=confusion.tolist()))
-        exported = export_inference(self.exe, self.progs, run.path, split.info)
+        exported = export_inference(self.exe, self.progs, run.path, split.info) if run.writer else None
         run.write_json('result.json', dict(
             best_top1=self.best, best_epoch=best_meta['epoch'] + 1, eval_split=self.eval_split,
             parameters=self.parameters, epochs=self.args.epochs, genotype=genotypes.to_dict(self.genotype)))
         run.log(f'done: best {self.eval_split} top-1 {100 * self.best:.2f}% (checkpoint {run.file("best.npz")}); '
                 f'inference model {exported}; classify images with: python train.py --predict {exported} IMAGE...')
+        self.world.wait_for_writer('training finished')   # no rank ends before result.json is there
         return run.path
 
 
@@ -307,7 +333,7 @@ def predict(prefix, images, device='auto'):
     meta = _read_preprocess(prefix)
     import paddle
     from reader import normalize
-    place = utils.select_place(device)
+    place = distributed.select_place(device)
     paddle.enable_static()
     exe = paddle.static.Executor(place)
     program, feeds, fetches = paddle.static.load_inference_model(prefix, exe)
@@ -340,7 +366,7 @@ def eval_only(task, args):
                                                   'cache_dir'), task.parse)
     genotype = load_genotype(saved)
     split = task.data(saved, True, print)
-    place = utils.select_place(saved.device, not getattr(saved, 'no_custom_kernels', False))
+    place = distributed.select_place(saved.device, not getattr(saved, 'no_custom_kernels', False))
     paddle.enable_static()
     progs = task.programs(genotype, saved, split.info)
     scope, exe = paddle.static.Scope(), paddle.static.Executor(place)

@@ -54,61 +54,105 @@ QUIET_STOP = 'PADDLE_DARTS_QUIET_STOP'
 
 def run_main(run, argv, parse):
     """Parse, run, and turn expected failures into one line on stderr and an exit code:
-    2 for a UserError or a full / read-only disk, 130 for Ctrl-C, 143 for SIGTERM."""
+    2 for a UserError or a full / read-only disk, 130 for Ctrl-C, 143 for SIGTERM.  In a
+    data-parallel job a rank's failure is also told to rank 0 (distributed.publish_error), and
+    a collective that fails because another rank stopped is one line too."""
+    import distributed
     args = parse(argv)
-    with stop_on_sigterm():
+    with stop_on_sigterm(command_line=argv is None):
         try:
             run(args)
         except UserError as e:
-            print(f'error: {e}', file=sys.stderr)
-            return 2
+            distributed.publish_error(str(e), 2)
+            return conclude(f'error: {e}', 2)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                 raise
             where = f'; continue with --resume {current_run[0].path} once it can be written' if current_run else ''
-            print(f'error: cannot write {e.filename or "the run folder"}: {e.strerror}; the last checkpoint is '
-                  f'intact{where}', file=sys.stderr)
-            return 2
+            message = f'cannot write {e.filename or "the run folder"}: {e.strerror}; the last checkpoint is intact'
+            distributed.publish_error(message, 2)
+            return conclude(f'error: {message}{where}', 2)
         except KeyboardInterrupt:
-            _report_stop('interrupted')
-            return 130
-    return 0
+            return conclude(_stop_line('interrupted'), 130)
+        except Exception as e:  # noqa: BLE001 - a collective that failed because another rank stopped?
+            failure = distributed.collective_failure(e)
+            if failure is None:
+                raise
+            line, code = failure   # said by rank 0 alone, also on the launcher's console
+            return conclude(line if distributed.RANK == 0 else None, code, console=True)
+        return conclude(None, 0)
 
 
-def _report_stop(what):
-    """One line: what stopped the run, and how to continue it (also in the run's log.txt)."""
+_ended = threading.Event()   # the run has its outcome (conclude): a later stop changes nothing
+
+
+def conclude(line, code, console=False, exit_now=False):
+    """The run's outcome, once: `line` on stderr (None: nothing), status `code`; the first of the
+    main thread's return and a stop (SIGTERM, the stall watchdog) wins.  exit_now: end the process
+    here (a stop), once an atomic write in progress has finished, so the file it replaces is whole.
+    console: also on the launcher's console in a data-parallel job (distributed.tell_console)."""
+    import distributed
+    with write_lock:
+        if _ended.is_set():
+            return code
+        _ended.set()
+        if line:
+            print(line, file=sys.stderr, flush=True)
+            if console:
+                distributed.tell_console(line)
+        if exit_now:
+            sys.stdout.flush()
+            os._exit(code)
+    return code
+
+
+def _stop_line(what):
+    """What stopped the run and how to continue it (also written to the run's log.txt); None for a
+    child of protocol.py, which says it once for all (QUIET_STOP)."""
     if current_run:
         message = f'{what}: the last checkpoint is kept; continue with --resume {current_run[0].path}'
         current_run[0].log(message, file_only=True)
     else:
         message = f'{what} before the run folder was made: nothing was written'
-    if not os.environ.get(QUIET_STOP):
-        print(f'\n{message}', file=sys.stderr, flush=True)
+    return None if os.environ.get(QUIET_STOP) else '\n' + message
+
+
+def stop_now(line, code, console=False):
+    """A stop from another thread: end the process at once (conclude with exit_now)."""
+    conclude(line, code, console=console, exit_now=True)
 
 
 @contextlib.contextmanager
-def stop_on_sigterm():
+def stop_on_sigterm(command_line=False):
     """Within: SIGTERM (what batch schedulers and Paddle's launcher send) ends the process at
-    once like Ctrl-C, with one line (_report_stop) and exit status 143, after any atomic write in
-    progress has finished, so the last checkpoint stays whole.
+    once like Ctrl-C, with one line and exit status 143; or, in a data-parallel job that the
+    launcher stops because another rank failed, with that rank's line and exit status.
+
+    In a data-parallel job only rank 0 says why it stops, and when the SIGTERM came from the
+    launcher (it stops every rank when one fails, or when it is stopped itself) it says so on the
+    launcher's console too; a rank stopped by someone else is the one the launcher reports.
 
     Python runs a signal handler only between bytecodes of the main thread, which can be inside
     one exe.run for minutes, and Paddle's own handler prints a C++ FatalError block; so SIGTERM is
     blocked in this thread, and in every thread started from it later (Paddle's), and a watcher
-    thread takes it with sigtimedwait."""
+    thread takes it with sigtimedwait.  Afterwards, for a process that is the command (command_line),
+    SIGTERM is ignored: it is exiting with its own status (Paddle's launcher sends SIGTERM three
+    times, 0.2 s apart); otherwise (a test calling main) the signal mask is as it was."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    import distributed
+    _ended.clear()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
     done = threading.Event()
 
     def watch():
         while not done.is_set():
-            if signal.sigtimedwait([signal.SIGTERM], 0.2) is not None:
-                with write_lock:
-                    _report_stop('terminated (SIGTERM)')
-                    sys.stdout.flush()
-                    os._exit(143)
+            got = signal.sigtimedwait([signal.SIGTERM], 0.2)
+            if got is None or _ended.is_set():
+                continue
+            line, code = distributed.peer_stop() or (_stop_line('terminated (SIGTERM)'), 143)
+            stop_now(line if distributed.RANK == 0 else None, code, console=got.si_pid == os.getppid())
     watcher = threading.Thread(target=watch, name='sigterm-watch', daemon=True)
     watcher.start()
     try:
@@ -116,48 +160,41 @@ def stop_on_sigterm():
     finally:
         done.set()
         watcher.join()
+        if command_line:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while signal.sigtimedwait([signal.SIGTERM], 0) is not None:   # one that came meanwhile is spent
+            pass
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def select_place(device, custom_kernels=True):
-    """The Paddle place for --device gpu|cpu|auto (auto: the GPU when there is one).
-    custom_kernels=False (--no_custom_kernels): Paddle's kernels only (fast_kernels)."""
-    import paddle
-    if not custom_kernels:
-        import fast_kernels
-        fast_kernels.disable()
-    has_cuda = paddle.is_compiled_with_cuda()
-    count = paddle.device.cuda.device_count() if has_cuda else 0
-    if device == 'auto':
-        device = 'gpu' if count > 0 else 'cpu'
-    if device == 'gpu':
-        if not has_cuda:
-            raise UserError('--device gpu: this Paddle build has no CUDA support; install '
-                            'paddlepaddle-gpu from Paddle\'s package index, or use --device cpu')
-        if count == 0:
-            raise UserError('--device gpu: Paddle has CUDA support but sees no GPU; use --device cpu')
-        paddle.set_device('gpu:0')
-        return paddle.CUDAPlace(0)
-    paddle.set_device('cpu')
-    return paddle.CPUPlace()
+def silent(*parts, **kw):
+    """print() for the ranks of a data-parallel job that do not write (rank 0 says it all)."""
 
 
 class EpochStats:
-    """The running figures of an epoch's training steps: images, mean loss, top-1, images/s."""
+    """The running figures of an epoch's training steps: images, mean loss, top-1, images/s.
 
-    def __init__(self, epoch):
-        self.epoch, self.steps, self.images, self.loss_sum, self.correct = epoch, 0, 0, 0.0, 0
+    reduce(array) -> array: the sum over the ranks of a data-parallel job (identity in one
+    process), so every rank holds the whole job's figures and decides alike."""
+
+    def __init__(self, epoch, reduce=lambda local: local):
+        self.epoch, self.reduce = epoch, reduce
+        self.steps, self.images, self.loss_sum, self.correct = 0, 0, 0.0, 0
         self.started, self.train_seconds = time.time(), None
 
     def add(self, loss, logits, labels):
-        """One step's mean loss and logits; a non-finite loss is one line (the last checkpoint is kept)."""
-        if not np.isfinite(loss):
-            raise UserError(f'training loss became {loss} at epoch {self.epoch + 1} step {self.steps + 1}; '
-                            f'lower --learning_rate (the last checkpoint is kept)')
+        """One step's mean loss and logits (of this rank's share); returns the step's images (of
+        every rank).  A non-finite loss is one line (the last checkpoint is kept)."""
+        n = len(labels)
+        loss_sum, correct, images = self.reduce(np.array([float(loss) * n, (logits.argmax(1) == labels).sum(), n]))
+        if not np.isfinite(loss_sum):
+            raise UserError(f'training loss became {loss_sum / images} at epoch {self.epoch + 1} step '
+                            f'{self.steps + 1}; lower --learning_rate (the last checkpoint is kept)')
         self.steps += 1
-        self.images += len(labels)
-        self.loss_sum += float(loss) * len(labels)
-        self.correct += int((logits.argmax(1) == labels).sum())
+        self.images += int(images)
+        self.loss_sum += float(loss_sum)
+        self.correct += int(correct)
+        return int(images)
 
     def close(self):
         """The training part of the epoch is over (what follows, evaluation, is not in images/s)."""

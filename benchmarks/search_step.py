@@ -56,11 +56,12 @@ def ready_programs(cfg, place):
 def measure(args, second_order):
     import utils  # noqa: F401  (environment flags)
     import paddle
+    import distributed
     from architect import SearchConfig, count_ops, hessian_eigenvalue, run_search_step
     from model_search import SearchSpace
     from operations import stem_reductions
     paddle.enable_static()
-    place = utils.select_place(args.device)
+    place = distributed.select_place(args.device)
     space = SearchSpace(ops=tuple(args.primitives.split(',')), nodes=args.nodes, partial_channels=args.partial_channels,
                         edge_normalization=args.partial_channels > 1, fast=not args.generic,
                         auxiliary_skip=args.auxiliary_skip)

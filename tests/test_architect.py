@@ -50,13 +50,8 @@ def test_the_step_with_the_compiled_depthwise_op_equals_the_step_with_paddles_ke
         close(compiled[name], plain[name], 1e-4)
 
 
-def _run_step(cfg, custom_kernels=True):
-    paddle.enable_static()
-    if custom_kernels:
-        progs = build_search_programs(cfg)
-    else:
-        with fast_kernels.paddle_kernels():
-            progs = build_search_programs(cfg)
+def step_inputs(progs, cfg):
+    """A non-trivial state (momentum, alphas far from uniform) and a batch, from fixed seeds."""
     rng = np.random.default_rng(1)
     state = initial_state(progs.layout, seed=3, arch_shapes=cfg.arch_shapes)
     state[MOMENTUM] = (0.01 * rng.standard_normal(state[MOMENTUM].shape)).astype('float32')
@@ -66,6 +61,27 @@ def _run_step(cfg, custom_kernels=True):
     batch = dict(train_x=rng.standard_normal((BATCH, 3, s, s)).astype('float32'),
                  train_y=rng.integers(0, 10, BATCH), val_x=rng.standard_normal((BATCH, 3, s, s)).astype('float32'),
                  val_y=rng.integers(0, 10, BATCH))
+    return state, batch
+
+
+STEP_RESULTS = ('dalpha', 'hessian', 'grad')
+
+
+def step_results(scope, cfg):
+    """The tensors a step leaves that the checks compare."""
+    names = [f'arch/{w}_{n}' for w in STEP_RESULTS for n in cfg.arch_shapes]
+    adam = [n + moment for n in cfg.arch_shapes for moment in ('.adam_m', '.adam_v')]
+    return get_tensors(scope, names + adam + [WEIGHTS, MOMENTUM, 'arch/r', 'arch/w_prime', *cfg.arch_shapes])
+
+
+def _run_step(cfg, custom_kernels=True):
+    paddle.enable_static()
+    if custom_kernels:
+        progs = build_search_programs(cfg)
+    else:
+        with fast_kernels.paddle_kernels():
+            progs = build_search_programs(cfg)
+    state, batch = step_inputs(progs, cfg)
     scope, place = paddle.static.Scope(), paddle.CPUPlace()
     exe = paddle.static.Executor(place)
     ops_before = {k: count_ops(p) for k, p in progs.programs.items()}
@@ -73,14 +89,17 @@ def _run_step(cfg, custom_kernels=True):
         set_tensors(scope, place, {**state, **scratch_state(progs.layout, cfg.arch_shapes),
                                    **schedule_values(cfg, AUX_SKIP, BETA_DECAY)})
         run_search_step(exe, progs, batch, LR)
-        names = [f'arch/{w}_{n}' for w in ('dalpha', 'hessian', 'grad') for n in cfg.arch_shapes]
-        after = get_tensors(scope, names + [WEIGHTS, MOMENTUM, 'arch/r', 'arch/w_prime', *cfg.arch_shapes])
+        after = step_results(scope, cfg)
     assert ops_before == {k: count_ops(p) for k, p in progs.programs.items()}
     return progs, state, batch, after
 
 
-def _reference(progs, state, batch, dtype='float32'):
-    """The paper's formulas evaluated eagerly, step by step, with paddle.grad."""
+def _reference(progs, state, batch, dtype='float32', shards=1):
+    """The paper's formulas evaluated eagerly, step by step, with paddle.grad.
+
+    shards > 1: a data-parallel step's, each batch cut into `shards` contiguous parts
+    (distributed.shard_bounds) and every gradient the mean of the parts' gradients."""
+    from distributed import shard_bounds
     paddle.disable_static()
     try:
         t = lambda a, grad=False: paddle.to_tensor(np.asarray(a, dtype), stop_gradient=not grad)  # noqa: E731
@@ -95,37 +114,46 @@ def _reference(progs, state, batch, dtype='float32'):
             return cross_entropy(search_network(ParamSet(layout, w, 'update'), x, arch,
                                                 cfg.init_channels, cfg.num_classes, cfg.layers, cfg.space), y)
 
+        def grad(w, alphas, x, y, wrt):
+            """The mean over the shards of the gradient of the shard's loss."""
+            parts = []
+            for k in range(shards):
+                lo, hi = shard_bounds(len(y), k, shards)
+                parts.append(paddle.grad(loss(w, alphas, x[lo:hi], y[lo:hi]), wrt))
+            return [sum(p[i] for p in parts) / shards for i in range(len(wrt))]
+
         w, v = t(state[WEIGHTS], True), t(state[MOMENTUM])
         names = list(cfg.arch_shapes)
         alphas = [t(state[n], True) for n in names]
-        (g,) = paddle.grad(loss(w, alphas, x_tr, y_tr), [w])
+        (g,) = grad(w, alphas, x_tr, y_tr, [w])
         w_prime = t((w - LR * (cfg.momentum * v + g + cfg.weight_decay * w)).numpy(), True)
-        *dalpha, dw = paddle.grad(loss(w_prime, alphas, x_val, y_val), alphas + [w_prime])
+        *dalpha, dw = grad(w_prime, alphas, x_val, y_val, alphas + [w_prime])
         r = cfg.r_scale / float(paddle.linalg.norm(dw))
-        g_plus = paddle.grad(loss(t((w + r * dw).numpy()), alphas, x_tr, y_tr), alphas)
-        g_minus = paddle.grad(loss(t((w - r * dw).numpy()), alphas, x_tr, y_tr), alphas)
+        g_plus = grad(t((w + r * dw).numpy()), alphas, x_tr, y_tr, alphas)
+        g_minus = grad(t((w - r * dw).numpy()), alphas, x_tr, y_tr, alphas)
         hessian = [((p - m) / (2 * r)).numpy() for p, m in zip(g_plus, g_minus)]
-        g_alpha = [d.numpy() - LR * h for d, h in zip(dalpha, hessian)]
+        first_order = [a.numpy() for a in grad(w, alphas, x_val, y_val, alphas)]
+        g_alpha = [d.numpy() - LR * h for d, h in zip(dalpha, hessian)] if cfg.second_order else first_order
         if cfg.beta_decay:  # + lambda * grad of beta-DARTS' mean_e logsumexp_o(alpha_e), per cell type
             g_alpha = [ga + BETA_DECAY * paddle.grad(paddle.logsumexp(a, axis=-1).mean(), a)[0].numpy()
                        if n.startswith('alpha_') else ga for ga, a, n in zip(g_alpha, alphas, names)]
-        first_order = [a.numpy() for a in paddle.grad(loss(w, alphas, x_val, y_val), alphas)]
 
         # Adam, first step (t = 1), L2 weight decay
         b1, b2 = cfg.arch_betas
-        new_alphas = []
+        new_alphas, moments = [], []
         for a, ga in zip(alphas, g_alpha):
             ga = ga + cfg.arch_weight_decay * a.numpy()
             m, vv = (1 - b1) * ga, (1 - b2) * ga * ga
+            moments.append((m, vv))
             new_alphas.append(a.numpy() - cfg.arch_learning_rate * (m / (1 - b1)) / (np.sqrt(vv / (1 - b2)) + 1e-8))
 
         # weight step at the new alphas: clip, then SGD momentum with L2
-        (gw,) = paddle.grad(loss(w, [t(a) for a in new_alphas], x_tr, y_tr), [w])
+        (gw,) = grad(w, [t(a) for a in new_alphas], x_tr, y_tr, [w])
         gw = gw.numpy()
         gw = gw * min(1.0, cfg.grad_clip / (np.linalg.norm(gw) + 1e-6))
         v_new = cfg.momentum * state[MOMENTUM] + gw + cfg.weight_decay * state[WEIGHTS]
         return dict(w_prime=w_prime.numpy(), r=r, dalpha=[d.numpy() for d in dalpha], hessian=hessian,
-                    g_alpha=g_alpha, first_order=first_order, alphas=new_alphas,
+                    g_alpha=g_alpha, first_order=first_order, alphas=new_alphas, adam=moments,
                     weights=state[WEIGHTS] - LR * v_new, momentum=v_new, dw=dw.numpy())
     finally:
         paddle.enable_static()
