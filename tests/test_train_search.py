@@ -73,32 +73,42 @@ def test_search_learns_and_writes_its_run_folder(reference):
     assert args['layers'] == 3 and args['first_order'] is False
 
 
-def _kill_when(cmd, run_dir, ready):
-    """Start a search, SIGKILL it once ready(stdout so far) holds; return what it printed."""
+def _stop_when(cmd, ready, sig=signal.SIGKILL):
+    """Start a search, send it sig once ready(stdout so far) holds; (everything it printed, its
+    exit status, seconds from the signal to its end, its processes then: itself and its workers)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     seen = ''
     deadline = time.time() + 600
     for line in proc.stdout:
         seen += line
         if ready(seen):
-            proc.send_signal(signal.SIGKILL)
             break
         assert time.time() < deadline
-    proc.wait()
-    return seen
+    children = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split()
+    t0 = time.time()
+    proc.send_signal(sig)
+    rest, _ = proc.communicate(timeout=60)
+    return seen + rest, proc.returncode, time.time() - t0, [proc.pid, *map(int, children)]
 
 
 def test_resume_after_kills_reaches_the_same_history(reference, cifar_dir, tmp_path):
-    """Killed right after epoch 1's checkpoint, resumed, killed again in the middle of epoch 2,
-    resumed again: the history equals the uninterrupted run's."""
+    """Killed (SIGKILL) right after epoch 1's checkpoint, resumed, stopped by SIGTERM in the middle of
+    epoch 2 (with reader workers), resumed again: the history equals the uninterrupted run's.  SIGTERM
+    ends the process and its workers at once, with one line naming the folder to resume."""
     ref_dir, _ = reference
     run_dir = str(tmp_path / 'run')
     cmd = [sys.executable, os.path.join(ROOT, 'train_search.py'), '--data', cifar_dir, '--save', run_dir,
            '--report_freq', '1', *TINY]
-    out = _kill_when(cmd, run_dir, lambda s: 'genotype = ' in s)        # between epochs 1 and 2
+    out, _, _, _ = _stop_when(cmd, lambda s: 'genotype = ' in s)        # between epochs 1 and 2
     assert 'done' not in out and len(history(run_dir)) == 1
-    resume = [sys.executable, os.path.join(ROOT, 'train_search.py'), '--resume', run_dir]
-    out = _kill_when(resume, run_dir, lambda s: 'epoch 2/3 step 3/5' in s)   # in the middle of epoch 2
+    resume = [sys.executable, os.path.join(ROOT, 'train_search.py'), '--resume', run_dir, '--num_workers', '1']
+    out, rc, took, pids = _stop_when(resume, lambda s: 'epoch 2/3 step 3/5' in s, signal.SIGTERM)
+    assert rc == 143 and took < 5, (rc, took)
+    assert out.rstrip().endswith(f'\nterminated (SIGTERM): the last checkpoint is kept; continue with --resume '
+                                 f'{run_dir}') and 'FatalError' not in out and 'Traceback' not in out, out
+    assert len(pids) == 3    # the search and its reader workers (one per batch stream), all gone at once
+    time.sleep(1)
+    assert not [p for p in pids if os.path.exists(f'/proc/{p}') and open(f'/proc/{p}/stat').read().split()[2] != 'Z']
     assert 'resumed from epoch 1' in out and 'done' not in out and len(history(run_dir)) == 1
     r = run_script('train_search.py', '--resume', run_dir)
     assert r.returncode == 0, r.stderr
@@ -172,14 +182,15 @@ def test_gpu_requested_without_cuda(cifar_dir, tmp_path):
 @pytest.mark.skipif(not __import__('paddle').is_compiled_with_cuda(), reason='this Paddle has no CUDA')
 def test_gpu_is_selected_where_cuda_exists():
     import paddle
+    import distributed
     import utils
     if paddle.device.cuda.device_count() == 0:
         with pytest.raises(utils.UserError, match='sees no GPU'):
-            utils.select_place('gpu')
+            distributed.select_place('gpu')
     else:
-        assert isinstance(utils.select_place('gpu'), paddle.CUDAPlace)
-        assert isinstance(utils.select_place('auto'), paddle.CUDAPlace)
-    assert isinstance(utils.select_place('cpu'), paddle.CPUPlace)
+        assert isinstance(distributed.select_place('gpu'), paddle.CUDAPlace)
+        assert isinstance(distributed.select_place('auto'), paddle.CUDAPlace)
+    assert isinstance(distributed.select_place('cpu'), paddle.CPUPlace)
 
 
 def test_batch_larger_than_split(cifar_dir, tmp_path):
