@@ -27,6 +27,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 
 import utils
 from errors import UserError
@@ -61,6 +62,9 @@ def parse_args(argv=None):
         p.error('--seeds: at least one seed, none repeated')
     if args.retrain_epochs < 1:
         p.error('--retrain_epochs must be at least 1')
+    import distributed
+    if distributed.WORLD > 1 and not args.save:
+        p.error(f'--save: name the protocol folder when running {distributed.WORLD} processes (they share it)')
     for flag in search_flags:
         if flag.startswith('--') and flag[2:].split('=')[0] in OWNED:
             p.error(f'{flag.split("=")[0]} is set by the protocol (per seed: OUT/search-SEED, --seed SEED)')
@@ -195,11 +199,17 @@ def summarise(out, seeds):
     return summary, lines
 
 
-def protocol(args):
-    import time
-    out = args.save or os.path.join('runs', time.strftime('protocol-%Y%m%d-%H%M%S'))
-    plan = dict(seeds=args.seed_list, search_flags=args.search_flags, retrain_flags=args.retrain_flag_list)
+def open_folder(out, plan, writer):
+    """The protocol folder, made (with protocol.json, the plan) or continued by the writer.  Under
+    Paddle's launcher the other processes wait for protocol.json and check it is their plan: each
+    runs its share of every search and retrain (its children inherit its rank), only rank 0 writes."""
     plan_path = os.path.join(out, 'protocol.json')
+    if not writer:
+        deadline = time.time() + 600
+        while not os.path.isfile(plan_path):
+            if time.time() > deadline:
+                raise UserError(f'{plan_path} did not appear: rank 0 of this protocol did not start it')
+            time.sleep(0.2)
     if os.path.isfile(plan_path):
         before = utils.read_json(plan_path)
         if before != plan:
@@ -210,6 +220,14 @@ def protocol(args):
     else:
         os.makedirs(out, exist_ok=True)
         utils.write_json(plan_path, plan)
+
+
+def protocol(args):
+    import distributed
+    writer = distributed.RANK == 0
+    out = args.save or os.path.join('runs', time.strftime('protocol-%Y%m%d-%H%M%S'))
+    plan = dict(seeds=args.seed_list, search_flags=args.search_flags, retrain_flags=args.retrain_flag_list)
+    open_folder(out, plan, writer)
     n = len(args.seed_list)
     for k, s in enumerate(args.seed_list, 1):
         search_dir = os.path.join(out, f'search-{s}')
@@ -217,14 +235,16 @@ def protocol(args):
             run_step(f'search {k}/{n} (seed {s})', 'train_search.py',
                      [*args.search_flags, '--seed', str(s), '--save', search_dir], search_dir)
         finally:
-            if os.listdir(out) == ['protocol.json']:   # nothing started (bad data, say): leave nothing behind
-                os.remove(plan_path)
+            if writer and os.listdir(out) == ['protocol.json']:   # nothing started (bad data, say): leave nothing
+                os.remove(os.path.join(out, 'protocol.json'))
                 os.rmdir(out)
     for k, s in enumerate(args.seed_list, 1):
         retrain_dir = os.path.join(out, f'retrain-{s}')
         run_step(f'retrain {k}/{n} (seed {s})', 'train.py',
                  ['--genotype_file', os.path.join(out, f'search-{s}', 'genotype.json'), '--seed', str(s),
                   *args.retrain_flag_list, '--save', retrain_dir], retrain_dir)
+    if not writer:
+        return None
     summary, lines = summarise(out, args.seed_list)
     print('\n'.join(lines))
     print(f'protocol: done; {os.path.join(out, "summary.md")}, summary.json, summary.png')
@@ -232,6 +252,7 @@ def protocol(args):
 
 
 def main(argv=None):
+    import distributed
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminated)
     try:
@@ -239,13 +260,12 @@ def main(argv=None):
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print('\ninterrupted: finished runs are kept; run the same command again to continue', file=sys.stderr)
-        return 130
-    except Terminated:
-        print('\nterminated (SIGTERM): finished runs are kept; run the same command again to continue',
-              file=sys.stderr)
-        return 143
+    except (KeyboardInterrupt, Terminated) as e:
+        what = 'interrupted' if isinstance(e, KeyboardInterrupt) else 'terminated (SIGTERM)'
+        line = f'{what}: finished runs are kept; run the same command again to continue'
+        print('\n' + line, file=sys.stderr)
+        distributed.tell_console(line)
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
     return 0
 
 
