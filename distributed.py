@@ -19,12 +19,23 @@ that could differ (a non-finite loss) is taken on summed figures, by every rank 
 """
 import hashlib
 import os
+import stat
 import threading
 import time
 
 import numpy as np
 
 from errors import UserError
+
+# --help of the training scripts
+LAUNCH_HELP = """several processes, GPUs or machines:
+  python -m paddle.distributed.launch --nproc_per_node N SCRIPT <the same flags>
+  starts N processes (one per GPU; on a CPU, processes talking through gloo); machines: the
+  launcher's --nnodes and --master.  --batch_size stays the global batch (a multiple of N, each
+  process takes a contiguous 1/N of every batch); learning rates are not rescaled; batch-norm
+  statistics are each process's own, and their running averages are averaged before every
+  evaluation and checkpoint; only rank 0 writes the run folder (which every machine must see
+  for --resume).  See the README, "Several processes, GPUs or machines"."""
 
 RANK = int(os.environ.get('PADDLE_TRAINER_ID', '0'))
 WORLD = int(os.environ.get('PADDLE_TRAINERS_NUM', '1'))
@@ -269,12 +280,17 @@ def tell_console(line):
     """Rank 0 under Paddle's launcher: `line` on the launcher's stderr too.  The launcher shows
     this rank's output only while the job runs well: once it stops the job (Ctrl-C, a failed
     rank) it stops reading, so a rank's last line would be in its workerlog alone."""
-    if current is None or not current.writer or 'PADDLE_TRAINER_ID' not in os.environ:
+    if RANK != 0 or 'PADDLE_TRAINER_ID' not in os.environ:
         return
     target = f'/proc/{os.getppid()}/fd/2'
     try:
-        same = os.path.samestat(os.fstat(2), os.stat(target))
-        if not same:
+        with open(f'/proc/{os.getppid()}/cmdline', 'rb') as f:
+            launcher = b'paddle.distributed.launch' in f.read()   # not protocol.py, the parent of its runs
+        # a terminal or a pipe; not a regular file, which the shell may have opened without O_APPEND
+        # (the launcher's next lines would overwrite ours)
+        mode = os.stat(target).st_mode
+        console = stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
+        if launcher and console and not os.path.samestat(os.fstat(2), os.stat(target)):
             fd = os.open(target, os.O_WRONLY | os.O_APPEND)
             try:
                 os.write(fd, (line.strip() + '\n').encode())
