@@ -18,6 +18,7 @@ import os
 
 import utils  # first: sets Paddle's environment flags before paddle is imported
 import datasets
+import distributed
 import genotypes
 import training
 from reader import ArrayBatches
@@ -25,13 +26,14 @@ from errors import UserError
 
 
 def parse_args(argv=None):
-    p = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog=distributed.LAUNCH_HELP)
     a = p.add_argument
     a('--arch', default='DARTS_PADDLE', help=f'a named genotype: {", ".join(genotypes.NAMED)}')
     a('--genotype_file', default=None, help='a genotype JSON written by train_search.py (overrides --arch)')
     datasets.add_arguments(p)
     a('--epochs', type=int, default=600)
-    a('--batch_size', type=int, default=96)
+    a('--batch_size', type=int, default=96, help='the global batch, whatever the number of processes')
     a('--learning_rate', type=float, default=0.025)
     a('--learning_rate_min', type=float, default=0.0)
     a('--momentum', type=float, default=0.9)

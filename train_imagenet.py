@@ -12,6 +12,7 @@ import argparse
 import os
 
 import utils  # first: sets Paddle's environment flags before paddle is imported
+import distributed
 import genotypes
 import model
 from reader import IMAGENET_MEAN, IMAGENET_STD, FileBatches, scan_imagenet
@@ -20,13 +21,14 @@ from errors import UserError
 
 
 def parse_args(argv=None):
-    p = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog=distributed.LAUNCH_HELP)
     a = p.add_argument
     a('--arch', default='DARTS_PADDLE', help=f'a named genotype: {", ".join(genotypes.NAMED)}')
     a('--genotype_file', default=None, help='a genotype JSON written by train_search.py (overrides --arch)')
     a('--data', default='./data/imagenet')
     a('--epochs', type=int, default=250)
-    a('--batch_size', type=int, default=128)
+    a('--batch_size', type=int, default=128, help='the global batch, whatever the number of processes')
     a('--learning_rate', type=float, default=0.1)
     a('--decay_rate', type=float, default=0.97, help='lr of epoch e = learning_rate * decay_rate ** e')
     a('--momentum', type=float, default=0.9)

@@ -21,9 +21,9 @@ import time
 
 import utils  # first: sets Paddle's environment flags before paddle is imported
 import datasets
+import distributed
 import fast_kernels
 import genotypes
-import distributed
 import guards
 import runfolder
 from errors import SearchSpaceError, UserError
@@ -44,14 +44,15 @@ PRESETS = {
 
 def parse_args(argv=None):
     from operations import OPS
-    p = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog=distributed.LAUNCH_HELP)
     a = p.add_argument
     a('--preset', choices=sorted(PRESETS), default=None,
       help='a published setting as defaults; pc_darts: ' + ', '.join(
           f'--{k} {v}' if v is not True else f'--{k}' for k, v in PRESETS['pc_darts'].items()))
     datasets.add_arguments(p)
     a('--epochs', type=int, default=50)
-    a('--batch_size', type=int, default=64)
+    a('--batch_size', type=int, default=64, help='the global batch, whatever the number of processes')
     a('--init_channels', type=int, default=16)
     a('--layers', type=int, default=8)
     a('--learning_rate', type=float, default=0.025)
@@ -148,45 +149,61 @@ class Search:
         if args.batch_size > min(len(search_train), len(search_val)):
             raise UserError(f'--batch_size {args.batch_size} is larger than the search split '
                             f'({len(search_train)} train / {len(search_val)} val images)')
-        import paddle
-        from architect import SearchConfig, build_search_programs, count_ops, initial_state
-        paddle.enable_static()
-        cfg = SearchConfig(
-            init_channels=args.init_channels, layers=args.layers, num_classes=data.num_classes,
-            image_size=data.image_size, in_channels=data.channels, momentum=args.momentum,
-            weight_decay=args.weight_decay, grad_clip=args.grad_clip, arch_learning_rate=args.arch_learning_rate,
-            arch_weight_decay=args.arch_weight_decay, second_order=not args.first_order, space=space,
-            beta_decay=bool(args.beta_decay), hessian_eigen=args.hessian_eigen_every > 0, world_size=world.size)
-        if world.writer:
-            print('building the search programs (once per run; this takes a while)', flush=True)
-        t0 = time.time()
-        try:
-            progs = build_search_programs(cfg)  # the only place programs are built
-        except SearchSpaceError as e:
-            raise UserError(str(e)) from None
-        build_time = time.time() - t0
-
-        run = runfolder.Run.open(args, 'search', world)
+        self.args, self.space, self.world, self.place = args, space, world, world.place
+        build_time = self.build_programs(data)
+        from architect import count_ops
+        run = self.run_folder = runfolder.Run.open(args, 'search', world)
         run.write_json('data.json', dict(data.meta(), describe=data.describe()))
         run.log(f'data: {data.describe()}; search on {len(search_train)} / {len(search_val)} training images '
                 f'(search-train / search-val)')
         run.log(f'run folder {run.path}; {"first" if args.first_order else "second"}-order search, '
-                f'{progs.layout.size / 1e6:.3f}M weights; programs built in {build_time:.1f}s '
-                f'({sum(count_ops(p) for p in progs.programs.values())} ops)')
+                f'{self.progs.layout.size / 1e6:.3f}M weights; programs built in {build_time:.1f}s '
+                f'({sum(count_ops(p) for p in self.progs.programs.values())} ops)')
         run.log(f'search space: {space.describe()}')
         run.log(f'depthwise convolution: {fast_kernels.status()}')
         run.log(f'processes: {world.describe()}')
-        self.args, self.space, self.cfg, self.progs, self.run_folder = args, space, cfg, progs, run
-        self.world, self.place = world, world.place
-        self.scope, self.exe = paddle.static.Scope(), paddle.static.Executor(world.place)
+        self.restore()
+        self.make_batches(data, search_train, search_val)
+
+    def build_programs(self, data):
+        """cfg and the programs (the only place they are built); returns the seconds it took."""
+        import paddle
+        from architect import SearchConfig, build_search_programs
+        args = self.args
+        paddle.enable_static()
+        self.cfg = SearchConfig(
+            init_channels=args.init_channels, layers=args.layers, num_classes=data.num_classes,
+            image_size=data.image_size, in_channels=data.channels, momentum=args.momentum,
+            weight_decay=args.weight_decay, grad_clip=args.grad_clip, arch_learning_rate=args.arch_learning_rate,
+            arch_weight_decay=args.arch_weight_decay, second_order=not args.first_order, space=self.space,
+            beta_decay=bool(args.beta_decay), hessian_eigen=args.hessian_eigen_every > 0, world_size=self.world.size)
+        if self.world.writer:
+            print('building the search programs (once per run; this takes a while)', flush=True)
+        t0 = time.time()
+        try:
+            self.progs = build_search_programs(self.cfg)
+        except SearchSpaceError as e:
+            raise UserError(str(e)) from None
+        self.scope, self.exe = paddle.static.Scope(), paddle.static.Executor(self.place)
+        return time.time() - t0
+
+    def restore(self):
+        """The state to start from (the last checkpoint's, or the seed's), and the early-stop state."""
+        from architect import initial_state
+        args, run = self.args, self.run_folder
         self.state, self.history, self.start_epoch, _ = run.restore(
-            initial_state(progs.layout, args.seed, cfg.arch_shapes), args.epochs, self.exe)
+            initial_state(self.progs.layout, args.seed, self.cfg.arch_shapes), args.epochs, self.exe)
         if self.history:
-            write_genotypes(run, self.history[-1], space, args)
+            write_genotypes(run, self.history[-1], self.space, args)
         self.saved = self.history[-1] if self.history else None   # the last epoch on disk
         self.early_stop, self.stopped = guards.EarlyStop.resume(run, args.early_stop, args.continue_stopped)
 
-        def batches(indices, shard=(world.rank, world.size), **kw):  # this rank's share of every batch
+    def make_batches(self, data, search_train, search_val):
+        """This rank's share of every batch: search-train and search-val (augmented), search-val for
+        evaluation, and the Hessian's batch (the first unaugmented search-val batch, whole on every rank)."""
+        args, world = self.args, self.world
+
+        def batches(indices, shard=(world.rank, world.size), **kw):
             return ArrayBatches(data.train_x[indices], data.train_y[indices], mean=data.mean, std=data.std,
                                 shard=shard, **kw)
         augmented = dict(batch_size=args.batch_size, shuffle=True, augment=True, seed=args.seed,
@@ -194,7 +211,6 @@ class Search:
         self.train_batches = batches(search_train, stream=0, **augmented)
         self.val_batches = batches(search_val, stream=1, **augmented)
         self.val_eval = batches(search_val, batch_size=max(args.batch_size, 256), shuffle=False, augment=False)
-        # the Hessian's batch: the first unaugmented search-val batch, the whole of it on every rank
         self.eigen_batches = batches(search_val, (0, 1), batch_size=args.batch_size, shuffle=False, augment=False)
         self.eigen_batch = None
 
