@@ -8,7 +8,6 @@ to --image_size with 0, 1 and 2 workers (a fresh cache each time), and of using 
 afterwards: the load alone, and the load plus one augmented, shuffled epoch of batches.
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -74,6 +73,7 @@ def measure(args):
 
 
 def main():
+    from search_step import print_report
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--images', type=int, default=200)
     p.add_argument('--width', type=int, default=1600)
@@ -82,11 +82,7 @@ def main():
     p.add_argument('--batch_size', type=int, default=32)
     p.add_argument('--out', default=None)
     args = p.parse_args()
-    text = json.dumps(measure(args), indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, 'w') as f:
-            f.write(text + '\n')
+    print_report(measure(args), args.out)
 
 
 if __name__ == '__main__':

@@ -22,6 +22,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 
+def print_report(report, out=None):
+    """The benchmark's JSON on stdout, and in the file `out` too (--out)."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    if out:
+        with open(out, 'w') as f:
+            f.write(text + '\n')
+
+
 def add_size_arguments(p):
     """The network-size flags the search-step benchmarks share."""
     p.add_argument('--batch_size', type=int, default=16)
@@ -132,11 +141,7 @@ def main():
                   results=results)
     if len(results) == 2:
         report['second_over_first'] = results[1]['seconds_per_step_median'] / results[0]['seconds_per_step_median']
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, 'w') as f:
-            f.write(text + '\n')
+    print_report(report, args.out)
 
 
 if __name__ == '__main__':

@@ -77,6 +77,7 @@ def reader_throughput(batch_size, batches):
 
 
 def main():
+    from search_step import print_report
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--arch', default='DARTS_V2')
     p.add_argument('--init_channels', type=int, default=16)
@@ -97,11 +98,7 @@ def main():
     report = dict(config=dict(arch=args.arch, init_channels=args.init_channels, layers=args.layers,
                               batch_size=args.batch_size, threads=os.cpu_count()),
                   train_step=step, reader=reader_throughput(args.batch_size, args.reader_batches))
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, 'w') as f:
-            f.write(text + '\n')
+    print_report(report, args.out)
 
 
 if __name__ == '__main__':
