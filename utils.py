@@ -133,26 +133,42 @@ def stop_on_sigterm(command_line=False):
     launcher's console too; a rank stopped by someone else is the one the launcher reports.
 
     Python runs a signal handler only between bytecodes of the main thread, which can be inside
-    one exe.run for minutes, and Paddle's own handler prints a C++ FatalError block; so SIGTERM is
-    blocked in this thread, and in every thread started from it later (Paddle's), and a watcher
-    thread takes it with sigtimedwait.  Afterwards, for a process that is the command (command_line),
-    SIGTERM is ignored: it is exiting with its own status (Paddle's launcher sends SIGTERM three
-    times, 0.2 s apart); otherwise (a test calling main) the signal mask is as it was."""
+    one exe.run for minutes, and Paddle's own handler prints a C++ FatalError block (or, during the
+    first step's preparation, ends the process silently); so SIGTERM is blocked in this thread, and
+    in every thread started from it later, and a watcher thread takes it with sigtimedwait.  Threads
+    started before (at Paddle's import) do not block it: there Python's handler replaces Paddle's
+    and reports the signal through a wakeup pipe, which the watcher reads too.  Afterwards, for a
+    process that is the command (command_line), SIGTERM is ignored: it is exiting with its own
+    status (Paddle's launcher sends SIGTERM three times, 0.2 s apart); otherwise (a test calling
+    main) the signal handling is as it was."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     import distributed
+    import select
     _ended.clear()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    previous_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: None)
     done = threading.Event()
+
+    def woken():
+        """SIGTERM seen by a thread that does not block it (the pipe also carries Ctrl-C's byte)."""
+        if not select.select([wake_r], [], [], 0)[0]:
+            return False
+        return signal.SIGTERM in os.read(wake_r, 64)
 
     def watch():
         while not done.is_set():
-            got = signal.sigtimedwait([signal.SIGTERM], 0.2)
-            if got is None or _ended.is_set():
+            got = signal.sigtimedwait([signal.SIGTERM], 0.1)
+            if got is None and not woken() or _ended.is_set():
                 continue
+            # sent by the parent (the launcher stopping its job)?  unknown when it came through the pipe
+            console = got.si_pid == os.getppid() if got else distributed.WORLD > 1
             line, code = distributed.peer_stop() or (_stop_line('terminated (SIGTERM)'), 143)
-            stop_now(line if distributed.RANK == 0 else None, code, console=got.si_pid == os.getppid())
+            stop_now(line if distributed.RANK == 0 else None, code, console=console)
     watcher = threading.Thread(target=watch, name='sigterm-watch', daemon=True)
     watcher.start()
     try:
@@ -162,6 +178,11 @@ def stop_on_sigterm(command_line=False):
         watcher.join()
         if command_line:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_handler is None else previous_handler)
+        signal.set_wakeup_fd(previous_wakeup)
+        os.close(wake_r)
+        os.close(wake_w)
         while signal.sigtimedwait([signal.SIGTERM], 0) is not None:   # one that came meanwhile is spent
             pass
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
