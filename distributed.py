@@ -109,6 +109,9 @@ class World:
         self.writer = rank == 0
         self.backend = None if size == 1 else ('nccl' if _is_gpu(place) else 'gloo')
         self.store, self._sum_program, self._shared = None, None, 0
+        # the store's client is not thread-safe: the SIGTERM watcher asks it too (peer_error), and
+        # interleaved requests get each other's replies
+        self._store_lock = threading.Lock()
         self._last_beat, self._watchdog = time.time(), None
 
     def describe(self):
@@ -122,14 +125,16 @@ class World:
         own static-graph collectives) on the launcher's TCP store.  The NCCL branch is untested here."""
         import paddle
         from paddle.base import core
-        self.store = core.create_or_get_global_tcp_store()
-        if self.backend == 'gloo':
-            core.CommContextManager.create_gloo_comm_context(self.store, '0', self.rank, self.size)
-        else:
-            endpoints = os.environ.get('PADDLE_TRAINER_ENDPOINTS', '').replace(',', '') + 'ring_id:0'
-            core.CommContextManager.set_device_id(paddle.distributed.ParallelEnv().device_id)
-            core.CommContextManager.create_nccl_comm_context(self.store, '0', self.rank, self.size,
-                                                             hashlib.md5(endpoints.encode()).hexdigest())
+        store = core.create_or_get_global_tcp_store()
+        with self._store_lock:
+            self.store = store
+            if self.backend == 'gloo':
+                core.CommContextManager.create_gloo_comm_context(store, '0', self.rank, self.size)
+            else:
+                endpoints = os.environ.get('PADDLE_TRAINER_ENDPOINTS', '').replace(',', '') + 'ring_id:0'
+                core.CommContextManager.set_device_id(paddle.distributed.ParallelEnv().device_id)
+                core.CommContextManager.create_nccl_comm_context(store, '0', self.rank, self.size,
+                                                                 hashlib.md5(endpoints.encode()).hexdigest())
 
     # ------------------------------------------------------------------ data
 
@@ -168,8 +173,8 @@ class World:
         if self.size == 1:
             return
         key = f'paddle-darts/barrier/{name}'
-        self.store.add(key, 1)
-        while self.store.add(key, 0) < self.size:
+        self._add(key, 1)
+        while self._add(key, 0) < self.size:
             time.sleep(0.05)
         self.beat()
 
@@ -207,10 +212,15 @@ class World:
             return text
         self._shared += 1
         key = f'paddle-darts/shared/{self._shared}/{key}'
-        if self.writer:
-            self.store.set(key, text)
-            return text
-        return self.store.get(key).decode()
+        with self._store_lock:
+            if self.writer:
+                self.store.set(key, text)
+                return text
+            return self.store.get(key).decode()
+
+    def _add(self, key, n):
+        with self._store_lock:
+            return self.store.add(key, n)
 
     def wait_for_writer(self, what):
         """Return once the writer has reached this call too (it writes on its way here)."""
@@ -223,8 +233,9 @@ class World:
         if self.store is None or self.writer:
             return
         try:
-            self.store.set(_ERROR_KEY, f'{self.rank}\t{code}\t{message}')
-            self.store.add(_ERROR_KEY + '/count', 1)
+            with self._store_lock:
+                self.store.set(_ERROR_KEY, f'{self.rank}\t{code}\t{message}')
+                self.store.add(_ERROR_KEY + '/count', 1)
         except Exception:  # noqa: BLE001 - the store's host is gone: nobody is left to tell
             pass
 
@@ -234,12 +245,18 @@ class World:
         if self.store is None or not self.writer:
             return None
         deadline = time.time() + wait
-        while self.store.add(_ERROR_KEY + '/count', 0) == 0:
+        while True:
+            if not self._store_lock.acquire(timeout=max(deadline - time.time(), 0.5)):
+                return None   # the main thread is inside a store call: no answer in time
+            try:
+                if self.store.add(_ERROR_KEY + '/count', 0) > 0:
+                    rank, code, message = self.store.get(_ERROR_KEY).decode().split('\t', 2)
+                    return int(rank), int(code), message
+            finally:
+                self._store_lock.release()
             if time.time() >= deadline:
                 return None
             time.sleep(0.1)
-        rank, code, message = self.store.get(_ERROR_KEY).decode().split('\t', 2)
-        return int(rank), int(code), message
 
     def beat(self):
         """A collective (a step's figures, an evaluation's sums, a barrier) finished: the ranks are
@@ -269,7 +286,10 @@ def publish_error(message, code):
 
 def peer_stop(wait=0.0):
     """(one line, exit code) for rank 0 when another rank stopped with an error first, else None."""
-    peer = current.peer_error(wait) if current is not None else None
+    try:
+        peer = current.peer_error(wait) if current is not None else None
+    except Exception:  # noqa: BLE001 - the store failed: this rank's own stop line will do
+        peer = None
     if peer is None:
         return None
     rank, code, message = peer
