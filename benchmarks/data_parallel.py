@@ -49,25 +49,10 @@ def search_step(args, world, exe):
 
 
 def train_step(args, world, exe):
-    import numpy as np
-    import paddle
-    import genotypes
-    import model
-    import train
-    import training
-    from utils import set_tensors
-    targs = train.parse_args(['--init_channels', str(args.init_channels), '--layers', str(args.layers),
-                              '--batch_size', str(args.batch_size)])
-    progs = training.build_programs(genotypes.by_name('DARTS_V2'), targs, image_size=args.image_size)
-    set_tensors(paddle.static.global_scope(), world.place, training.initial_state(progs['layout'], 0))
-    rng = np.random.default_rng(0)
-    rows = world.shard(args.batch_size)
-    noise = model.drop_noise(0, 0, 0, progs['drop_sites'], args.batch_size)[:, rows]
-    x = rng.standard_normal((args.batch_size, 3, args.image_size, args.image_size)).astype('float32')[rows]
-    feed = dict(x=x, y=rng.integers(0, 10, args.batch_size)[rows], lr=np.array([0.025], 'float32'),
-                drop_prob=np.array([0.2], 'float32'), drop_noise=noise)
-    first, median = timed(lambda: exe.run(progs['train'], feed=feed, fetch_list=progs['train_fetch'][:1]),
-                          args.steps, args.warmup)
+    from train_step import ready_train_step
+    run, progs = ready_train_step('DARTS_V2', args.init_channels, args.layers, args.batch_size,
+                                  place=world.place, rows=world.shard(args.batch_size))
+    first, median = timed(run, args.steps, args.warmup)
     return first, median, [progs['layout'].size, 3]
 
 

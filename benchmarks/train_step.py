@@ -20,31 +20,46 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 
-def train_step(args):
+def ready_train_step(arch, init_channels, layers, batch_size, network='cifar', place=None, rows=slice(None)):
+    """(run(): one evaluation-training step, the programs), on random data, as train.py (network
+    'cifar': 32 px, 10 classes, drop path 0.2) or train_imagenet.py ('imagenet': 224 px, 1000
+    classes, label smoothing 0.1, no drop path) runs it, auxiliary head on.  rows: this process's
+    share of the batch (benchmarks/data_parallel.py)."""
     import numpy as np
-    import utils  # noqa: F401
+    import utils  # noqa: F401  (environment flags, before paddle)
     import paddle
     import genotypes
     import model
-    import train
     import training
     from utils import set_tensors
     paddle.enable_static()
-    targs = train.parse_args(['--init_channels', str(args.init_channels), '--layers', str(args.layers),
-                              '--batch_size', str(args.batch_size)])
-    progs = training.build_programs(genotypes.by_name(args.arch), targs)
-    place = paddle.CPUPlace()
+    if network == 'imagenet':
+        import train_imagenet as script
+        image_size, classes, smoothing, drop_prob, build = 224, 1000, 0.1, 0.0, model.network_imagenet
+    else:
+        import train as script
+        image_size, classes, smoothing, drop_prob, build = 32, 10, 0.0, 0.2, model.network_cifar
+    targs = script.parse_args(['--init_channels', str(init_channels), '--layers', str(layers),
+                               '--batch_size', str(batch_size)])
+    progs = training.build_programs(genotypes.by_name(arch), targs, image_size=image_size, num_classes=classes,
+                                    network=build, label_smoothing=smoothing)
+    place = place or paddle.CPUPlace()
     exe = paddle.static.Executor(place)
     set_tensors(paddle.static.global_scope(), place, training.initial_state(progs['layout'], 0))
     rng = np.random.default_rng(0)
-    feed = dict(x=rng.standard_normal((args.batch_size, 3, 32, 32)).astype('float32'),
-                y=rng.integers(0, 10, args.batch_size), lr=np.array([0.025], 'float32'),
-                drop_prob=np.array([0.2], 'float32'),
-                drop_noise=model.drop_noise(0, 0, 0, progs['drop_sites'], args.batch_size))
+    x = rng.standard_normal((batch_size, 3, image_size, image_size)).astype('float32')
+    feed = dict(x=x[rows], y=rng.integers(0, classes, batch_size)[rows], lr=np.array([0.025], 'float32'),
+                drop_prob=np.array([drop_prob], 'float32'),
+                drop_noise=model.drop_noise(0, 0, 0, progs['drop_sites'], batch_size)[:, rows])
+    return (lambda: exe.run(progs['train'], feed=feed, fetch_list=progs['train_fetch'][:1])), progs
+
+
+def train_step(args):
+    run, _ = ready_train_step(args.arch, args.init_channels, args.layers, args.batch_size, args.network)
     times = []
     for _ in range(args.warmup + args.steps):
         t = time.time()
-        exe.run(progs['train'], feed=feed, fetch_list=progs['train_fetch'][:1])
+        run()
         times.append(time.time() - t)
     s = statistics.median(times[args.warmup:])
     return dict(seconds_per_step_median=s, images_per_sec=args.batch_size / s, first_step_seconds=times[0],
@@ -80,6 +95,9 @@ def main():
     from search_step import print_report
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--arch', default='DARTS_V2')
+    p.add_argument('--network', choices=['cifar', 'imagenet'], default='cifar',
+                   help="train.py's NetworkCIFAR at 32 px, or train_imagenet.py's network at 224 px")
+    p.add_argument('--no_reader', action='store_true', help='the train step only')
     p.add_argument('--init_channels', type=int, default=16)
     p.add_argument('--layers', type=int, default=8)
     p.add_argument('--batch_size', type=int, default=32)
@@ -93,11 +111,13 @@ def main():
         print(json.dumps(train_step(args)))
         return
     cmd = [sys.executable, __file__, '--_child'] + [f'--{k}={getattr(args, k)}' for k in
-                                                    ('arch', 'init_channels', 'layers', 'batch_size', 'steps', 'warmup')]
+                                                    ('arch', 'network', 'init_channels', 'layers', 'batch_size', 'steps', 'warmup')]
     step = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-    report = dict(config=dict(arch=args.arch, init_channels=args.init_channels, layers=args.layers,
-                              batch_size=args.batch_size, threads=os.cpu_count()),
-                  train_step=step, reader=reader_throughput(args.batch_size, args.reader_batches))
+    report = dict(config=dict(arch=args.arch, network=args.network, init_channels=args.init_channels,
+                              layers=args.layers, batch_size=args.batch_size, threads=os.cpu_count()),
+                  train_step=step)
+    if not args.no_reader:
+        report['reader'] = reader_throughput(args.batch_size, args.reader_batches)
     print_report(report, args.out)
 
 
