@@ -31,7 +31,8 @@ def build_programs(genotype, args, image_size=32, num_classes=10, network=None, 
 
     train: loss = CE(logits) + aux_weight * CE(aux_logits); g = clip(grad_w loss);
            v = mu v + g + wd w;  w = w - lr v.   lr, drop_prob and drop_noise are fed
-           (model.DropPath; drop_sites rows of noise per step, model.drop_noise).
+           (model.DropPath; drop_sites rows of noise per step, model.drop_noise; none with
+           --drop_path_prob 0).
     test:  logits with BN running statistics, no auxiliary head, no drop path.
     """
     import paddle
@@ -63,7 +64,8 @@ def build_programs(genotype, args, image_size=32, num_classes=10, network=None, 
     with paddle.static.program_guard(train, paddle.static.Program()):
         x, y = images()
         lr = data('lr', [1])
-        drop = model.DropPath(data('drop_prob', [1]), data('drop_noise', [-1, -1]))
+        # no drop-path ops when its probability stays 0 (train_imagenet.py's default); the feeds are then unused
+        drop = model.DropPath(data('drop_prob', [1]), data('drop_noise', [-1, -1])) if args.drop_path_prob else None
         w, v = declare(WEIGHTS, [p], trainable=True), declare(MOMENTUM, [p])
         logits, aux_logits = network(ParamSet(layout, w, 'update'), x, auxiliary=auxiliary, drop_prob=drop, **kw)
         loss = train_loss(logits, y)
@@ -81,7 +83,7 @@ def build_programs(genotype, args, image_size=32, num_classes=10, network=None, 
         test_logits, _ = network(ParamSet(layout, declare(WEIGHTS, [p]), 'running'), tx, auxiliary=False, **kw)
         test_loss = paddle.nn.functional.cross_entropy(test_logits, ty)
         test_probs = paddle.nn.functional.softmax(test_logits, axis=-1)
-    return dict(layout=layout, train=train, test=test, train_fetch=[loss, logits, total], drop_sites=drop.sites,
+    return dict(layout=layout, train=train, test=test, train_fetch=[loss, logits, total], drop_sites=drop.sites if drop else 0,
                 test_fetch=[test_loss, test_logits], test_x=tx, test_probs=test_probs)
 
 
