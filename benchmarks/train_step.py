@@ -1,6 +1,8 @@
-"""Evaluation training speed (NetworkCIFAR train step) and reader throughput, as JSON.
+"""Evaluation training speed (train.py's NetworkCIFAR step, or --network imagenet: train_imagenet.py's)
+and reader throughput, as JSON.
 
     python benchmarks/train_step.py --init_channels 16 --layers 8 --batch_size 32
+    python benchmarks/train_step.py --no_reader --network imagenet --init_channels 48 --layers 14 --batch_size 16
 
 train_step: images/s (median of --steps steps after --warmup) and peak memory, in its own
 process.  reader: images/s of CIFAR-style batches (crop, flip, cutout, normalise) and of
