@@ -1,12 +1,13 @@
 """Compiled CPU kernels (Paddle custom operators), with Paddle's own kernels as the fallback.
 
-`depthwise_conv(x, w, stride, padding, dilation)` is the one call the graph builders make
-for a depthwise convolution.  On the CPU it uses kernels/depthwise_conv.cc, compiled on
-first use by paddle.utils.cpp_extension for this machine (-O3 -march=native -fopenmp)
-into ~/.cache/paddle-darts/kernels/<hash> (PADDLE_DARTS_CACHE overrides the root) and
-loaded from there afterwards.  Anything else (a GPU, no C++ compiler: $CXX or c++, a
-failed build, `disable()` / --no_custom_kernels, PADDLE_DARTS_CUSTOM_KERNELS=0) gives
-Paddle's conv2d with groups = channels, and `status()` says which is in use and why.
+`depthwise_conv(x, w, stride, padding, dilation)` and `pointwise_conv(x, w, stride, groups)`
+are the calls the graph builders make for a depthwise and a 1x1 convolution.  On the CPU
+they use kernels/depthwise_conv.cc and kernels/pointwise_conv.cc, compiled on first use by
+paddle.utils.cpp_extension for this machine (-O3 -march=native -fopenmp) into
+~/.cache/paddle-darts/kernels/<hash> (PADDLE_DARTS_CACHE overrides the root) and loaded from
+there afterwards.  Anything else (a GPU, no C++ compiler: $CXX or c++, a failed build,
+`disable()` / --no_custom_kernels, PADDLE_DARTS_CUSTOM_KERNELS=0) gives Paddle's conv2d,
+and `status()` says which is in use and why.
 """
 import contextlib
 import hashlib
@@ -18,7 +19,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCE = os.path.join(HERE, 'kernels', 'depthwise_conv.cc')
+SOURCES = [os.path.join(HERE, 'kernels', name) for name in ('depthwise_conv.cc', 'pointwise_conv.cc')]
 FLAGS = ['-O3', '-march=native', '-fopenmp']
 
 _state = dict(module=None, tried=False, enabled=None, status=None, forced_off=False)
@@ -26,12 +27,12 @@ _state = dict(module=None, tried=False, enabled=None, status=None, forced_off=Fa
 
 def disable(reason='--no_custom_kernels'):
     """Use Paddle's kernels from now on (before the programs are built)."""
-    _state.update(enabled=False, module=None, tried=True, status=f"Paddle's depthwise convolution ({reason})")
+    _state.update(enabled=False, module=None, tried=True, status=f"Paddle's convolutions ({reason})")
 
 
 @contextlib.contextmanager
 def paddle_kernels():
-    """Within: depthwise_conv builds Paddle's kernel (for programs that leave the process)."""
+    """Within: depthwise_conv and pointwise_conv build Paddle's kernel (for programs that leave the process)."""
     saved = _state['forced_off']
     _state['forced_off'] = True
     try:
@@ -51,8 +52,10 @@ def enabled():
 def cache_dir():
     """One build per (source, flags, Paddle version, CPU): -march=native code runs only on its CPU kind."""
     import paddle
-    with open(SOURCE, 'rb') as f:
-        key = hashlib.sha256(f.read())
+    key = hashlib.sha256()
+    for source in SOURCES:
+        with open(source, 'rb') as f:
+            key.update(f.read())
     key.update(' '.join(FLAGS + [paddle.__version__, _cpu_model(), sys.version]).encode())
     root = os.environ.get('PADDLE_DARTS_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'paddle-darts'))
     return os.path.join(root, 'kernels', key.hexdigest()[:16])
@@ -78,7 +81,7 @@ def module():
         return None
     compiler = os.environ.get('CXX', 'c++')
     if shutil.which(compiler) is None:
-        _state['status'] = (f"Paddle's depthwise convolution (no C++ compiler: {compiler!r} not found; "
+        _state['status'] = (f"Paddle's convolutions (no C++ compiler: {compiler!r} not found; "
                             f"Debian: apt-get install g++)")
         return None
     build = cache_dir()
@@ -88,32 +91,46 @@ def module():
     try:
         with _lock(os.path.join(build, '.lock')), _quiet():
             from paddle.utils.cpp_extension import load
-            _state['module'] = load(name='darts_kernels', sources=[SOURCE], extra_cxx_cflags=FLAGS,
+            _state['module'] = load(name='darts_kernels', sources=SOURCES, extra_cxx_cflags=FLAGS,
                                     extra_ldflags=['-fopenmp'], build_directory=build)
     except Exception as e:  # a failed build must never stop a run: Paddle's kernel does the same work
-        _state['status'] = f"Paddle's depthwise convolution (compiling {SOURCE} failed: {type(e).__name__}: " \
+        _state['status'] = f"Paddle's convolutions (compiling {' '.join(SOURCES)} failed: {type(e).__name__}: " \
                            f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''})"[:400]
         return None
     how = f'compiled in {time.time() - t0:.0f}s, once' if fresh else 'loaded from the cache'
-    _state['status'] = f'compiled depthwise convolution ({how}: {build})'
+    _state['status'] = f'compiled depthwise and pointwise convolutions ({how}: {build})'
     return _state['module']
 
 
 def status():
-    """One line: which depthwise convolution the programs use, and why."""
+    """One line: which convolution kernels the programs use, and why."""
     module()
     return _state['status']
 
 
 def depthwise_conv(x, w, stride=1, padding=0, dilation=1):
     """out[n, c] = sum_{kh, kw} w[c, 0, kh, kw] * x[n, c, oh*s - p + kh*d, ow*s - p + kw*d] (zero padding)."""
-    import paddle
     import paddle.nn.functional as F
-    on_cpu = paddle.get_device() == 'cpu' and x.dtype == paddle.float32
-    m = module() if on_cpu and not _state['forced_off'] else None
+    m = _compiled_for(x)
     if m is None:
         return F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=x.shape[1])
     return m.darts_depthwise_conv2d(x, w, int(stride), int(padding), int(dilation))
+
+
+def pointwise_conv(x, w, stride=1, groups=1):
+    """out[n, g*Co + o, oh, ow] = sum_i w[g*Co + o, i, 0, 0] * x[n, g*Ci + i, oh*s, ow*s] (no padding)."""
+    import paddle.nn.functional as F
+    m = _compiled_for(x)
+    if m is None:
+        return F.conv2d(x, w, stride=stride, groups=groups)
+    return m.darts_pointwise_conv2d(x, w, int(stride), int(groups))
+
+
+def _compiled_for(x):
+    """The compiled module when x is a float32 tensor on the CPU and it is in use, else None."""
+    import paddle
+    on_cpu = paddle.get_device() == 'cpu' and x.dtype == paddle.float32
+    return module() if on_cpu and not _state['forced_off'] else None
 
 
 @contextlib.contextmanager

@@ -96,7 +96,7 @@ def parse_args(argv=None):
                         'alpha (Lanczos on finite-difference Hessian-vector products: 40 passes on one search-val batch; 0: never)')
     a('--device', default='auto', choices=['auto', 'gpu', 'cpu'], help='auto: the GPU when there is one')
     a('--no_custom_kernels', action='store_true',
-      help="Paddle's own depthwise convolution instead of the compiled one (CPU; see fast_kernels.py)")
+      help="Paddle's own depthwise and 1x1 convolutions instead of the compiled ones (CPU; see fast_kernels.py)")
     a('--seed', type=int, default=2)
     a('--num_workers', type=int, default=min(2, os.cpu_count() or 1),
       help='processes that decode images and make batches (0: none)')
@@ -160,7 +160,7 @@ class Search:
                 f'{self.progs.layout.size / 1e6:.3f}M weights; programs built in {build_time:.1f}s '
                 f'({sum(count_ops(p) for p in self.progs.programs.values())} ops)')
         run.log(f'search space: {space.describe()}')
-        run.log(f'depthwise convolution: {fast_kernels.status()}')
+        run.log(f'convolution kernels: {fast_kernels.status()}')
         run.log(f'processes: {world.describe()}')
         self.restore()
         self.make_batches(data, search_train, search_val)

@@ -200,7 +200,7 @@ class Training:
         self.parameters = model.count_parameters(progs['layout'])
         run.log(f'{self.parameters / 1e6:.3f}M parameters (auxiliary head excluded); '
                 f'programs built in {time.time() - t0:.1f}s')
-        run.log(f'depthwise convolution: {fast_kernels.status()}')
+        run.log(f'convolution kernels: {fast_kernels.status()}')
         run.log(f'processes: {world.describe()}')
         self.task, self.args, self.genotype, self.split, self.progs, self.run_folder = \
             task, args, genotype, split, progs, run

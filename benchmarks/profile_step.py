@@ -2,7 +2,7 @@
 operators as JSON.
 
     python benchmarks/profile_step.py                       # search, second order, batch 16, C=8, 5 cells
-    python benchmarks/profile_step.py --no_custom_kernels   # with Paddle's depthwise convolution
+    python benchmarks/profile_step.py --no_custom_kernels   # with Paddle's convolutions
     python benchmarks/profile_step.py --order first --top 15
     python benchmarks/profile_step.py --what train --batch_size 32 --init_channels 16 --layers 8
     python benchmarks/profile_step.py --what train --network imagenet --batch_size 8 --init_channels 48 --layers 14
@@ -80,7 +80,7 @@ def main():
         elif rows and line.startswith('---'):
             break
     rows.sort(key=lambda r: -r['total_ms'])
-    print(json.dumps(dict(config=vars(args), depthwise=fast_kernels.status(), steps=args.steps,
+    print(json.dumps(dict(config=vars(args), kernels=fast_kernels.status(), steps=args.steps,
                           top=rows[:args.top]), indent=1))
 
 

@@ -93,7 +93,7 @@ def measure(args, second_order):
             eigen[what] = time.time() - t
     import fast_kernels
     return dict(order='second' if second_order else 'first', seconds_per_step_median=statistics.median(timed),
-                depthwise=fast_kernels.status(),
+                kernels=fast_kernels.status(),
                 seconds_per_step_min=min(timed), steps_timed=len(timed), first_step_seconds=times[0],
                 build_seconds=build, ops=sum(count_ops(p) for p in progs.programs.values()),
                 weights=progs.layout.size, stem_reductions=stem_reductions(args.image_size),
@@ -108,7 +108,7 @@ def main():
     p.add_argument('--nodes', type=int, default=4)
     p.add_argument('--partial_channels', type=int, default=1, help='PC-DARTS K (with edge normalisation when > 1)')
     p.add_argument('--generic', action='store_true', help='every op on the generic per-edge path (no wide builders)')
-    p.add_argument('--no_custom_kernels', action='store_true', help="Paddle's depthwise convolution (fast_kernels off)")
+    p.add_argument('--no_custom_kernels', action='store_true', help="Paddle's depthwise and 1x1 convolutions (fast_kernels off)")
     p.add_argument('--auxiliary_skip', action='store_true', help='DARTS-: the auxiliary skip on every edge')
     p.add_argument('--beta_decay', action='store_true', help='beta-DARTS: the regularisation in the alpha step')
     p.add_argument('--hessian_eigen', action='store_true', help='also time one Hessian eigenvalue estimate')

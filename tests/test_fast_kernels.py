@@ -1,4 +1,4 @@
-"""The compiled depthwise convolution against Paddle's kernel, and its fallback."""
+"""The compiled depthwise and pointwise convolutions against Paddle's kernels, and their fallback."""
 import os
 import subprocess
 import sys
@@ -56,24 +56,78 @@ def test_forward_and_both_gradients_equal_paddles_kernel(dygraph, compiled, n, c
         np.testing.assert_allclose(a.numpy(), e, rtol=1e-5, atol=1e-5 * np.abs(e).max(), err_msg=what)
 
 
-def test_operations_use_the_compiled_op_on_cpu_and_paddles_within_paddle_kernels(compiled):
+# (batch, c_in, c_out, size, stride, groups): the cells' 1x1 convolutions (preprocess, sep / dil conv
+# pointwise, factorized reduce at stride 2 on even and odd sizes), grouped as the search's stacked
+# copies are; channel and column counts that are not a multiple of the 6 x 16 block, batch 1, a 1x1 plane
+POINTWISE_CASES = [(2, 5, 7, 5, 1, 1), (1, 36, 36, 8, 1, 1), (3, 17, 40, 7, 1, 1), (2, 64, 13, 4, 1, 1),
+                   (2, 12, 8, 6, 2, 1), (2, 9, 6, 7, 2, 1), (2, 12, 18, 5, 1, 3), (2, 8, 12, 9, 2, 4),
+                   (4, 3, 2, 1, 1, 1), (1, 200, 3, 3, 1, 1)]
+
+
+@pytest.mark.parametrize('n,c_in,c_out,size,stride,groups', POINTWISE_CASES)
+def test_pointwise_forward_and_both_gradients_equal_paddles_kernel(dygraph, compiled, n, c_in, c_out, size, stride,
+                                                                    groups):
+    rng = np.random.default_rng(n * 1000 + c_in + c_out + size)
+    x = paddle.to_tensor(rng.standard_normal((n, c_in, size, size)).astype('float32'), stop_gradient=False)
+    w = paddle.to_tensor(rng.standard_normal((c_out, c_in // groups, 1, 1)).astype('float32'), stop_gradient=False)
+    ref = F.conv2d(x, w, stride=stride, groups=groups)
+    out = compiled.darts_pointwise_conv2d(x, w, stride, groups)
+    assert out.shape == ref.shape
+    g = paddle.to_tensor(rng.standard_normal(ref.shape).astype('float32'))
+    expected = [ref] + list(paddle.grad(ref, [x, w], g))
+    actual = [out] + list(paddle.grad(out, [x, w], g))
+    for a, e, what in zip(actual, expected, ('forward', 'grad input', 'grad weight')):
+        e = e.numpy()
+        np.testing.assert_allclose(a.numpy(), e, rtol=1e-5, atol=1e-5 * np.abs(e).max(), err_msg=what)
+
+
+THREAD_SPLIT = """
+import numpy as np, paddle, fast_kernels
+rng = np.random.default_rng(0)
+x = paddle.to_tensor(rng.standard_normal((21, 8, 6, 6)).astype('float32'), stop_gradient=False)
+w = paddle.to_tensor(rng.standard_normal((4, 8, 1, 1)).astype('float32'), stop_gradient=False)
+y = fast_kernels.module().darts_pointwise_conv2d(x, w, 1, 1)
+g = rng.standard_normal(y.shape).astype('float32')
+(dw,) = paddle.grad(y, [w], paddle.to_tensor(g))
+expected = np.einsum('nohw,nihw->oi', g.astype('float64'), x.numpy().astype('float64'))
+print(float(np.abs(dw.numpy()[:, :, 0, 0] - expected).max()), dw.numpy().tobytes().hex())
+"""
+
+
+def test_pointwise_grad_weight_is_the_same_bits_whatever_the_thread_count(compiled):
+    """The grad weight is summed over fixed slices of the batch (21 samples: 16 slices of 1 or
+    2), the slices in order, so 1 and 2 threads give the same bits, and every sample counts."""
+    outputs = []
+    for threads in ('1', '2'):
+        r = subprocess.run([sys.executable, '-c', THREAD_SPLIT], capture_output=True, text=True, cwd=ROOT,
+                           env=dict(os.environ, OMP_NUM_THREADS=threads), timeout=600)
+        assert r.returncode == 0, r.stderr
+        error, bits = r.stdout.strip().splitlines()[-1].split()
+        assert float(error) < 1e-4, (threads, error)
+        outputs.append(bits)
+    assert outputs[0] == outputs[1]
+
+
+def test_operations_use_the_compiled_ops_on_cpu_and_paddles_within_paddle_kernels(compiled):
     from operations import ParamSet, Layout, conv
 
-    def build(ps):
-        conv(ps, 'dw', paddle.zeros([1, 4, 8, 8]), 4, 3, 1, 1, groups=4)
-    layout = Layout.record(build)
-    for forced_off, expected in ((False, 'darts_depthwise_conv2d'), (True, 'depthwise_conv2d')):
+    def build(ps, x):
+        conv(ps, 'dw', x, 4, 3, 1, 1, groups=4)
+        conv(ps, 'pw', x, 6, 1, 2)
+    layout = Layout.record(lambda ps: build(ps, paddle.zeros([1, 4, 8, 8])))
+    for forced_off, expected in ((False, {'darts_depthwise_conv2d', 'darts_pointwise_conv2d'}),
+                                 (True, {'depthwise_conv2d', 'conv2d'})):
         program = paddle.static.Program()
         with paddle.static.program_guard(program, paddle.static.Program()):
             x = paddle.static.data('x', [-1, 4, 8, 8], 'float32')
             ps = ParamSet(layout, paddle.static.data('w', [layout.size], 'float32'))
             if forced_off:
                 with fast_kernels.paddle_kernels():
-                    conv(ps, 'dw', x, 4, 3, 1, 1, groups=4)
+                    build(ps, x)
             else:
-                conv(ps, 'dw', x, 4, 3, 1, 1, groups=4)
-        names = [op.name() for op in program.global_block().ops]
-        assert any(name.split('.')[-1] == expected for name in names), names
+                build(ps, x)
+        names = {op.name().split('.')[-1] for op in program.global_block().ops}
+        assert expected <= names, names
 
 
 def _status_in_subprocess(env):
@@ -91,8 +145,8 @@ def test_a_later_process_loads_the_cached_build(compiled):
 
 def test_without_a_compiler_paddles_kernel_is_used_and_said_so_in_one_line(tmp_path):
     lines = _status_in_subprocess({'CXX': str(tmp_path / 'no-such-compiler'), 'PADDLE_DARTS_CACHE': str(tmp_path)})
-    assert lines == [f"Paddle's depthwise convolution (no C++ compiler: '{tmp_path / 'no-such-compiler'}' "
+    assert lines == [f"Paddle's convolutions (no C++ compiler: '{tmp_path / 'no-such-compiler'}' "
                      f"not found; Debian: apt-get install g++)"]
     assert not (tmp_path / 'kernels').exists()
     lines = _status_in_subprocess({'PADDLE_DARTS_CUSTOM_KERNELS': '0'})
-    assert lines == ["Paddle's depthwise convolution (PADDLE_DARTS_CUSTOM_KERNELS=0)"]
+    assert lines == ["Paddle's convolutions (PADDLE_DARTS_CUSTOM_KERNELS=0)"]
