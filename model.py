@@ -10,7 +10,7 @@ stride-2 conv, so cells start at 28x28 from 224x224; auxiliary head; 7x7 average
 Every BN is affine; pools carry no BN.  Each cell applies its genotype's two ops per
 node and concatenates the genotype's concat nodes.  Drop path (on every op but the
 identity skip) takes the probability and its uniform draws as fed tensors (`DropPath`):
-    drop_path(x, p, u) = x * [u >= p] / (1 - p),  u ~ U[0, 1) one per sample,
+    x * [u >= p] / (1 - p),  u ~ U[0, 1) one per sample,
 with u made on the host from (seed, epoch, step), so a run and its resumed copy drop the
 same paths.
 """
@@ -24,25 +24,37 @@ from operations import (Layout, Source, batch_norm, conv, factorized_reduce, lin
 STEM_MULTIPLIER = 3
 
 
-def drop_path(x, drop_prob, u):
-    """Zero whole samples where u < drop_prob and rescale the rest by 1 / (1 - drop_prob);
-    u: [N, 1, 1, 1] uniform in [0, 1).  Exactly the identity at drop_prob = 0.  The factor is
-    formed on [N, 1, 1, 1], so the activation costs one multiply forward and one backward."""
-    scale = paddle.cast(u >= drop_prob, x.dtype) / (1.0 - drop_prob)
-    return x * scale
-
-
 class DropPath:
     """Drop path for a training network: prob [1] and noise [sites, N] are fed each step;
-    the k-th op the network drops reads row k.  `sites` counts them once the network is built."""
+    the k-th op the network drops reads row k and is multiplied by its per-sample factor
+
+        f[k, n] = [u[k, n] >= p] / (1 - p)   (so exactly 1 at p = 0).
+
+    The factors of every site are formed at once and unbound into one [N, 1, 1, 1] value
+    per site: 4 ops for the network, not 4 per site, since a program's preparation time
+    grows with the square of its op count.  noise needs a static row count (count the
+    sites first with CountDropSites); `sites` counts the rows read once the network is built."""
 
     def __init__(self, prob, noise):
-        self.prob, self.noise, self.sites = prob, noise, 0
+        factors = paddle.cast(noise >= prob, noise.dtype) / (1.0 - prob)
+        self.factors = paddle.unbind(paddle.reshape(factors, [noise.shape[0], -1, 1, 1, 1]), axis=0)
+        self.sites = 0
 
     def __call__(self, x):
-        u = paddle.reshape(self.noise[self.sites], [-1, 1, 1, 1])
+        factor = self.factors[self.sites]
         self.sites += 1
-        return drop_path(x, self.prob, u)
+        return x * factor
+
+
+class CountDropSites:
+    """Stands in for DropPath while a network's layout is recorded: counts the ops it drops."""
+
+    def __init__(self):
+        self.sites = 0
+
+    def __call__(self, x):
+        self.sites += 1
+        return x
 
 
 def drop_noise(seed, epoch, step, sites, batch):
@@ -147,7 +159,7 @@ def count_multiply_adds(build, image_size, **kw):
     from operations import ParamSet, declare
     layout = layout_of(build, image_size, auxiliary=False, **kw)
     program = paddle.static.Program()
-    # Paddle's conv ops, whose shapes are read below (not the compiled depthwise op)
+    # Paddle's conv ops, whose shapes are read below (not the compiled ones)
     with paddle.static.program_guard(program, paddle.static.Program()), fast_kernels.paddle_kernels():
         x = paddle.static.data('x', [1, 3, image_size, image_size], 'float32')
         build(ParamSet(layout, declare('weights', [layout.size]), 'running'), x, auxiliary=False, **kw)

@@ -43,7 +43,8 @@ def build_programs(genotype, args, image_size=32, num_classes=10, network=None, 
     network = network or model.network_cifar
     auxiliary = not args.no_auxiliary
     kw = dict(genotype=genotype, c=args.init_channels, num_classes=num_classes, layers=args.layers)
-    layout = model.layout_of(network, image_size, in_channels, auxiliary=auxiliary, **kw)
+    sites = model.CountDropSites() if args.drop_path_prob else None
+    layout = model.layout_of(network, image_size, in_channels, auxiliary=auxiliary, drop_prob=sites, **kw)
 
     def train_loss(logits, y):
         """mean_n [(1 - eps) * -log p(y_n) + eps * mean_k -log p(k)]  (label smoothing eps)."""
@@ -65,7 +66,7 @@ def build_programs(genotype, args, image_size=32, num_classes=10, network=None, 
         x, y = images()
         lr = data('lr', [1])
         # no drop-path ops when its probability stays 0 (train_imagenet.py's default); the feeds are then unused
-        drop = model.DropPath(data('drop_prob', [1]), data('drop_noise', [-1, -1])) if args.drop_path_prob else None
+        drop = model.DropPath(data('drop_prob', [1]), data('drop_noise', [max(sites.sites, 1), -1])) if sites else None
         w, v = declare(WEIGHTS, [p], trainable=True), declare(MOMENTUM, [p])
         logits, aux_logits = network(ParamSet(layout, w, 'update'), x, auxiliary=auxiliary, drop_prob=drop, **kw)
         loss = train_loss(logits, y)

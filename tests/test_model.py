@@ -61,13 +61,18 @@ def test_drop_path_zeroes_whole_samples_and_rescales():
     paddle.disable_static()
     try:
         x = paddle.ones([2000, 2, 3, 3])
-        u = paddle.to_tensor(np.random.default_rng(0).random((2000, 1, 1, 1)).astype('float32'))
-        y = model.drop_path(x, paddle.to_tensor([0.25]), u).numpy()
+        u = np.random.default_rng(0).random((2, 2000)).astype('float32')
+        drop = model.DropPath(paddle.to_tensor([0.25]), paddle.to_tensor(u))
+        y0, y1 = drop(x).numpy(), drop(2 * x).numpy()
     finally:
         paddle.enable_static()
-    per_sample = y.reshape(2000, -1)
-    values = np.unique(per_sample)
-    assert len(values) == 2 and values[0] == 0 and np.isclose(values[1], 1 / 0.75)
+    assert drop.sites == 2
+    for y, row, value in ((y0, u[0], 1), (y1, u[1], 2)):   # site k reads row k of the noise
+        per_sample = y.reshape(2000, -1)
+        assert np.all(per_sample == per_sample[:, :1])
+        kept = per_sample[:, 0] != 0
+        np.testing.assert_array_equal(kept, row >= 0.25)
+        np.testing.assert_allclose(per_sample[kept, 0], value / 0.75, rtol=1e-6)
     assert np.all(per_sample.min(1) == per_sample.max(1))        # a whole sample or nothing
     assert abs((per_sample[:, 0] == 0).mean() - 0.25) < 0.04
 
