@@ -6,13 +6,13 @@
 //   dx[n, g*Ci + i, p]  = sum_o w[g*Co + o, i] * dout[n, g*Co + o, p]   (0 at positions no p reads)
 //   dw[g*Co + o, i]     = sum_{n, p} dout[n, g*Co + o, p] * x[n, g*Ci + i, p]
 //
-// All three are products of row-major matrices, C = A B, done by one register-blocked kernel:
-// a 6 x 16 block of C is summed over the whole inner dimension in 12 AVX registers (each
-// 16-wide row of B's packed strip is loaded once per 6 rows of A), then stored once.  Per sample: out_g = W_g X_g,
-// dx_g = W_g^T dout_g and dw_g += dout_g X_g^T (X_g transposed into a scratch buffer, so
-// the same kernel applies).  Samples are split over the OpenMP threads; dw is summed over
-// up to 16 fixed slices of the batch, each in its own buffer, and the slices are added in
-// order.  A stride > 1 first gathers the read positions into a scratch buffer.
+// All three are products of row-major matrices, done by one register-blocked kernel: a 6 x 16
+// block of C is summed over the whole inner dimension in 12 AVX registers (each 16-wide row of
+// B's packed strip is loaded once per 6 rows of A), then stored once.  Per sample:
+// out_g = W_g X_g, dx_g = W_g^T dout_g and dw_g += dout_g X_g^T, the last with B = X_g^T
+// transposed while it is packed.  Samples are split over the OpenMP threads; dw is summed
+// over up to 16 fixed slices of the batch, each in its own buffer, and the slices are added
+// in order.  A stride > 1 first gathers the read positions into a scratch buffer.
 #include <algorithm>
 #include <vector>
 
@@ -80,24 +80,33 @@ inline void block(const float* A, int64_t lda, const float* B, int64_t ldb, int6
   }
 }
 
-// C[M x P] (= or +=) A[M x K] B[K x P]; row strides lda, ldb, ldc.  B is taken a panel of
-// up to 256 columns at a time (fewer when K is large, so the panel stays within ~96 KB of
-// cache), copied into 16-column strips, each a contiguous zero-padded K x 16 block.  Wide
-// panels matter: at a 32 x 32 plane B's and C's rows lie 4 KB apart, and 16 columns at a
-// time touch a new page per row.
+// C[M x P] (= or +=) A[M x K] B[K x P]; row strides lda, ldb, ldc; with b_transposed, B is
+// given as its transpose (P x K, row stride ldb).  B is taken a panel of up to 256 columns at
+// a time (fewer when K is large, so the panel stays within ~96 KB of cache), copied into
+// 16-column strips, each a contiguous zero-padded K x 16 block.  Wide panels matter: at a
+// 32 x 32 plane B's and C's rows lie 4 KB apart, and 16 columns at a time touch a new page
+// per row.
 void gemm(int64_t M, int64_t P, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-          int64_t ldc, bool add) {
+          int64_t ldc, bool add, bool b_transposed = false) {
   const int64_t width = std::max<int64_t>(NR, std::min<int64_t>(256, 96 * 1024 / (4 * K) / NR * NR));
   float* panel = scratch(2, K * width);
   for (int64_t j0 = 0; j0 < P; j0 += width) {
     const int64_t cols = std::min<int64_t>(width, P - j0), strips = (cols + NR - 1) / NR;
-    for (int64_t k = 0; k < K; ++k) {
-      const float* row = B + k * ldb + j0;
-      for (int64_t t = 0; t < strips; ++t) {
-        const int64_t n = std::min<int64_t>(NR, cols - t * NR);
-        float* dst = panel + (t * K + k) * NR;
-        std::copy(row + t * NR, row + t * NR + n, dst);
-        std::fill(dst + n, dst + NR, 0.0f);
+    for (int64_t t = 0; t < strips; ++t) {
+      const int64_t n = std::min<int64_t>(NR, cols - t * NR);
+      float* strip = panel + t * K * NR;
+      if (b_transposed) {   // strip[k, j] = B^T[j0 + 16t + j, k]: one row of B^T per column
+        if (n < NR) std::fill(strip, strip + K * NR, 0.0f);
+        for (int64_t j = 0; j < n; ++j) {
+          const float* row = B + (j0 + t * NR + j) * ldb;
+          for (int64_t k = 0; k < K; ++k) strip[k * NR + j] = row[k];
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          const float* row = B + k * ldb + j0 + t * NR;
+          std::copy(row, row + n, strip + k * NR);
+          std::fill(strip + k * NR + n, strip + (k + 1) * NR, 0.0f);
+        }
       }
     }
     for (int64_t i = 0; i < M; i += MR) {
@@ -192,7 +201,6 @@ std::vector<paddle::Tensor> PointwiseBackward(const paddle::Tensor& x, const pad
   for (int64_t t = 0; t < slices; ++t) {
     float* mine = partial.data() + t * wsize;
     const int64_t first = g.n * t / slices, last = g.n * (t + 1) / slices;
-    float* xt = scratch(1, P * g.ci);
     for (int64_t n = first; n < last; ++n) {
       for (int64_t gr = 0; gr < g.groups; ++gr) {
         const float* G = gp + (n * g.groups + gr) * g.co * P;
@@ -210,12 +218,9 @@ std::vector<paddle::Tensor> PointwiseBackward(const paddle::Tensor& x, const pad
               for (int64_t ow = 0; ow < g.wo; ++ow)
                 dxin[(ch * g.h + oh * g.s) * g.w + ow * g.s] = part[(ch * g.ho + oh) * g.wo + ow];
         }
-        // dw_g += dout_g X_g^T, with X_g^T[p, i] = x[i, p] at the read positions
-        for (int64_t i = 0; i < g.ci; ++i)
-          for (int64_t oh = 0; oh < g.ho; ++oh)
-            for (int64_t ow = 0; ow < g.wo; ++ow)
-              xt[(oh * g.wo + ow) * g.ci + i] = xin[(i * g.h + oh * g.s) * g.w + ow * g.s];
-        gemm(g.co, g.ci, P, G, P, xt, g.ci, mine + gr * per_group, g.ci, true);
+        // dw_g += dout_g X_g^T over the read positions
+        const float* X = read_positions(g, xin, 1);
+        gemm(g.co, g.ci, P, G, P, X, P, mine + gr * per_group, g.ci, true, true);
       }
     }
   }

@@ -150,3 +150,34 @@ def test_without_a_compiler_paddles_kernel_is_used_and_said_so_in_one_line(tmp_p
     assert not (tmp_path / 'kernels').exists()
     lines = _status_in_subprocess({'PADDLE_DARTS_CUSTOM_KERNELS': '0'})
     assert lines == ["Paddle's convolutions (PADDLE_DARTS_CUSTOM_KERNELS=0)"]
+
+
+@pytest.mark.parametrize('network', ['cifar', 'imagenet'])
+def test_training_networks_on_the_compiled_kernels_equal_them_on_paddles(dygraph, compiled, network):
+    """train.py's / train_imagenet.py's network (batch statistics, auxiliary head): the logits
+    and the weight gradient with the compiled kernels against Paddle's (what the exported model uses)."""
+    import genotypes
+    import model
+    from operations import ParamSet
+    build, size = (model.network_cifar, 32) if network == 'cifar' else (model.network_imagenet, 224)
+    kw = dict(genotype=genotypes.DARTS_V2, c=8, num_classes=10, layers=3, auxiliary=True)
+    paddle.enable_static()
+    try:
+        layout = model.layout_of(build, size, **kw)
+    finally:
+        paddle.disable_static()
+    rng = np.random.default_rng(0)
+    weights = layout.initial_weights(rng)
+    x = paddle.to_tensor(rng.standard_normal((4, 3, size, size)).astype('float32'))
+    y = paddle.to_tensor(rng.integers(0, 10, 4))
+
+    def run():
+        w = paddle.to_tensor(weights, stop_gradient=False)
+        logits, aux = build(ParamSet(layout, w, 'update'), x, **kw)
+        loss = F.cross_entropy(logits, y) + 0.4 * F.cross_entropy(aux, y)
+        return logits.numpy(), paddle.grad(loss, [w])[0].numpy()
+    compiled_logits, compiled_grad = run()
+    with fast_kernels.paddle_kernels():
+        logits, grad = run()
+    np.testing.assert_allclose(compiled_logits, logits, rtol=1e-4, atol=1e-4 * np.abs(logits).max())
+    np.testing.assert_allclose(compiled_grad, grad, rtol=1e-3, atol=1e-4 * np.abs(grad).max())
