@@ -72,12 +72,18 @@ def eval_cell(ps, name, genotype, s0, s1, c, reduction, reduction_prev, drop_pro
         s0 = relu_conv_bn(ps, name + '.pre0', s0, c, 1, 1, 0, affine=True)
     s1 = relu_conv_bn(ps, name + '.pre1', s1, c, 1, 1, 0, affine=True)
     states = [Source(s0), Source(s1)]  # each computes ReLU(h_j) once, for the ops that read node j
+    shared = {}  # (op, j, stride) -> h: a parameter-free op on one input is computed once
     for i in range(len(pairs) // 2):
         node = []
         for k in (2 * i, 2 * i + 1):
             op, j = pairs[k]
             stride = 2 if reduction and j < 2 else 1
-            h = lookup(op).edge(ps, f'{name}.op{k}', states[j], c, stride, affine=True)
+            spec = lookup(op)
+            h = shared.get((op, j, stride))
+            if h is None:
+                h = spec.edge(ps, f'{name}.op{k}', states[j], c, stride, affine=True)
+                if stride in spec.shared_strides:
+                    shared[op, j, stride] = h
             is_identity = h is states[j].h  # the official code's drop path skips only Identity
             if drop_prob is not None and not is_identity:
                 h = drop_prob(h)

@@ -86,3 +86,22 @@ def test_imagenet_multiply_adds_are_counted_from_the_program(static_mode):
     narrow = model.count_multiply_adds(model.network_imagenet, 224, genotype=genotypes.DARTS_V2, c=24, layers=14,
                                        num_classes=1000)
     assert 0.2 < narrow / n < 0.35
+
+
+def test_a_parameter_free_op_on_one_input_is_built_once_per_cell_and_still_dropped_per_edge():
+    """DARTS_V2's reduction cell max-pools input 0 on two edges and input 1 on three: two
+    pools, five drop-path sites (each edge keeps its own draw)."""
+    g = genotypes.DARTS_V2
+    pools = [j for op, j in g.reduce if op == 'max_pool_3x3']
+    assert sorted(pools) == [0, 0, 1, 1, 1]
+    paddle.enable_static()
+    program = paddle.static.Program()
+    with paddle.static.program_guard(program, paddle.static.Program()):
+        s = paddle.static.data('s', [2, 8, 8, 8], 'float32')
+        layout = Layout.record(lambda ps: model.eval_cell(ps, 'c', g, s, s, 8, True, False))
+        ps = ParamSet(layout, paddle.static.data('w', [layout.size], 'float32'))
+        drop = model.DropPath(paddle.static.data('p', [1], 'float32'), paddle.static.data('u', [8, 2], 'float32'))
+        model.eval_cell(ps, 'c', g, s, s, 8, True, False, drop)
+    names = [op.name() for op in program.global_block().ops]
+    assert names.count('pd_op.pool2d') == 2
+    assert drop.sites == 5   # the three identity skips of node 2 are never dropped
