@@ -20,6 +20,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = [os.path.join(HERE, 'kernels', name) for name in ('depthwise_conv.cc', 'pointwise_conv.cc')]
+HEADERS = [os.path.join(HERE, 'kernels', 'common.h')]
 FLAGS = ['-O3', '-march=native', '-fopenmp']
 
 _state = dict(module=None, tried=False, enabled=None, status=None, forced_off=False)
@@ -53,7 +54,7 @@ def cache_dir():
     """One build per (source, flags, Paddle version, CPU): -march=native code runs only on its CPU kind."""
     import paddle
     key = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         with open(source, 'rb') as f:
             key.update(f.read())
     key.update(' '.join(FLAGS + [paddle.__version__, _cpu_model(), sys.version]).encode())

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common.h"
 #include "paddle/extension.h"
 
 namespace {
@@ -69,10 +70,11 @@ void check(const paddle::Tensor& x, const paddle::Tensor& w) {
 
 // ---- the register path (stride 1, k = 3 or 5) ----
 
-typedef float v8 __attribute__((vector_size(32)));   // GCC/Clang vectors: AVX where -march=native has it
-inline v8 load8(const float* p) { v8 v; __builtin_memcpy(&v, p, sizeof v); return v; }
-inline void store8(float* p, v8 v) { __builtin_memcpy(p, &v, sizeof v); }
-inline v8 splat(float a) { return v8{a, a, a, a, a, a, a, a}; }
+using darts::v8;
+using darts::load8;
+using darts::store8;
+using darts::splat;
+using darts::scratch;
 inline double hsum(v8 v) { double s = 0; for (int i = 0; i < 8; ++i) s += v[i]; return s; }
 inline int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
 
@@ -84,13 +86,6 @@ void place(const float* src, int64_t h, int64_t w, int64_t off, float* dst, int6
   if (c1 <= c0) return;
   for (int64_t r = std::max<int64_t>(0, off); r < std::min<int64_t>(rows, h + off); ++r)
     std::copy(src + (r - off) * w + c0 - off, src + (r - off) * w + c1 - off, dst + r * cols + c0);
-}
-
-// A per-thread scratch buffer of at least n floats.
-float* scratch(int slot, int64_t n) {
-  static thread_local std::vector<float> buffers[2];
-  if (static_cast<int64_t>(buffers[slot].size()) < n) buffers[slot].resize(n);
-  return buffers[slot].data();
 }
 
 // The padded buffer a correlation of an (ho, wo) output with a k x k filter at dilation d reads:
@@ -314,17 +309,13 @@ std::vector<std::vector<int64_t>> DepthwiseInferShape(const std::vector<int64_t>
   return {{x[0], x[1], size(x[2]), size(x[3])}};
 }
 
-std::vector<paddle::DataType> DepthwiseInferDtype(const paddle::DataType& x, const paddle::DataType& w) {
-  return {x};
-}
-
 PD_BUILD_OP(darts_depthwise_conv2d)
     .Inputs({"X", "W"})
     .Outputs({"Out"})
     .Attrs({"stride: int", "padding: int", "dilation: int"})
     .SetKernelFn(PD_KERNEL(DepthwiseForward))
     .SetInferShapeFn(PD_INFER_SHAPE(DepthwiseInferShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(DepthwiseInferDtype));
+    .SetInferDtypeFn(PD_INFER_DTYPE(darts::input_dtype));
 
 PD_BUILD_GRAD_OP(darts_depthwise_conv2d)
     .Inputs({"X", "W", paddle::Grad("Out")})

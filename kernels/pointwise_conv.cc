@@ -16,14 +16,16 @@
 #include <algorithm>
 #include <vector>
 
+#include "common.h"
 #include "paddle/extension.h"
 
 namespace {
 
-typedef float v8 __attribute__((vector_size(32)));
-inline v8 load8(const float* p) { v8 v; __builtin_memcpy(&v, p, sizeof v); return v; }
-inline void store8(float* p, v8 v) { __builtin_memcpy(p, &v, sizeof v); }
-inline v8 splat(float a) { return v8{a, a, a, a, a, a, a, a}; }
+using darts::v8;
+using darts::load8;
+using darts::store8;
+using darts::splat;
+using darts::scratch;
 
 constexpr int MR = 6;    // rows of C per block
 constexpr int NR = 16;   // columns of C per block (two 8-wide registers)
@@ -41,12 +43,6 @@ Geometry geometry(const std::vector<int64_t>& x, const std::vector<int64_t>& wt,
   g.ho = (g.h - 1) / stride + 1;
   g.wo = (g.w - 1) / stride + 1;
   return g;
-}
-
-float* scratch(int slot, int64_t n) {
-  static thread_local std::vector<float> buffers[3];
-  if (static_cast<int64_t>(buffers[slot].size()) < n) buffers[slot].resize(n);
-  return buffers[slot].data();
 }
 
 // C[r, 0:cols] (= or +=) sum_k A[r*lda + k] * B[k*ldb + 0:16] for r < R; B has 16 readable columns.
@@ -236,17 +232,13 @@ std::vector<std::vector<int64_t>> PointwiseInferShape(const std::vector<int64_t>
   return {{x[0], w[0], size(x[2]), size(x[3])}};
 }
 
-std::vector<paddle::DataType> PointwiseInferDtype(const paddle::DataType& x, const paddle::DataType& w) {
-  return {x};
-}
-
 PD_BUILD_OP(darts_pointwise_conv2d)
     .Inputs({"X", "W"})
     .Outputs({"Out"})
     .Attrs({"stride: int", "groups: int"})
     .SetKernelFn(PD_KERNEL(PointwiseForward))
     .SetInferShapeFn(PD_INFER_SHAPE(PointwiseInferShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(PointwiseInferDtype));
+    .SetInferDtypeFn(PD_INFER_DTYPE(darts::input_dtype));
 
 PD_BUILD_GRAD_OP(darts_pointwise_conv2d)
     .Inputs({"X", "W", paddle::Grad("Out")})
