@@ -37,6 +37,17 @@ CASES = [(n, c, s, k, st, d, None) for k in (3, 5) for st in (1, 2) for d in (1,
     (2, 3, 10, 3, 1, 1, 0), (2, 3, 10, 5, 1, 2, 0), (2, 3, 9, 3, 1, 1, 3), (1, 2, 6, 5, 1, 1, 5)]
 
 
+def assert_same_output_and_gradients(out, ref, x, w, rng):
+    """out and ref (Paddle's kernel) agree, and so do their gradients for x and w under one random output gradient."""
+    assert out.shape == ref.shape
+    g = paddle.to_tensor(rng.standard_normal(ref.shape).astype('float32'))
+    expected = [ref] + list(paddle.grad(ref, [x, w], g))
+    actual = [out] + list(paddle.grad(out, [x, w], g))
+    for a, e, what in zip(actual, expected, ('forward', 'grad input', 'grad weight')):
+        e = e.numpy()
+        np.testing.assert_allclose(a.numpy(), e, rtol=1e-5, atol=1e-5 * np.abs(e).max(), err_msg=what)
+
+
 @pytest.mark.parametrize('n,c,size,k,stride,dilation,padding', CASES)
 def test_forward_and_both_gradients_equal_paddles_kernel(dygraph, compiled, n, c, size, k, stride, dilation,
                                                           padding):
@@ -47,13 +58,7 @@ def test_forward_and_both_gradients_equal_paddles_kernel(dygraph, compiled, n, c
     w = paddle.to_tensor(rng.standard_normal((c, 1, k, k)).astype('float32'), stop_gradient=False)
     ref = F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=c)
     out = compiled.darts_depthwise_conv2d(x, w, stride, padding, dilation)
-    assert out.shape == ref.shape
-    g = paddle.to_tensor(rng.standard_normal(ref.shape).astype('float32'))
-    expected = [ref] + list(paddle.grad(ref, [x, w], g))
-    actual = [out] + list(paddle.grad(out, [x, w], g))
-    for a, e, what in zip(actual, expected, ('forward', 'grad input', 'grad weight')):
-        e = e.numpy()
-        np.testing.assert_allclose(a.numpy(), e, rtol=1e-5, atol=1e-5 * np.abs(e).max(), err_msg=what)
+    assert_same_output_and_gradients(out, ref, x, w, rng)
 
 
 # (batch, c_in, c_out, size, stride, groups): the cells' 1x1 convolutions (preprocess, sep / dil conv
@@ -72,13 +77,7 @@ def test_pointwise_forward_and_both_gradients_equal_paddles_kernel(dygraph, comp
     w = paddle.to_tensor(rng.standard_normal((c_out, c_in // groups, 1, 1)).astype('float32'), stop_gradient=False)
     ref = F.conv2d(x, w, stride=stride, groups=groups)
     out = compiled.darts_pointwise_conv2d(x, w, stride, groups)
-    assert out.shape == ref.shape
-    g = paddle.to_tensor(rng.standard_normal(ref.shape).astype('float32'))
-    expected = [ref] + list(paddle.grad(ref, [x, w], g))
-    actual = [out] + list(paddle.grad(out, [x, w], g))
-    for a, e, what in zip(actual, expected, ('forward', 'grad input', 'grad weight')):
-        e = e.numpy()
-        np.testing.assert_allclose(a.numpy(), e, rtol=1e-5, atol=1e-5 * np.abs(e).max(), err_msg=what)
+    assert_same_output_and_gradients(out, ref, x, w, rng)
 
 
 THREAD_SPLIT = """
