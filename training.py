@@ -66,7 +66,9 @@ def build_programs(genotype, args, image_size=32, num_classes=10, network=None, 
         x, y = images()
         lr = data('lr', [1])
         # no drop-path ops when its probability stays 0 (train_imagenet.py's default); the feeds are then unused
-        drop = model.DropPath(data('drop_prob', [1]), data('drop_noise', [max(sites.sites, 1), -1])) if sites else None
+        drop = None
+        if sites is not None:
+            drop = model.DropPath(data('drop_prob', [1]), data('drop_noise', [max(sites.sites, 1), -1]))
         w, v = declare(WEIGHTS, [p], trainable=True), declare(MOMENTUM, [p])
         logits, aux_logits = network(ParamSet(layout, w, 'update'), x, auxiliary=auxiliary, drop_prob=drop, **kw)
         loss = train_loss(logits, y)
