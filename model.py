@@ -157,18 +157,24 @@ def count_parameters(layout, exclude_prefix='auxiliary'):
     return sum(size for name, size in zip(layout.names, layout.sizes) if not name.startswith(exclude_prefix))
 
 
-def count_multiply_adds(build, image_size, **kw):
-    """Multiply-adds of one image through conv and matmul ops of the built network (no
-    auxiliary head): a conv output element costs C_in/groups * k * k, a matmul column `in`.
-    BN, pooling, ReLU and additions are not counted (as in the official code's figure)."""
+def count_multiply_adds(build, image_size, in_channels=3, **kw):
+    """Multiply-adds of one image through the built network (no auxiliary head), as
+    program_multiply_adds counts them."""
     import fast_kernels
     from operations import ParamSet, declare
-    layout = layout_of(build, image_size, auxiliary=False, **kw)
+    layout = layout_of(build, image_size, in_channels, auxiliary=False, **kw)
     program = paddle.static.Program()
     # Paddle's conv ops, whose shapes are read below (not the compiled ones)
     with paddle.static.program_guard(program, paddle.static.Program()), fast_kernels.paddle_kernels():
-        x = paddle.static.data('x', [1, 3, image_size, image_size], 'float32')
+        x = paddle.static.data('x', [1, in_channels, image_size, image_size], 'float32')
         build(ParamSet(layout, declare('weights', [layout.size]), 'running'), x, auxiliary=False, **kw)
+    return program_multiply_adds(program)
+
+
+def program_multiply_adds(program):
+    """Multiply-adds of a program built at batch 1 with Paddle's conv ops: a conv output element
+    costs C_in/groups * k * k, a matmul column `in`.  BN, pooling, ReLU and additions are not
+    counted (as in the official code's figure)."""
     total = 0
     for op in program.global_block().ops:
         name = op.name()

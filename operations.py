@@ -69,11 +69,11 @@ class Layout:
         return sum(self.sizes)
 
     @classmethod
-    def record(cls, build):
-        """Run build(ps) in a throw-away program with a recording ParamSet, then order the
-        tensors by group (first appearance), build order within a group."""
+    def record(cls, build, program=None):
+        """Run build(ps) in a throw-away program (or `program`, to read the built ops after) with a
+        recording ParamSet, then order the tensors by group (first appearance), build order within a group."""
         layout = cls()
-        with paddle.static.program_guard(paddle.static.Program(), paddle.static.Program()):
+        with paddle.static.program_guard(program or paddle.static.Program(), paddle.static.Program()):
             build(_Recorder(layout))
         keys = list(dict.fromkeys(group_key(s) for s in layout.shapes))
         order = sorted(range(len(layout.names)), key=lambda i: keys.index(group_key(layout.shapes[i])))
