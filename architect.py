@@ -37,6 +37,8 @@ tensors that the caller sets (`schedule_values`), so nothing is rebuilt:
   DARTS-      the search network adds AUX_SKIP * skip(h) to every edge
   beta-DARTS  g_alpha += BETA_DECAY * softmax(alpha) / E (the gradient of
               BETA_DECAY * mean_e logsumexp(alpha_e)), per cell type, in both orders
+  budget      g_alpha += grad_alpha lambda * max(0, E[C](alpha) / B - 1) per budget (budget.py), in
+              both orders; the penalty has no w in it, so the Hessian term is unchanged
   RobustDARTS hessian_program: grad_alpha L_val(w, alpha_eig) at alphas set in EIG_PREFIX,
               for `hessian_eigenvalue`
 
@@ -49,6 +51,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import paddle
 
+import budget
 import distributed
 from distributed import mean_across_ranks
 from model_search import SearchSpace, cross_entropy, network_layout, search_network
@@ -90,6 +93,7 @@ class SearchConfig:
     beta_decay: bool = False      # build beta-DARTS' term (its weight is the tensor BETA_DECAY)
     hessian_eigen: bool = False   # build hessian_program (RobustDARTS' eigenvalue)
     world_size: int = distributed.WORLD   # data-parallel ranks: batch-derived quantities are averaged
+    budget: object = None         # budget.Penalty: its gradient is added to g_alpha, in both orders
 
     @property
     def arch_shapes(self):
@@ -189,8 +193,18 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
     def store(value, name, shape):
         paddle.assign(value, output=declare(name, shape))
 
-    def adam_update(alpha_grad):
-        """alpha <- Adam(alpha, alpha_grad); the gradient is also kept for inspection."""
+    def penalty_gradients(a):
+        """grad_alpha of the budget penalty (None without a budget).  Built before the program's
+        loss and its backward pass: Paddle's second backward pass would otherwise walk into the
+        first one's ops and fail on them."""
+        if cfg.budget is None:
+            return None
+        return paddle.static.gradients(budget.penalty_value(cfg.budget, dict(zip(names, a))), a)
+
+    def adam_update(alpha_grad, penalty_grad=None):
+        """alpha <- Adam(alpha, alpha_grad [+ penalty_grad]); the gradient is also kept for inspection."""
+        if penalty_grad is not None:
+            alpha_grad = [gi if gp is None else gi + gp for gi, gp in zip(alpha_grad, penalty_grad)]
         a = alphas(False)
         t = declare(ADAM_T, [1])
         t_new = t + 1.0
@@ -237,6 +251,7 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
 
         with new_program('alpha_update', ['train_x', 'train_y', 'lr']):
             a, lr = alphas(True), data('lr')
+            penalty_grad = penalty_gradients(a)
             loss, _ = loss_at(declare('arch/w_minus', [p]), a, data('train_x'), data('train_y'))
             g_minus = mean_across_ranks(paddle.static.gradients(loss, a), world)
             r = declare('arch/r', [1])
@@ -245,12 +260,13 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
                 hessian = (declare(f'arch/g_plus_{name}', shapes[name]) - gm) / (2.0 * r)
                 store(hessian, f'arch/hessian_{name}', shapes[name])
                 alpha_grad.append(declare(f'arch/dalpha_{name}', shapes[name]) - lr * hessian)
-            adam_update(alpha_grad)
+            adam_update(alpha_grad, penalty_grad)
     else:
         with new_program('alpha_update', ['val_x', 'val_y']):
             a = alphas(True)
+            penalty_grad = penalty_gradients(a)
             loss, _ = loss_at(declare(WEIGHTS, [p]), a, data('val_x'), data('val_y'))
-            adam_update(mean_across_ranks(paddle.static.gradients(loss, a), world))
+            adam_update(mean_across_ranks(paddle.static.gradients(loss, a), world), penalty_grad)
             fetch['alpha_update', 'val_loss'] = loss
 
     with new_program('weight_step', ['train_x', 'train_y', 'lr']):

@@ -4,10 +4,12 @@ import numpy as np
 import paddle
 import pytest
 
+import budget
 import fast_kernels
 
 from architect import (MOMENTUM, WEIGHTS, SearchConfig, build_search_programs, count_ops, get_tensors,
                        initial_state, run_search_step, schedule_values, scratch_state, set_tensors)
+from genotypes import num_edges
 from model_search import SearchSpace, cross_entropy, search_network
 from operations import ParamSet
 
@@ -15,9 +17,24 @@ CFG = SearchConfig(init_channels=4, layers=3, image_size=8, second_order=True)
 # PC-DARTS: a quarter of the channels through the mixed ops, betas learned with the alphas
 PC_CFG = SearchConfig(init_channels=8, layers=3, image_size=8, second_order=True,
                       space=SearchSpace(partial_channels=4, edge_normalization=True, nodes=3))
-# DARTS- and beta-DARTS on: the auxiliary skip in the network, the beta-decay gradient in g_alpha
+
+
+def synthetic_penalty(space, weight=0.05, seed=5):
+    """A budget penalty over made-up op costs, both budgets exceeded (the fixed part alone is over),
+    so its gradient is live."""
+    rng = np.random.default_rng(seed)
+    e, n, zero = num_edges(space.nodes), len(space.ops), space.ops.index('none')
+    cost = {k: {t: rng.uniform(0, 500, (e, n)) * (np.arange(n) != zero) for t in ('normal', 'reduce')}
+            for k in budget.KINDS}
+    table = budget.CostTable(space.ops, space.nodes, dict(params=1000, madds=1000), cost, (zero,))
+    return budget.Penalty(table, dict(params=900.0, madds=950.0), weight)
+
+
+# DARTS-, beta-DARTS and a budget on: the auxiliary skip in the network, the beta-decay and the
+# budget penalty's gradients in g_alpha
+GUARD_SPACE = SearchSpace(nodes=2, auxiliary_skip=True)
 GUARD_CFG = SearchConfig(init_channels=4, layers=2, image_size=8, second_order=True, beta_decay=True,
-                         space=SearchSpace(nodes=2, auxiliary_skip=True))
+                         space=GUARD_SPACE, budget=synthetic_penalty(GUARD_SPACE))
 AUX_SKIP, BETA_DECAY = 0.7, 3.0
 LR = 0.05
 BATCH = 6
@@ -137,6 +154,8 @@ def _reference(progs, state, batch, dtype='float32', shards=1):
         if cfg.beta_decay:  # + lambda * grad of beta-DARTS' mean_e logsumexp_o(alpha_e), per cell type
             g_alpha = [ga + BETA_DECAY * paddle.grad(paddle.logsumexp(a, axis=-1).mean(), a)[0].numpy()
                        if n.startswith('alpha_') else ga for ga, a, n in zip(g_alpha, alphas, names)]
+        if cfg.budget is not None:  # + the penalty's gradient, by central differences of its numpy form
+            g_alpha = [ga + d for ga, d in zip(g_alpha, penalty_gradient(cfg.budget, state, names))]
 
         # Adam, first step (t = 1), L2 weight decay
         b1, b2 = cfg.arch_betas
@@ -157,6 +176,30 @@ def _reference(progs, state, batch, dtype='float32', shards=1):
                     weights=state[WEIGHTS] - LR * v_new, momentum=v_new, dw=dw.numpy())
     finally:
         paddle.enable_static()
+
+
+def penalty_gradient(penalty, state, names, h=1e-5):
+    """d penalty / d (each architecture parameter), central differences in float64."""
+    arch = {n: state[n].astype('float64') for n in names}
+    out = []
+    for n in names:
+        g = np.zeros_like(arch[n])
+        for idx in np.ndindex(g.shape):
+            plus, minus = dict(arch), dict(arch)
+            plus[n], minus[n] = arch[n].copy(), arch[n].copy()
+            plus[n][idx] += h
+            minus[n][idx] -= h
+            g[idx] = (budget.penalty_numpy(penalty, plus) - budget.penalty_numpy(penalty, minus)) / (2 * h)
+        out.append(g)
+    return out
+
+
+def test_the_budget_penalty_gradient_is_a_real_part_of_the_guarded_step():
+    progs, state, batch, after = _step('guards')
+    names = list(progs.config.arch_shapes)
+    for n, g in zip(names, penalty_gradient(progs.config.budget, state, names)):
+        assert np.linalg.norm(g) > 0.1 * np.linalg.norm(after[f'arch/dalpha_{n}'])
+        assert np.abs(g[:, GUARD_SPACE.ops.index('none')]).max() == 0   # none's weight costs nothing
 
 
 def close(actual, expected, rel=2e-3):
