@@ -188,7 +188,11 @@ def load(path, check_ops=True):
         raise GenotypeError(f'{path}: {e}') from None
 
 
-def save(genotype, path, space=None):
-    """Write the genotype JSON atomically (utils.atomic_write)."""
+def save(genotype, path, space=None, costs=None):
+    """Write the genotype JSON atomically (utils.atomic_write); costs (a dict: the target
+    network's params / madds, train_search.py --budget) is stored beside it."""
     from utils import atomic_write
-    atomic_write(path, lambda f: f.write(to_json(genotype, space) + '\n'))
+    d = to_dict(genotype, space)
+    if costs:
+        d['costs'] = costs
+    atomic_write(path, lambda f: f.write(json.dumps(d) + '\n'))

@@ -16,6 +16,7 @@ alphas' entropy; the guards --max_skip, --auxiliary_skip, --beta_decay, --early_
 the diagnostic --hessian_eigen_every are described in guards.py and the README.
 """
 import argparse
+import dataclasses
 import os
 import time
 
@@ -24,6 +25,7 @@ import datasets
 import distributed
 import fast_kernels
 import genotypes
+import budget
 import guards
 import runfolder
 from errors import SearchSpaceError, UserError
@@ -94,6 +96,19 @@ def parse_args(argv=None):
     g.add_argument('--hessian_eigen_every', type=int, default=0, metavar='N',
                    help='RobustDARTS: every N epochs, the dominant eigenvalue of the Hessian of L_val w.r.t. '
                         'alpha (Lanczos on finite-difference Hessian-vector products: 40 passes on one search-val batch; 0: never)')
+    b = p.add_argument_group('search under a budget (budget.py; costs are the target network\'s, the one train.py '
+                             'or train_imagenet.py will train)')
+    b.add_argument('--budget', action='append', default=None, metavar='KIND=N',
+                   help='params=3.3M and/or madds=600M (K, M, G suffixes; repeat for both): a penalty on the '
+                        'expected cost in the alpha loss, and genotype.json the derived cell made to fit '
+                        '(genotype_unbudgeted.json: the plain one)')
+    b.add_argument('--budget_weight', type=float, default=1.0, metavar='LAMBDA',
+                   help='the penalty lambda * max(0, E[cost] / budget - 1) per budget')
+    b.add_argument('--target_network', choices=['auto', 'cifar', 'imagenet'], default='auto',
+                   help='auto: the ImageNet network (train_imagenet.py) for 224 px and up, else NetworkCIFAR (train.py)')
+    b.add_argument('--target_channels', type=int, default=None, help='C of the target network (CIFAR 36, ImageNet 48)')
+    b.add_argument('--target_layers', type=int, default=None, help='its cells (CIFAR 20, ImageNet 14)')
+    b.add_argument('--target_image_size', type=int, default=None, help='its input size (default: the data\'s)')
     a('--device', default='auto', choices=['auto', 'gpu', 'cpu'], help='auto: the GPU when there is one')
     a('--no_custom_kernels', action='store_true',
       help="Paddle's own depthwise and 1x1 convolutions instead of the compiled ones (CPU; see fast_kernels.py)")
@@ -127,6 +142,11 @@ def parse_args(argv=None):
             p.error(str(e))
     if not 0 < args.train_portion < 1:
         p.error('--train_portion must be between 0 and 1')
+    if not args.budget_weight >= 0:
+        p.error('--budget_weight must be at least 0')
+    for name in ('target_channels', 'target_layers', 'target_image_size'):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f'--{name} must be at least 1')
     return args
 
 
@@ -142,6 +162,7 @@ class Search:
     def __init__(self, args):
         args = runfolder.start(args, 'search', RESUMABLE_OVERRIDES, parse_args)
         space = search_space(args)  # everything that can fail on bad input, before the folder is made
+        budgets = budget.parse(args.budget)
         world = distributed.setup(args.device, not args.no_custom_kernels)
         world.check_batch(args.batch_size)
         data = datasets.load(args, args.num_workers, print if world.writer else utils.silent)
@@ -150,6 +171,7 @@ class Search:
             raise UserError(f'--batch_size {args.batch_size} is larger than the search split '
                             f'({len(search_train)} train / {len(search_val)} val images)')
         self.args, self.space, self.world, self.place = args, space, world, world.place
+        self.penalty = self.budget_penalty(data, budgets) if budgets else None
         build_time = self.build_programs(data)
         from architect import count_ops
         run = self.run_folder = runfolder.Run.open(args, 'search', world)
@@ -160,6 +182,10 @@ class Search:
                 f'{self.progs.layout.size / 1e6:.3f}M weights; programs built in {build_time:.1f}s '
                 f'({sum(count_ops(p) for p in self.progs.programs.values())} ops)')
         run.log(f'search space: {space.describe()}')
+        if self.penalty:
+            run.log(f'budget: {describe_budgets(self.penalty.budgets)} in the {self.target.describe()} (lambda '
+                    f'{self.penalty.weight:g}); cheapest possible cell there: '
+                    f'{describe_costs(self.penalty.table.cheapest())}')
         run.log(f'convolution kernels: {fast_kernels.status()}')
         run.log(f'processes: {world.describe()}')
         self.restore()
@@ -176,7 +202,8 @@ class Search:
             image_size=data.image_size, in_channels=data.channels, momentum=args.momentum,
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, arch_learning_rate=args.arch_learning_rate,
             arch_weight_decay=args.arch_weight_decay, second_order=not args.first_order, space=self.space,
-            beta_decay=bool(args.beta_decay), hessian_eigen=args.hessian_eigen_every > 0, world_size=self.world.size)
+            beta_decay=bool(args.beta_decay), hessian_eigen=args.hessian_eigen_every > 0, world_size=self.world.size,
+            budget=self.penalty)
         if self.world.writer:
             print('building the search programs (once per run; this takes a while)', flush=True)
         t0 = time.time()
@@ -186,6 +213,24 @@ class Search:
             raise UserError(str(e)) from None
         self.scope, self.exe = paddle.static.Scope(), paddle.static.Executor(self.place)
         return time.time() - t0
+
+    def budget_penalty(self, data, budgets):
+        """The cost table of the target network and the penalty; a budget no cell can meet is one line."""
+        import paddle
+        args = self.args
+        paddle.enable_static()
+        self.target = budget.Target.default(args.target_image_size or data.image_size, data.channels,
+                                            data.num_classes, args.target_network, args.target_channels,
+                                            args.target_layers)
+        try:
+            table = budget.cost_table(self.target, self.space)
+        except budget.BudgetError:
+            raise
+        except Exception as e:   # a target the networks cannot be built at
+            raise UserError(f'--target_*: the {self.target.describe()} cannot be built: '
+                            f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+        budget.check_feasible(table, budgets)
+        return budget.Penalty(table, budgets, args.budget_weight)
 
     def restore(self):
         """The state to start from (the last checkpoint's, or the seed's), and the early-stop state."""
@@ -276,6 +321,8 @@ class Search:
                 f'{100 * record["val_acc"]:.2f}% | {record["images_per_sec"]:.1f} img/s, epoch '
                 f'{record["epoch_time"]:.1f}s')
         run.log(guards.describe(record, len(ops)))
+        if 'budget' in record:
+            run.log(budget_line(record['budget']))
         if args.max_skip is not None and record['skips_removed']:
             run.log(f'genotype (unlimited) = {raw}')
         run.log(f'genotype = {genotype}')
@@ -310,6 +357,8 @@ class Search:
                                                 space.nodes, space.ops)
             genotype = raw._replace(normal=normal)
             record.update(genotype_limited=genotypes.to_dict(genotype), skips_removed=len(zeroed))
+        if self.penalty:
+            genotype = self.fit_budget(record, genotype, arch)
         if args.hessian_eigen_every and (epoch + 1) % args.hessian_eigen_every == 0:
             if self.eigen_batch is None:  # the same batch every time
                 self.eigen_batch = next(iter(self.eigen_batches.epoch(0)))
@@ -322,6 +371,20 @@ class Search:
             if space.edge_normalization:
                 record['beta_' + kind] = normalized_betas_numpy(arch['beta_' + kind], space.nodes).round(6).tolist()
         return record, genotype, raw
+
+    def fit_budget(self, record, genotype, arch):
+        """The derived cell made to fit the budgets (budget.fit); costs into record['budget']."""
+        from model_search import edge_weights_numpy
+        table, budgets = self.penalty.table, self.penalty.budgets
+        weights = {t: edge_weights_numpy(arch, self.space, t) for t in ('normal', 'reduce')}
+        fitted, fits = budget.fit(genotype, weights, table, budgets)
+        changed = sum(a != b for a, b in zip(genotype.normal + genotype.reduce, fitted.normal + fitted.reduce))
+        record['budget'] = dict(budgets=budgets, target=dataclasses.asdict(self.target), expected=table.expected(arch), unbudgeted=table.genotype_cost(genotype),
+                                cost=table.genotype_cost(fitted), fits=fits, pairs_replaced=int(changed),
+                                penalty=budget.penalty_numpy(self.penalty, arch))
+        record['genotype_unbudgeted'] = genotypes.to_dict(genotype)
+        record['genotype_budgeted'] = genotypes.to_dict(fitted)
+        return fitted
 
     def evaluate(self):
         """(loss, top-1) at the current weights and alphas over the whole search-val half (each
@@ -350,7 +413,7 @@ class Search:
         if saved is not None:
             run.write_json('result.json', dict(
                 epoch=saved['epoch'], epochs=self.args.epochs, search_val_top1=saved['val_acc'],
-                genotype=saved.get('genotype_limited', saved['genotype']),
+                genotype=final_genotype(saved), **({'costs': saved['budget']['cost']} if 'budget' in saved else {}),
                 early_stop=os.path.isfile(run.file(guards.EarlyStop.FILE))))
         run.log(f'done: genotype in {run.file("genotype.json")}')
         self.world.wait_for_writer('search finished')   # no rank ends before result.json is there
@@ -389,8 +452,40 @@ def write_genotypes(run, record, space, args):
     raw = genotypes.from_dict(record['genotype'], check_ops=False)
     if 'genotype_limited' in record:
         genotypes.save(raw, run.file('genotype_raw.json'), saved_with)
-    final = genotypes.from_dict(record.get('genotype_limited', record['genotype']), check_ops=False)
-    genotypes.save(final, run.file('genotype.json'), saved_with)
+    costs = {}
+    if 'budget' in record:
+        b = record['budget']
+        target = b['target']
+        costs = dict(costs=dict(b['cost'], budgets=b['budgets'], fits=b['fits'], target=target))
+        unbudgeted = genotypes.from_dict(record['genotype_unbudgeted'], check_ops=False)
+        genotypes.save(unbudgeted, run.file('genotype_unbudgeted.json'), saved_with,
+                       costs=dict(b['unbudgeted'], budgets=b['budgets'], target=target))
+    final = genotypes.from_dict(final_genotype(record), check_ops=False)
+    genotypes.save(final, run.file('genotype.json'), saved_with, **costs)
+
+
+def final_genotype(record):
+    """The genotype an epoch's record ends with: fitted to the budget, else --max_skip's, else derived."""
+    return record.get('genotype_budgeted', record.get('genotype_limited', record['genotype']))
+
+
+def describe_costs(costs):
+    return ', '.join(f'{budget.human(costs[k])} {k}' for k in budget.KINDS if k in costs)
+
+
+def describe_budgets(budgets):
+    return ', '.join(f'{k} <= {budget.human(v)}' for k, v in budgets.items())
+
+
+def budget_line(b):
+    """The epoch's budget figures, one log line."""
+    text = (f'budget ({describe_budgets(b["budgets"])}): derived cell {describe_costs(b["unbudgeted"])}; '
+            f'expected {describe_costs(b["expected"])}; penalty {b["penalty"]:.4f}')
+    if b['pairs_replaced']:
+        text += f'; fitted cell {describe_costs(b["cost"])} ({b["pairs_replaced"]} ops replaced)'
+    if not b['fits']:
+        text += '; no replacement of ops fits every budget at once'
+    return text
 
 
 def main(argv=None):

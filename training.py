@@ -25,6 +25,21 @@ def load_genotype(args):
     return genotypes.load(args.genotype_file) if args.genotype_file else genotypes.by_name(args.arch)
 
 
+def searched_costs(args):
+    """A line with the costs train_search.py --budget stored in the genotype file, or None."""
+    if not getattr(args, 'genotype_file', None):
+        return None
+    saved = utils.read_json(args.genotype_file).get('costs')
+    if not isinstance(saved, dict) or 'params' not in saved:
+        return None
+    t = saved.get('target') or {}
+    where = (f' in the {t.get("network")} network, C={t.get("channels")}, {t.get("layers")} cells, '
+             f'{t.get("image_size")} px' if t else '')
+    limits = ', '.join(f'{k} <= {v:,.0f}' for k, v in (saved.get('budgets') or {}).items())
+    return (f'the search costed this genotype at {saved["params"]:,} parameters, {saved.get("madds", 0):,} '
+            f'multiply-adds{where}' + (f' (budget {limits})' if limits else ''))
+
+
 def build_programs(genotype, args, image_size=32, num_classes=10, network=None, label_smoothing=0.0,
                    in_channels=3):
     """Startup-free train and test programs over flat weights, built once per run.
@@ -203,6 +218,9 @@ class Training:
         self.parameters = model.count_parameters(progs['layout'])
         run.log(f'{self.parameters / 1e6:.3f}M parameters (auxiliary head excluded); '
                 f'programs built in {time.time() - t0:.1f}s')
+        searched = searched_costs(args)
+        if searched:
+            run.log(searched)
         run.log(f'convolution kernels: {fast_kernels.status()}')
         run.log(f'processes: {world.describe()}')
         self.task, self.args, self.genotype, self.split, self.progs, self.run_folder = \
