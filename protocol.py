@@ -52,6 +52,10 @@ def parse_args(argv=None):
     a('--val_fraction', type=float, default=0.1,
       help='the held-out share of the training images the retrains are compared on')
     a('--retrain_flags', default='', metavar='"FLAGS"', help='more train.py flags for every retrain, quoted')
+    a('--budgets', default=None, metavar='B,B,...',
+      help='a sweep: every seed searched once per budget (train_search.py --budget B; KIND=N, '
+           'params=1M+madds=200M for both), then summary.md and budget_sweep.png: retrain accuracy against '
+           'the target network\'s parameters and multiply-adds')
     args, search_flags = p.parse_known_args(argv)
     try:
         args.seed_list = ([int(s) for s in args.seeds.split(',')] if ',' in args.seeds
@@ -65,8 +69,10 @@ def parse_args(argv=None):
     import distributed
     if distributed.WORLD > 1 and not args.save:
         p.error(f'--save: name the protocol folder when running {distributed.WORLD} processes (they share it)')
+    owned = OWNED + (('budget',) if args.budgets else ())
+    args.budget_list = _budgets(args.budgets, p) if args.budgets else [None]
     for flag in search_flags:
-        if flag.startswith('--') and flag[2:].split('=')[0] in OWNED:
+        if flag.startswith('--') and flag[2:].split('=')[0] in owned:
             p.error(f'{flag.split("=")[0]} is set by the protocol (per seed: OUT/search-SEED, --seed SEED)')
     import train
     import train_search
@@ -79,6 +85,29 @@ def parse_args(argv=None):
         '--val_fraction', str(args.val_fraction), *args.data_flags, *shlex.split(args.retrain_flags)]
     _checked(train.parse_args, ['--genotype_file', 'x.json', *args.retrain_flag_list], 'train.py')
     return args
+
+
+def _budgets(text, p):
+    """['params=1M', 'params=1M+madds=200M', ...] from --budgets, each checked (budget.parse)."""
+    import budget
+    out = [b.strip() for b in text.split(',') if b.strip()]
+    if not out or len(set(out)) != len(out):
+        p.error('--budgets: at least one budget, none repeated')
+    for b in out:
+        try:
+            budget.parse(b.split('+'))
+        except budget.BudgetError as e:
+            p.error(f'--budgets: {e}')
+    return out
+
+
+def budget_flags(b):
+    return [] if b is None else [f for part in b.split('+') for f in ('--budget', part)]
+
+
+def run_key(b, seed):
+    """The run folders' suffix: the seed, or budget and seed (search-params1M-0)."""
+    return str(seed) if b is None else b.replace('=', '').replace('+', '_') + f'-{seed}'
 
 
 def _checked(parse, flags, script):
@@ -150,37 +179,51 @@ def run_step(what, script, flags, run_dir):
                         f're-run this command to continue')
 
 
-def summarise(out, seeds):
-    """summary.json / .md / .png from the run folders."""
+def summarise(out, seeds, budgets=(None,)):
+    """summary.json / .md / .png (and with --budgets budget_sweep.png) from the run folders."""
     import numpy as np
     import genotypes
     import guards
     rows = []
-    for s in seeds:
-        search = utils.read_json(os.path.join(out, f'search-{s}', 'result.json'))
-        retrain = utils.read_json(os.path.join(out, f'retrain-{s}', 'result.json'))
-        g = genotypes.from_dict(search['genotype'], check_ops=False)
-        counts = guards.cell_counts(g)
-        rows.append(dict(seed=s, search_val_top1=search['search_val_top1'], search_epochs=search['epoch'],
-                         early_stop=search['early_stop'], retrain_val_top1=retrain['best_top1'],
-                         retrain_best_epoch=retrain['best_epoch'], parameters=retrain['parameters'],
-                         normal_skips=counts['normal_skips'], reduce_skips=counts['reduce_skips'],
-                         genotype=search['genotype'], search_dir=os.path.join(out, f'search-{s}'),
-                         retrain_dir=os.path.join(out, f'retrain-{s}')))
-    best = max(rows, key=lambda r: (r['retrain_val_top1'], -seeds.index(r['seed'])))
+    for b in budgets:
+        for s in seeds:
+            key = run_key(b, s)
+            search = utils.read_json(os.path.join(out, f'search-{key}', 'result.json'))
+            retrain = utils.read_json(os.path.join(out, f'retrain-{key}', 'result.json'))
+            g = genotypes.from_dict(search['genotype'], check_ops=False)
+            counts = guards.cell_counts(g)
+            rows.append(dict(seed=s, budget=b, target_costs=search.get('costs'),
+                             search_val_top1=search['search_val_top1'], search_epochs=search['epoch'],
+                             early_stop=search['early_stop'], retrain_val_top1=retrain['best_top1'],
+                             retrain_best_epoch=retrain['best_epoch'], parameters=retrain['parameters'],
+                             normal_skips=counts['normal_skips'], reduce_skips=counts['reduce_skips'],
+                             genotype=search['genotype'], search_dir=os.path.join(out, f'search-{key}'),
+                             retrain_dir=os.path.join(out, f'retrain-{key}')))
+    seeds = [r['seed'] for r in rows]
+    best = max(rows, key=lambda r: (r['retrain_val_top1'], -rows.index(r)))   # ties: the first run
     stats = {k: dict(mean=float(np.mean([r[k] for r in rows])), std=float(np.std([r[k] for r in rows])))
              for k in ('search_val_top1', 'retrain_val_top1', 'parameters', 'normal_skips')}
     summary = dict(seeds=seeds, best_seed=best['seed'], best_genotype_file=os.path.join(best['search_dir'],
                    'genotype.json'), runs=rows, stats=stats)
     utils.write_json(os.path.join(out, 'summary.json'), summary)
+    swept = budgets != (None,) and budgets != [None]
     lines = ['| seed | search-val top-1 | retrain val top-1 | params (M) | skips (normal / reduce) |',
              '|---|---|---|---|---|']
+    if swept:
+        lines = ['| budget | seed | target params | target madds | search-val top-1 | retrain val top-1 | '
+                 'retrain params (M) | skips (normal / reduce) |', '|---|---|---|---|---|---|---|---|']
     for r in rows:
         mark = ' (best)' if r is best else ''
-        lines.append(f"| {r['seed']}{mark} | {100 * r['search_val_top1']:.2f}% | {100 * r['retrain_val_top1']:.2f}% | "
+        budget_cells = ''
+        if swept:
+            c = r['target_costs'] or {}
+            budget_cells = f"{r['budget']} | " + ''.join(
+                f"{c[k] / 1e6:.3f}M | " if k in c else '- | ' for k in ('params', 'madds'))
+        lines.append(f"| {budget_cells}{r['seed']}{mark} | {100 * r['search_val_top1']:.2f}% | "
+                     f"{100 * r['retrain_val_top1']:.2f}% | "
                      f"{r['parameters'] / 1e6:.3f} | {r['normal_skips']} / {r['reduce_skips']} |")
     st = stats
-    lines.append(f"| mean ± std | {100 * st['search_val_top1']['mean']:.2f} ± {100 * st['search_val_top1']['std']:.2f}% "
+    lines.append(f"| {'| ' * 3 if swept else ''}mean ± std | {100 * st['search_val_top1']['mean']:.2f} ± {100 * st['search_val_top1']['std']:.2f}% "
                  f"| {100 * st['retrain_val_top1']['mean']:.2f} ± {100 * st['retrain_val_top1']['std']:.2f}% "
                  f"| {st['parameters']['mean'] / 1e6:.3f} ± {st['parameters']['std'] / 1e6:.3f} "
                  f"| {st['normal_skips']['mean']:.2f} ± {st['normal_skips']['std']:.2f} (normal) |")
@@ -196,7 +239,19 @@ def summarise(out, seeds):
                  ('skips in the normal cell', [('skips', xs, [r['normal_skips'] for r in rows])])],
                 os.path.join(out, 'summary.png'), f'{len(rows)} searches, seeds {",".join(map(str, seeds))}; '
                 f'best: seed {best["seed"]}', x_label='search')
+    if swept:
+        sweep_png(rows, os.path.join(out, 'budget_sweep.png'))
     return summary, lines
+
+
+def sweep_png(rows, path):
+    """Retrain validation top-1 against the target network's parameters and multiply-adds."""
+    from visualize import line_panels
+    panels = []
+    for kind, unit in (('params', 'M parameters'), ('madds', 'M multiply-adds')):
+        pts = sorted((r['target_costs'][kind] / 1e6, 100 * r['retrain_val_top1']) for r in rows if r['target_costs'])
+        panels.append((f'retrain val top-1 % against {unit}', [('cells', [x for x, _ in pts], [y for _, y in pts])]))
+    return line_panels(panels, path, 'budget sweep: accuracy against the target network\'s cost', x_label='')
 
 
 def open_folder(out, plan, writer):
@@ -227,27 +282,35 @@ def protocol(args):
     writer = distributed.RANK == 0
     out = args.save or os.path.join('runs', time.strftime('protocol-%Y%m%d-%H%M%S'))
     plan = dict(seeds=args.seed_list, search_flags=args.search_flags, retrain_flags=args.retrain_flag_list)
+    if args.budgets:
+        plan['budgets'] = args.budget_list
     open_folder(out, plan, writer)
-    n = len(args.seed_list)
-    for k, s in enumerate(args.seed_list, 1):
-        search_dir = os.path.join(out, f'search-{s}')
+    runs = [(b, s) for b in args.budget_list for s in args.seed_list]
+    n = len(runs)
+
+    def what(k, b, s):
+        return f'{k}/{n} (seed {s}{"" if b is None else ", budget " + b})'
+    for k, (b, s) in enumerate(runs, 1):
+        search_dir = os.path.join(out, f'search-{run_key(b, s)}')
         try:
-            run_step(f'search {k}/{n} (seed {s})', 'train_search.py',
-                     [*args.search_flags, '--seed', str(s), '--save', search_dir], search_dir)
+            run_step(f'search {what(k, b, s)}', 'train_search.py',
+                     [*args.search_flags, *budget_flags(b), '--seed', str(s), '--save', search_dir], search_dir)
         finally:
             if writer and os.listdir(out) == ['protocol.json']:   # nothing started (bad data, say): leave nothing
                 os.remove(os.path.join(out, 'protocol.json'))
                 os.rmdir(out)
-    for k, s in enumerate(args.seed_list, 1):
-        retrain_dir = os.path.join(out, f'retrain-{s}')
-        run_step(f'retrain {k}/{n} (seed {s})', 'train.py',
-                 ['--genotype_file', os.path.join(out, f'search-{s}', 'genotype.json'), '--seed', str(s),
+    for k, (b, s) in enumerate(runs, 1):
+        key = run_key(b, s)
+        retrain_dir = os.path.join(out, f'retrain-{key}')
+        run_step(f'retrain {what(k, b, s)}', 'train.py',
+                 ['--genotype_file', os.path.join(out, f'search-{key}', 'genotype.json'), '--seed', str(s),
                   *args.retrain_flag_list, '--save', retrain_dir], retrain_dir)
     if not writer:
         return None
-    summary, lines = summarise(out, args.seed_list)
+    summary, lines = summarise(out, args.seed_list, args.budget_list)
     print('\n'.join(lines))
-    print(f'protocol: done; {os.path.join(out, "summary.md")}, summary.json, summary.png')
+    print(f'protocol: done; {os.path.join(out, "summary.md")}, summary.json, summary.png'
+          + (', budget_sweep.png' if args.budgets else ''))
     return summary
 
 

@@ -232,6 +232,20 @@ BLUE, GREEN = (8, 48, 107), (0, 90, 50)  # the darkest shade of the cells, of th
 MAX_NUMBERED = 30  # more classes than this: shades only, no counts in the cells
 
 
+def budget_png(history, path, title='search'):
+    """Per budgeted kind: the derived cell's cost in the target network, the fitted cell's, the
+    expected cost E[C] under the alphas, and the budget, over the epochs (train_search.py --budget)."""
+    epochs = [r['epoch'] for r in history]
+    panels = []
+    for kind, limit in history[-1]['budget']['budgets'].items():
+        panels.append((f'{kind} of the target network', [
+            ('derived (argmax)', epochs, [r['budget']['unbudgeted'][kind] for r in history]),
+            ('fitted (genotype.json)', epochs, [r['budget']['cost'][kind] for r in history]),
+            ('expected E[C]', epochs, [r['budget']['expected'][kind] for r in history]),
+            ('budget', epochs, [limit] * len(history))]))
+    return line_panels(panels, path, f'{title}: cost against the budget')
+
+
 def read_confusion(path):
     """The confusion.json an evaluation run wrote, checked."""
     try:
@@ -398,7 +412,8 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('genotype', nargs='?', help=f'a named genotype: {", ".join(genotypes.NAMED)}')
     p.add_argument('--genotype_file', help='a genotype JSON written by train_search.py')
-    p.add_argument('--run', help='a run folder: draws curves.png, and cells.gif and collapse.png (search run) '
+    p.add_argument('--run', help='a run folder: draws curves.png, and cells.gif and collapse.png (search run; budget.png '
+                                 'with --budget) '
                                  'and confusion.png (when it has confusion.json) into it')
     p.add_argument('--format', default='png', choices=['png', 'pdf', 'svg'])
     p.add_argument('--out', default=None,
@@ -427,6 +442,8 @@ def visualize(args):
                          title=f'{name} ({"search" if search else "evaluation"})'))
         if search and all('normal_skips' in r for r in history):
             print(collapse_png(history, os.path.join(out, 'collapse.png'), title=name))
+        if search and all('budget' in r for r in history):
+            print(budget_png(history, os.path.join(out, 'budget.png'), title=name))
         if confusion is not None:
             print(confusion_png(confusion, os.path.join(out, 'confusion.png'), title=name))
         return

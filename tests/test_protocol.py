@@ -65,3 +65,31 @@ def test_protocol_runs_every_seed_resumes_after_a_kill_and_summarises(tmp_path):
     # a finished protocol re-run only summarises
     r = run_script('protocol.py', *FLAGS, '--save', out)
     assert r.returncode == 0 and r.stdout.count('done already') == 4, r.stdout
+
+
+def test_a_budget_sweep_searches_each_budget_and_plots_accuracy_against_cost(tmp_path):
+    import paddle
+    import budget
+    from model_search import SearchSpace
+    paddle.enable_static()
+    target = budget.Target('cifar', 4, 2, 16, in_channels=1, num_classes=10)   # the retrain network
+    low = budget.cost_table(target, SearchSpace(nodes=2)).cheapest()['params']
+    tight, loose = int(low * 1.1), 10 ** 6
+    out = str(tmp_path / 'sweep')
+    flags = [f if f != '2' or FLAGS[k - 1] != '--seeds' else '1' for k, f in enumerate(FLAGS)]
+    r = run_script('protocol.py', *flags, '--budgets', f'params={tight},params={loose}', '--target_channels', '4',
+                   '--target_layers', '2', '--save', out)
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(out, 'summary.json')) as f:
+        rows = json.load(f)['runs']
+    assert [row['budget'] for row in rows] == [f'params={tight}', f'params={loose}']
+    for row, limit in zip(rows, (tight, loose)):
+        assert row['target_costs']['params'] <= limit
+        assert row['parameters'] == row['target_costs']['params']   # the retrain is the target network
+        assert os.path.isdir(row['search_dir']) and row['search_dir'].endswith(f'search-params{limit}-0')
+    assert os.path.getsize(os.path.join(out, 'budget_sweep.png')) > 0
+    assert f'| params={tight} | 0' in open(os.path.join(out, 'summary.md')).read()
+    r = run_script('protocol.py', '--budgets', 'params=1M,flops=2', '--save', str(tmp_path / 'bad'))
+    assert r.returncode == 2 and '--budgets' in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run_script('protocol.py', '--budgets', 'params=1M', '--budget', 'params=2M', '--save', str(tmp_path / 'bad'))
+    assert r.returncode == 2 and 'set by the protocol' in r.stderr, r.stderr
