@@ -27,7 +27,7 @@ on alpha (and beta) alone: its exact gradient adds to the alpha gradient in both
 """
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -157,7 +157,7 @@ class CostTable:
     nodes: int
     fixed: dict
     cost: dict
-    zero: tuple = field(default=())   # indices of zero ops (`none`)
+    zero: tuple = ()   # indices of zero ops (`none`)
 
     @property
     def choosable(self):

@@ -8,7 +8,8 @@ MNIST / Fashion-MNIST, or your own images (class folders or a CSV file).
 The search uses the training data only (its two halves: search-train and search-val);
 the test split is never seen.  Writes RUN_DIR/{args.json, data.json (class names),
 log.txt, checkpoint.npz, genotype.json, history.jsonl, result.json at the end}, and with --max_skip
-genotype_raw.json, with --early_stop early_stop.json once it stops.  A folder whose run
+genotype_raw.json, with --budget genotype_unbudgeted.json (genotype.json is then the cell made to
+fit), with --early_stop early_stop.json once it stops.  A folder whose run
 stopped before its first checkpoint is continued by --resume from the beginning.
 
 Collapse: every epoch logs the derived cells' skip / parameter-free op counts and the
@@ -222,11 +223,10 @@ class Search:
         self.target = budget.Target.default(args.target_image_size or data.image_size, data.channels,
                                             data.num_classes, args.target_network, args.target_channels,
                                             args.target_layers)
+        self.target.check()
         try:
             table = budget.cost_table(self.target, self.space)
-        except budget.BudgetError:
-            raise
-        except Exception as e:   # a target the networks cannot be built at
+        except (ValueError, AssertionError, RuntimeError) as e:   # a target the networks cannot be built at
             raise UserError(f'--target_*: the {self.target.describe()} cannot be built: '
                             f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
         budget.check_feasible(table, budgets)

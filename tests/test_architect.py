@@ -202,6 +202,17 @@ def test_the_budget_penalty_gradient_is_a_real_part_of_the_guarded_step():
         assert np.abs(g[:, GUARD_SPACE.ops.index('none')]).max() == 0   # none's weight costs nothing
 
 
+def test_the_first_order_step_with_guards_and_a_budget_matches_eager_formula():
+    cfg = SearchConfig(init_channels=4, layers=2, image_size=8, second_order=False, beta_decay=True,
+                       space=GUARD_SPACE, budget=synthetic_penalty(GUARD_SPACE))
+    progs, state, batch, after = _run_step(cfg)
+    ref = _reference(progs, state, batch)
+    for i, n in enumerate(cfg.arch_shapes):
+        close(after[f'arch/grad_{n}'], ref['g_alpha'][i])
+        close(after[n], ref['alphas'][i], 1e-4)
+    close(after[WEIGHTS], ref['weights'], 1e-4)
+
+
 def close(actual, expected, rel=2e-3):
     expected = np.asarray(expected)
     np.testing.assert_allclose(actual, expected, rtol=rel, atol=rel * np.abs(expected).max())
