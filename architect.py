@@ -37,8 +37,8 @@ tensors that the caller sets (`schedule_values`), so nothing is rebuilt:
   DARTS-      the search network adds AUX_SKIP * skip(h) to every edge
   beta-DARTS  g_alpha += BETA_DECAY * softmax(alpha) / E (the gradient of
               BETA_DECAY * mean_e logsumexp(alpha_e)), per cell type, in both orders
-  budget      g_alpha += grad_alpha lambda * max(0, E[C](alpha) / B - 1) per budget (budget.py), in
-              both orders; the penalty has no w in it, so the Hessian term is unchanged
+  budget      g_alpha += grad_alpha lambda_k * max(0, E[C_k](alpha) / B_k - 1) per budget k (budget.py;
+              lambda_k in BUDGET_WEIGHTS), in both orders; no w in it, so the Hessian term is unchanged
   RobustDARTS hessian_program: grad_alpha L_val(w, alpha_eig) at alphas set in EIG_PREFIX,
               for `hessian_eigenvalue`
 
@@ -66,6 +66,7 @@ ADAM_T = 'alpha.adam_t'
 UNROLLED_BN_PREFIX = 'unrolled/'
 AUX_SKIP = 'guard/aux_skip'
 BETA_DECAY = 'guard/beta_decay'
+BUDGET_WEIGHTS = 'guard/budget_weights'
 EIG_PREFIX = 'eig/'
 # The finite-difference step along a unit direction of the alphas.  The loss is piecewise smooth in
 # alpha (ReLU, max pool), so the quotient is the curvature at the scale of the step: at batch 16, C=8,
@@ -147,9 +148,14 @@ def scratch_state(layout, arch_shapes=None):
     return out
 
 
-def schedule_values(cfg, aux_skip=1.0, beta_decay=0.0):
-    """{tensor: value} of the guards' per-epoch weights that cfg's programs read."""
+def schedule_values(cfg, aux_skip=1.0, beta_decay=0.0, budget_weights=None):
+    """{tensor: value} of the guards' per-epoch weights that cfg's programs read (budget_weights:
+    lambda_k per budget, default the penalty's weight for each)."""
     out = {}
+    if cfg.budget is not None:
+        if budget_weights is None:
+            budget_weights = [cfg.budget.weight] * len(cfg.budget.budgets)
+        out[BUDGET_WEIGHTS] = np.array(budget_weights, 'float32')
     if cfg.space.auxiliary_skip:
         out[AUX_SKIP] = np.array([aux_skip], 'float32')
     if cfg.beta_decay:
@@ -199,7 +205,8 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
         first one's ops and fail on them."""
         if cfg.budget is None:
             return None
-        return paddle.static.gradients(budget.penalty_value(cfg.budget, dict(zip(names, a))), a)
+        weights = declare(BUDGET_WEIGHTS, [len(cfg.budget.budgets)])
+        return paddle.static.gradients(budget.penalty_value(cfg.budget, dict(zip(names, a)), weights), a)
 
     def adam_update(alpha_grad, penalty_grad=None):
         """alpha <- Adam(alpha, alpha_grad [+ penalty_grad]); the gradient is also kept for inspection."""

@@ -20,9 +20,10 @@ Expected cost (ProxylessNAS / FBNet: the cost under the relaxed architecture):
     s_e = 2 / (i + 2) for the i + 2 edges into node i: derivation keeps 2 of them, so s_e is
           the expected share an edge has of them under uniform selection; with PC-DARTS' edge
           normalisation s_e = 2 * softmax(beta_i)_e, which derivation's ranking follows.
-Penalty added to the architecture loss, per budget B with weight lambda:
-    lambda * max(0, E[C] / B - 1)
-(the hinge of Tan et al.'s MnasNet-style soft constraint, zero inside the budget).  It depends
+Penalty added to the architecture loss, per budget B with weight lambda_t:
+    lambda_t * max(0, E[C] / B - 1)
+a hinge, zero inside the budget; lambda_t is lambda during an epoch that starts with the derived
+cell over budget B, else 0 (`epoch_weights`).  It depends
 on alpha (and beta) alone: its exact gradient adds to the alpha gradient in both orders.
 """
 import math
@@ -341,15 +342,29 @@ def expected_cost_value(table, arch, kind):
     return total
 
 
-def penalty_value(penalty, arch):
-    """sum over budgets of lambda * max(0, E[C] / B - 1), a Paddle value."""
+def penalty_value(penalty, arch, weights=None):
+    """sum over budgets k of lambda_k * max(0, E[C_k] / B_k - 1), a Paddle value; weights: a
+    Value holding lambda_k per budget, in penalty.budgets' order (default: penalty.weight each)."""
     import paddle.nn.functional as F
-    terms = [F.relu(expected_cost_value(penalty.table, arch, kind) / limit - 1.0)
-             for kind, limit in penalty.budgets.items()]
-    return penalty.weight * sum(terms[1:], terms[0])
+    total = 0.0
+    for k, (kind, limit) in enumerate(penalty.budgets.items()):
+        term = F.relu(expected_cost_value(penalty.table, arch, kind) / limit - 1.0)
+        total = total + (penalty.weight * term if weights is None else weights[k] * term)
+    return total
 
 
-def penalty_numpy(penalty, arch):
+def penalty_numpy(penalty, arch, weights=None):
     """penalty_value from CostTable.expected (float64)."""
     e = penalty.table.expected(arch)
-    return penalty.weight * sum(max(0.0, e[k] / b - 1.0) for k, b in penalty.budgets.items())
+    weights = [penalty.weight] * len(penalty.budgets) if weights is None else weights
+    return sum(w * max(0.0, e[k] / b - 1.0) for w, (k, b) in zip(weights, penalty.budgets.items()))
+
+
+def epoch_weights(penalty, derived_cost):
+    """lambda_k for the coming epoch: lambda while the cell derived now exceeds budget k, else 0.
+
+    E[C] under near-uniform alphas sits far from the cost of the cell derivation picks (on the
+    README example 44-47K expected against 15.6K derived), so a penalty on E[C] alone goes on
+    pushing after the derived cell fits, until it holds only parameter-free ops; gated by the
+    derived cell, it pushes only while that cell is over."""
+    return [penalty.weight if derived_cost[k] > b else 0.0 for k, b in penalty.budgets.items()]

@@ -286,6 +286,8 @@ class Search:
         update_arch = epoch >= args.arch_warmup_epochs
         schedule = dict(aux_skip=guards.auxiliary_skip_coefficient(epoch, args.epochs),
                         beta_decay=guards.beta_decay_weight(args.beta_decay or 0.0, epoch, args.epochs))
+        if self.penalty:
+            schedule['budget_weights'] = self.budget_weights()
         utils.set_tensors(self.scope, self.place, schedule_values(self.cfg, **schedule))  # fed, never rebuilt
         if not update_arch:
             run.log(f'epoch {epoch + 1}: warm-up, weights only (architecture steps from epoch '
@@ -359,6 +361,7 @@ class Search:
             record.update(genotype_limited=genotypes.to_dict(genotype), skips_removed=len(zeroed))
         if self.penalty:
             genotype = self.fit_budget(record, genotype, arch)
+            record['budget']['weights'] = train['budget_weights']
         if args.hessian_eigen_every and (epoch + 1) % args.hessian_eigen_every == 0:
             if self.eigen_batch is None:  # the same batch every time
                 self.eigen_batch = next(iter(self.eigen_batches.epoch(0)))
@@ -371,6 +374,13 @@ class Search:
             if space.edge_normalization:
                 record['beta_' + kind] = normalized_betas_numpy(arch['beta_' + kind], space.nodes).round(6).tolist()
         return record, genotype, raw
+
+    def budget_weights(self):
+        """The penalty's lambda per budget for the coming epoch: on while the cell derived now is over."""
+        from model_search import derive_genotype
+        arch = utils.get_tensors(self.scope, list(self.cfg.arch_shapes))
+        derived = derive_genotype(arch, self.space)
+        return budget.epoch_weights(self.penalty, self.penalty.table.genotype_cost(derived))
 
     def fit_budget(self, record, genotype, arch):
         """The derived cell made to fit the budgets (budget.fit); costs into record['budget']."""
@@ -480,7 +490,8 @@ def describe_budgets(budgets):
 def budget_line(b):
     """The epoch's budget figures, one log line."""
     text = (f'budget ({describe_budgets(b["budgets"])}): derived cell {describe_costs(b["unbudgeted"])}; '
-            f'expected {describe_costs(b["expected"])}; penalty {b["penalty"]:.4f}')
+            f'expected {describe_costs(b["expected"])}; penalty {b["penalty"]:.4f}, '
+            f'{"on" if any(b.get("weights") or []) else "off"} this epoch')
     if b['pairs_replaced']:
         text += f'; fitted cell {describe_costs(b["cost"])} ({b["pairs_replaced"]} ops replaced)'
     if not b['fits']:
