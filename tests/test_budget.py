@@ -125,6 +125,14 @@ def test_the_penalty_and_its_gradient_equal_numpy_and_finite_differences():
         np.testing.assert_allclose(g, fd, rtol=1e-3, atol=1e-6)
 
 
+def test_the_penalty_is_on_only_for_the_budgets_the_derived_cell_exceeds():
+    pen = synthetic_penalty(SearchSpace(), dict(params=1200.0, madds=1e6))
+    assert budget.epoch_weights(pen, dict(params=1201, madds=10)) == [0.7, 0.0]
+    assert budget.epoch_weights(pen, dict(params=1200, madds=2e6)) == [0.0, 0.7]
+    arch = {n: np.random.default_rng(0).standard_normal(s) for n, s in SearchSpace().arch_shapes().items()}
+    assert budget.penalty_numpy(pen, arch, [0.0, 0.0]) == 0 < budget.penalty_numpy(pen, arch, [0.7, 0.0])
+
+
 def test_budgets_parse_and_bad_ones_are_errors():
     assert budget.parse(['params=3.3M', 'madds=600m']) == {'params': 3.3e6, 'madds': 6e8}
     assert budget.parse(['params=1.5e4']) == {'params': 1.5e4}
