@@ -114,6 +114,24 @@ def validate(genotype, check_ops=True):
     return genotype
 
 
+def random_genotype(rng, ops=PRIMITIVES, steps=STEPS):
+    """A genotype drawn uniformly from the search space: per node of each cell, two distinct
+    inputs among the nodes before it and an op for each from ops less the zero op `none`
+    (which derivation never picks).  rng: a numpy Generator (seeded by the caller)."""
+    choosable = [op for op in ops if op != 'none']
+    if not choosable:
+        raise GenotypeError('the op list has no op other than none to draw from')
+    cells = []
+    for _ in ('normal', 'reduce'):
+        pairs = []
+        for i in range(steps):
+            for j in sorted(rng.choice(i + 2, 2, replace=False).tolist()):
+                pairs.append((choosable[int(rng.integers(len(choosable)))], int(j)))
+        cells.append(pairs)
+    concat = list(range(2, 2 + steps))
+    return Genotype(cells[0], concat, cells[1], list(concat))
+
+
 def derive_cell(weights, steps=STEPS, ops=PRIMITIVES):
     """Discretise one cell from its edge weights W (num_edges x len(ops), column o = ops[o]).
 

@@ -84,3 +84,24 @@ def test_not_json(tmp_path):
     path.write_text('{not json')
     with pytest.raises(genotypes.GenotypeError, match='not JSON'):
         genotypes.load(str(path))
+
+
+def test_random_genotypes_are_valid_cells_of_the_space_and_reproducible():
+    import numpy as np
+    for nodes in (3, 4, 5):
+        for ops in (genotypes.PRIMITIVES, ['sep_conv_3x3', 'max_pool_3x3', 'skip_connect']):
+            seen = set()
+            for k in range(30):
+                g = genotypes.random_genotype(np.random.default_rng([1, k]), ops, nodes)
+                genotypes.validate(g)
+                assert g == genotypes.random_genotype(np.random.default_rng([1, k]), ops, nodes)
+                for cell in (g.normal, g.reduce):
+                    assert len(cell) == 2 * nodes
+                    for i in range(nodes):
+                        (o1, j1), (o2, j2) = cell[2 * i], cell[2 * i + 1]
+                        assert j1 != j2 and 0 <= j1 < i + 2 and 0 <= j2 < i + 2
+                    seen.update(op for op, _ in cell)
+                assert list(g.normal_concat) == list(g.reduce_concat) == list(range(2, 2 + nodes))
+            assert seen == set(ops) - {'none'}   # every op but none is drawn, none never
+    draws = [genotypes.random_genotype(np.random.default_rng([2, k])) for k in range(3)]
+    assert draws[0] != draws[1] != draws[2]
