@@ -52,6 +52,10 @@ def parse_args(argv=None):
     a('--val_fraction', type=float, default=0.1,
       help='the held-out share of the training images the retrains are compared on')
     a('--retrain_flags', default='', metavar='"FLAGS"', help='more train.py flags for every retrain, quoted')
+    a('--random', type=int, default=0, metavar='N',
+      help='also N cells drawn uniformly from the same search space (--primitives without none, --nodes), '
+           'retrained exactly as the searched ones, and the summary compares the two groups')
+    a('--random_seed', type=int, default=0, help='seeds the random cells (cell i: seed (RANDOM_SEED, i))')
     a('--budgets', default=None, metavar='B,B,...',
       help='a sweep: every seed searched once per budget (train_search.py --budget B; KIND=N, '
            'params=1M+madds=200M for both), then summary.md and budget_sweep.png: retrain accuracy against '
@@ -66,6 +70,8 @@ def parse_args(argv=None):
         p.error('--seeds: at least one seed, none repeated')
     if args.retrain_epochs < 1:
         p.error('--retrain_epochs must be at least 1')
+    if args.random < 0:
+        p.error('--random must be at least 0')
     import distributed
     if distributed.WORLD > 1 and not args.save:
         p.error(f'--save: name the protocol folder when running {distributed.WORLD} processes (they share it)')
@@ -78,6 +84,10 @@ def parse_args(argv=None):
     import train_search
     args.search_flags = search_flags
     search_args = _checked(train_search.parse_args, search_flags, 'train_search.py')
+    args.space_ops = [op.strip() for op in search_args.primitives.split(',') if op.strip()]
+    args.space_nodes = search_args.nodes
+    if args.random and not [op for op in args.space_ops if op != 'none']:
+        p.error('--random: the op list has no op other than none to draw from')
     args.data_flags = _changed_flags(search_args, _data_flag_names() + SHARED, train_search.parse_args([]))
     args.retrain_flag_list = [
         '--epochs', str(args.retrain_epochs), '--layers', str(args.retrain_layers),
@@ -179,8 +189,58 @@ def run_step(what, script, flags, run_dir):
                         f're-run this command to continue')
 
 
-def summarise(out, seeds, budgets=(None,)):
-    """summary.json / .md / .png (and with --budgets budget_sweep.png) from the run folders."""
+def random_cell(out, args, i, writer):
+    """OUT/random-I/genotype.json: cell i drawn from the search space with seed (random_seed, i)
+    (written once; the other ranks wait for it)."""
+    import numpy as np
+    import genotypes
+    path = os.path.join(out, f'random-{i}', 'genotype.json')
+    if writer and not os.path.isfile(path):
+        g = genotypes.random_genotype(np.random.default_rng([args.random_seed, i]), args.space_ops, args.space_nodes)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        genotypes.save(g, path, dict(primitives=args.space_ops, nodes=args.space_nodes, random=[args.random_seed, i]))
+    deadline = time.time() + 600
+    while not os.path.isfile(path):
+        if time.time() > deadline:
+            raise UserError(f'{path} did not appear: rank 0 of this protocol did not write it')
+        time.sleep(0.2)
+    return path
+
+
+def retrain_random(out, args, i, writer):
+    """Random cell i retrained exactly as the searched cells are (seed: the i-th of the seeds, cycling)."""
+    seed = args.seed_list[i % len(args.seed_list)]
+    retrain_dir = os.path.join(out, f'retrain-random-{i}')
+    run_step(f'random cell {i + 1}/{args.random} retrain (seed {seed})', 'train.py',
+             ['--genotype_file', random_cell(out, args, i, writer), '--seed', str(seed),
+              *args.retrain_flag_list, '--save', retrain_dir], retrain_dir)
+
+
+def compare_with_random(rows, random_rows):
+    """The searched against the random cells: each group's mean, std and best, every searched cell's
+    rank among the random ones, and a one-sided Mann-Whitney U test (scipy) with a one-line reading."""
+    import numpy as np
+    from scipy.stats import mannwhitneyu
+    searched = [r['retrain_val_top1'] for r in rows]
+    drawn = [r['retrain_val_top1'] for r in random_rows]
+    for r in rows:   # how many random cells it beats (a tie counts a half)
+        r['beats_random'] = sum(1.0 if r['retrain_val_top1'] > d else 0.5 if r['retrain_val_top1'] == d else 0.0
+                                for d in drawn)
+    test = mannwhitneyu(searched, drawn, alternative='greater')
+    share = float(test.statistic) / (len(searched) * len(drawn))
+    groups = {name: dict(mean=float(np.mean(v)), std=float(np.std(v)), best=float(np.max(v)), n=len(v))
+              for name, v in (('searched', searched), ('random', drawn))}
+    verdict = ('the searched cells retrain better than random ones' if test.pvalue < 0.05 else
+               'no evidence that the searched cells retrain better than random ones')
+    reading = (f"searched cells {100 * groups['searched']['mean']:.2f} ± {100 * groups['searched']['std']:.2f} % "
+               f"against random {100 * groups['random']['mean']:.2f} ± {100 * groups['random']['std']:.2f} %; a "
+               f"searched cell beats a random one in {100 * share:.0f} % of the {len(searched) * len(drawn)} pairs "
+               f"(one-sided Mann-Whitney U p = {test.pvalue:.3f}, {len(searched)} vs {len(drawn)} cells): {verdict}")
+    return dict(groups=groups, mann_whitney_p=float(test.pvalue), pairs_won=share, reading=reading)
+
+
+def summarise(out, seeds, budgets=(None,), random_cells=0):
+    """summary.json / .md / .png (with --budgets budget_sweep.png, with --random random.png) from the run folders."""
     import numpy as np
     import genotypes
     import guards
@@ -205,6 +265,16 @@ def summarise(out, seeds, budgets=(None,)):
              for k in ('search_val_top1', 'retrain_val_top1', 'parameters', 'normal_skips')}
     summary = dict(seeds=seeds, best_seed=best['seed'], best_genotype_file=os.path.join(best['search_dir'],
                    'genotype.json'), runs=rows, stats=stats)
+    random_rows = []
+    for i in range(random_cells):
+        retrain = utils.read_json(os.path.join(out, f'retrain-random-{i}', 'result.json'))
+        g = genotypes.from_dict(retrain['genotype'], check_ops=False)
+        random_rows.append(dict(cell=i, retrain_val_top1=retrain['best_top1'], parameters=retrain['parameters'],
+                                normal_skips=guards.cell_counts(g)['normal_skips'], genotype=retrain['genotype'],
+                                genotype_file=os.path.join(out, f'random-{i}', 'genotype.json'),
+                                retrain_dir=os.path.join(out, f'retrain-random-{i}')))
+    if random_rows:
+        summary['random'] = dict(runs=random_rows, **compare_with_random(rows, random_rows))
     utils.write_json(os.path.join(out, 'summary.json'), summary)
     swept = budgets != (None,) and budgets != [None]
     lines = ['| seed | search-val top-1 | retrain val top-1 | params (M) | skips (normal / reduce) |',
@@ -229,8 +299,12 @@ def summarise(out, seeds, budgets=(None,)):
                  f"| {st['normal_skips']['mean']:.2f} ± {st['normal_skips']['std']:.2f} (normal) |")
     lines += ['', f"Best: seed {best['seed']}; train it in full with "
               f"`python train.py --genotype_file {summary['best_genotype_file']}`"]
+    if random_rows:
+        lines += random_lines(rows, summary['random'])
     with open(os.path.join(out, 'summary.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
+    if random_rows:
+        random_png(rows, random_rows, os.path.join(out, 'random.png'))
     from visualize import line_panels
     xs = list(range(1, len(rows) + 1))
     line_panels([('top-1 % per search (in seed order)',
@@ -242,6 +316,35 @@ def summarise(out, seeds, budgets=(None,)):
     if swept:
         sweep_png(rows, os.path.join(out, 'budget_sweep.png'))
     return summary, lines
+
+
+def random_lines(rows, comparison):
+    """summary.md's part on the random cells: their table, each searched cell's rank, the reading."""
+    g = comparison['groups']
+    lines = ['', f"Random cells, retrained the same way ({g['random']['n']}):", '',
+             '| random cell | retrain val top-1 | params (M) | skips (normal) |', '|---|---|---|---|']
+    for r in comparison['runs']:
+        lines.append(f"| {r['cell']} | {100 * r['retrain_val_top1']:.2f}% | {r['parameters'] / 1e6:.3f} | "
+                     f"{r['normal_skips']} |")
+    for name in ('searched', 'random'):
+        lines.append(f"| {name}: mean ± std (best) | {100 * g[name]['mean']:.2f} ± {100 * g[name]['std']:.2f}% "
+                     f"({100 * g[name]['best']:.2f}%) | | |")
+    lines += ['', 'Each searched cell among the random ones: ' + '; '.join(
+        f"seed {r['seed']}{' (' + r['budget'] + ')' if r.get('budget') else ''} beats {r['beats_random']:g} "
+        f"of {g['random']['n']}" for r in rows), '', comparison['reading']]
+    return lines
+
+
+def random_png(rows, random_rows, path):
+    """Retrain accuracy against parameters, searched and random cells: did the search just pick bigger cells?"""
+    from visualize import line_panels
+    series = []
+    for label, group in (('searched', rows), ('random', random_rows)):
+        pts = sorted((r['parameters'] / 1e3, 100 * r['retrain_val_top1']) for r in group)
+        series.append((label, [x for x, _ in pts], [y for _, y in pts]))
+    return line_panels([('retrain val top-1 % against K parameters', series)], path,
+                       f'{len(rows)} searched against {len(random_rows)} random cells', x_label='K params',
+                       lines=False)
 
 
 def sweep_png(rows, path):
@@ -284,6 +387,8 @@ def protocol(args):
     plan = dict(seeds=args.seed_list, search_flags=args.search_flags, retrain_flags=args.retrain_flag_list)
     if args.budgets:
         plan['budgets'] = args.budget_list
+    if args.random:
+        plan['random'] = dict(cells=args.random, seed=args.random_seed)
     open_folder(out, plan, writer)
     runs = [(b, s) for b in args.budget_list for s in args.seed_list]
     n = len(runs)
@@ -305,12 +410,14 @@ def protocol(args):
         run_step(f'retrain {what(k, b, s)}', 'train.py',
                  ['--genotype_file', os.path.join(out, f'search-{key}', 'genotype.json'), '--seed', str(s),
                   *args.retrain_flag_list, '--save', retrain_dir], retrain_dir)
+    for i in range(args.random):
+        retrain_random(out, args, i, writer)
     if not writer:
         return None
-    summary, lines = summarise(out, args.seed_list, args.budget_list)
+    summary, lines = summarise(out, args.seed_list, args.budget_list, args.random)
     print('\n'.join(lines))
     print(f'protocol: done; {os.path.join(out, "summary.md")}, summary.json, summary.png'
-          + (', budget_sweep.png' if args.budgets else ''))
+          + (', budget_sweep.png' if args.budgets else '') + (', random.png' if args.random else ''))
     return summary
 
 

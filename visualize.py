@@ -159,9 +159,9 @@ def _pad(img, size):
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 
 
-def line_panels(panels, path, title, x_label='epoch', panel_size=(520, 380)):
+def line_panels(panels, path, title, x_label='epoch', panel_size=(520, 380), lines=True):
     """Side-by-side line charts drawn with Pillow.  panels: [(name, [(label, xs, ys)])];
-    a series' points whose y is None are left out."""
+    a series' points whose y is None are left out; lines=False: points only (a scatter)."""
     from PIL import Image, ImageDraw
     w, h, m = *panel_size, 60
     img = Image.new('RGB', (len(panels) * w, h + 40), 'white')
@@ -187,12 +187,12 @@ def line_panels(panels, path, title, x_label='epoch', panel_size=(520, 380)):
             y = y1 - (y1 - y0) * t / 4
             d.line([x0 - 4, y, x0, y], fill='black')
             d.text((x0 - 55, y - 8), f'{v:.3g}', fill='black', font=font)
-        d.text((x0, y1 + 8), f'{x_label} {e_lo}', fill='black', font=font)
-        d.text((x1 - 70, y1 + 8), f'{x_label} {e_hi}', fill='black', font=font)
+        d.text((x0, y1 + 8), f'{x_label} {e_lo:.4g}', fill='black', font=font)
+        d.text((x1 - 70, y1 + 8), f'{x_label} {e_hi:.4g}', fill='black', font=font)
         for k, (label, s) in enumerate(series):
             colour = COLOURS[k % len(COLOURS)]
             pts = [(x0 + (x1 - x0) * (e - e_lo) / (e_hi - e_lo), y1 - (y1 - y0) * (v - lo) / (hi - lo)) for e, v in s]
-            if len(pts) > 1:
+            if len(pts) > 1 and lines:
                 d.line(pts, fill=colour, width=3)
             for x, y in pts:
                 d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)

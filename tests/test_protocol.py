@@ -28,7 +28,8 @@ def test_bad_flags_are_one_line_and_nothing_is_written(tmp_path):
 
 def test_protocol_runs_every_seed_resumes_after_a_kill_and_summarises(tmp_path):
     out = str(tmp_path / 'protocol')
-    cmd = [sys.executable, os.path.join(ROOT, 'protocol.py'), *FLAGS, '--save', out]
+    flags = [*FLAGS, '--random', '3', '--random_seed', '7']
+    cmd = [sys.executable, os.path.join(ROOT, 'protocol.py'), *flags, '--save', out]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     first = os.path.join(out, 'search-0', 'result.json')
@@ -62,9 +63,29 @@ def test_protocol_runs_every_seed_resumes_after_a_kill_and_summarises(tmp_path):
     table = open(os.path.join(out, 'summary.md')).read()
     assert table.count('| 0') + table.count('| 1') >= 2 and 'mean ± std' in table and '(best)' in table
     assert os.path.getsize(os.path.join(out, 'summary.png')) > 1000
+    # the random cells: drawn from the search's space, seeded, retrained as the searched ones
+    import numpy as np
+    import genotypes
+    rand = summary['random']
+    assert [row['cell'] for row in rand['runs']] == [0, 1, 2]
+    for row in rand['runs']:
+        g = genotypes.load(row['genotype_file'])
+        assert g == genotypes.random_genotype(np.random.default_rng([7, row['cell']]), genotypes.PRIMITIVES, 2)
+        assert genotypes.from_dict(row['genotype']) == g
+        args = json.load(open(os.path.join(row['retrain_dir'], 'args.json')))
+        assert (args['seed'], args['epochs'], args['val_fraction'], args['image_size']) == \
+            ([0, 1][row['cell'] % 2], 1, 0.2, 16)
+    searched = [row['retrain_val_top1'] for row in summary['runs']]
+    drawn = [row['retrain_val_top1'] for row in rand['runs']]
+    assert rand['groups']['searched']['mean'] == np.mean(searched) and rand['groups']['random']['best'] == max(drawn)
+    for row in summary['runs']:
+        assert row['beats_random'] == sum((row['retrain_val_top1'] > d) + 0.5 * (row['retrain_val_top1'] == d)
+                                          for d in drawn)
+    assert 0 <= rand['mann_whitney_p'] <= 1 and 'Mann-Whitney' in table and 'Random cells' in table
+    assert os.path.getsize(os.path.join(out, 'random.png')) > 1000
     # a finished protocol re-run only summarises
-    r = run_script('protocol.py', *FLAGS, '--save', out)
-    assert r.returncode == 0 and r.stdout.count('done already') == 4, r.stdout
+    r = run_script('protocol.py', *flags, '--save', out)
+    assert r.returncode == 0 and r.stdout.count('done already') == 7, r.stdout
 
 
 def test_a_budget_sweep_searches_each_budget_and_plots_accuracy_against_cost(tmp_path):
