@@ -214,3 +214,30 @@ def test_a_guarded_search_records_diagnostics_and_stops_early(tmp_path):
     assert [row['epoch'] for row in rows] == [1, 2, 3, 4, 5]
     assert [row['aux_skip'] for row in rows] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])   # the schedule resumes
     assert not os.path.exists(os.path.join(run, 'early_stop.json'))
+
+
+def test_how_far_the_alphas_moved_and_the_warning_when_they_barely_did():
+    import genotypes
+    k = 8
+    uniform = np.zeros((14, k))
+    assert guards.distance_from_uniform(uniform) == 0
+    one_hot = np.full((14, k), -1e9)
+    one_hot[:, 3] = 0
+    assert np.isclose(guards.distance_from_uniform(one_hot), 1 - 1 / k)
+    a = np.random.default_rng(0).standard_normal((14, k))
+    p = np.exp(a) / np.exp(a).sum(1, keepdims=True)
+    assert np.isclose(guards.distance_from_uniform(a), np.mean([0.5 * sum(abs(x - 1 / k) for x in row) for row in p]))
+
+    start = genotypes.DARTS_V2
+    changed = start._replace(normal=[('max_pool_3x3', 0)] + list(start.normal[1:]))
+    g_start, g_changed = genotypes.to_dict(start), genotypes.to_dict(changed)
+    assert guards.same_pairs(start, start) == 16 and guards.same_pairs(changed, start) == 15
+    history = [dict(genotype=g_start, moved_normal=0.001, moved_reduce=0.003),
+               dict(genotype=g_changed, moved_normal=0.002, moved_reduce=0.004),
+               dict(genotype=g_changed, moved_normal=0.003, moved_reduce=0.005)]
+    text = guards.how_far(history, start)
+    assert 'moved 0.004 from uniform' in text and '15 of 16' in text and 'for its last 2 epochs' in text
+    assert 'warning: the architecture weights have barely moved' in text
+    history[-1].update(moved_normal=0.05, moved_reduce=0.07, genotype=g_start)
+    text = guards.how_far(history, start)
+    assert 'warning' not in text and 'changed in the last epoch' in text and '16 of 16' in text
