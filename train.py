@@ -43,7 +43,8 @@ def parse_args(argv=None):
     a('--layers', type=int, default=20)
     a('--no_auxiliary', action='store_true', help='train without the auxiliary head')
     a('--auxiliary_weight', type=float, default=0.4)
-    a('--cutout_length', type=int, default=16, help='0: no cutout')
+    a('--cutout_length', type=int, default=None,
+      help='side of the cutout square (0: no cutout; default: half the image side, the paper\'s 16 at 32 px)')
     a('--drop_path_prob', type=float, default=0.2, help='reached linearly at the last epoch')
     a('--val_fraction', type=float, default=0.0, metavar='F',
       help='evaluate on a stratified hold-out of F of the training images instead of the test set (0: test set)')
@@ -69,6 +70,11 @@ def parse_args(argv=None):
     return args
 
 
+def cutout_length(args, image_size):
+    """--cutout_length, or by default half the image side (DeVries & Taylor's 16 at CIFAR's 32 px)."""
+    return image_size // 2 if args.cutout_length is None else args.cutout_length
+
+
 def array_data(args, for_eval, say, shard=(0, 1)):
     """Batches from a data set held as arrays (datasets.load): random crop, flip, cutout; shard =
     (rank, ranks): that rank's share of every batch."""
@@ -83,7 +89,8 @@ def array_data(args, for_eval, say, shard=(0, 1)):
         raise UserError(f'--batch_size {args.batch_size} is larger than the training set ({len(train_x)} images)')
     train = None if for_eval else ArrayBatches(
         train_x, train_y, args.batch_size, data.mean, data.std, shuffle=True, augment=True, seed=args.seed,
-        num_workers=args.num_workers, drop_last=True, cutout=args.cutout_length, flip=data.flip, shard=shard)
+        num_workers=args.num_workers, drop_last=True, cutout=cutout_length(args, data.image_size), flip=data.flip,
+        shard=shard)
     test = ArrayBatches(eval_x, eval_y, max(args.batch_size, 256), data.mean, data.std, shuffle=False,
                         augment=False, shard=shard)
     describe = data.describe() + (f'; evaluated on a {fraction:.0%} validation hold-out of the training images'
