@@ -81,11 +81,16 @@ def same_pairs(a, b):
     return n
 
 
+def _cell_sets(d):
+    """A genotype dict as per-node sets of (op, input): the order of a node's two pairs is not the cell."""
+    return [[frozenset(map(tuple, d[k][2 * i:2 * i + 2])) for i in range(len(d[k]) // 2)] for k in ('normal', 'reduce')]
+
+
 def stable_epochs(history):
     """How many of the last epochs derived the same cell as the last one (1: it changed in the last)."""
-    last, n = history[-1]['genotype'], 0
+    last, n = _cell_sets(history[-1]['genotype']), 0
     for record in reversed(history):
-        if record['genotype'] != last:
+        if _cell_sets(record['genotype']) != last:
             break
         n += 1
     return n
