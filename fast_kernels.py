@@ -51,13 +51,15 @@ def enabled():
 
 
 def cache_dir():
-    """One build per (source, flags, Paddle version, CPU): -march=native code runs only on its CPU kind."""
+    """One build per (source, flags, Paddle version, CPU, checkout): -march=native code runs only on its CPU
+    kind, and Paddle's loader rebuilds a folder whose recorded source paths differ, so two checkouts
+    sharing one folder would each rebuild it under the other's feet."""
     import paddle
     key = hashlib.sha256()
     for source in SOURCES + HEADERS:
         with open(source, 'rb') as f:
             key.update(f.read())
-    key.update(' '.join(FLAGS + [paddle.__version__, _cpu_model(), sys.version]).encode())
+    key.update(' '.join(FLAGS + [paddle.__version__, _cpu_model(), sys.version] + SOURCES).encode())
     root = os.environ.get('PADDLE_DARTS_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'paddle-darts'))
     return os.path.join(root, 'kernels', key.hexdigest()[:16])
 
