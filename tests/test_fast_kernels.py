@@ -109,6 +109,7 @@ def test_pointwise_grad_weight_is_the_same_bits_whatever_the_thread_count(compil
 
 def test_operations_use_the_compiled_ops_on_cpu_and_paddles_within_paddle_kernels(compiled):
     from operations import ParamSet, Layout, conv
+    paddle.enable_static()   # as the scripts run; not left to an earlier test
 
     def build(ps, x):
         conv(ps, 'dw', x, 4, 3, 1, 1, groups=4)
