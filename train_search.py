@@ -104,7 +104,8 @@ def parse_args(argv=None):
                         'expected cost in the alpha loss, and genotype.json the derived cell made to fit '
                         '(genotype_unbudgeted.json: the plain one)')
     b.add_argument('--budget_weight', type=float, default=1.0, metavar='LAMBDA',
-                   help='the penalty lambda * max(0, E[cost] / budget - 1) per budget')
+                   help='lambda of the penalty lambda * max(0, E[cost] / budget - 1) per budget, on in the epochs '
+                        'that start with the derived cell over that budget')
     b.add_argument('--target_network', choices=['auto', 'cifar', 'imagenet'], default='auto',
                    help='auto: the ImageNet network (train_imagenet.py) for 224 px and up, else NetworkCIFAR (train.py)')
     b.add_argument('--target_channels', type=int, default=None, help='C of the target network (CIFAR 36, ImageNet 48)')
