@@ -428,18 +428,10 @@ class Search:
                 early_stop=os.path.isfile(run.file(guards.EarlyStop.FILE))))
             kept = self.history[:saved['epoch']]
             if 'moved_normal' in kept[-1]:
-                run.log(guards.how_far(kept, self.start_genotype()))
+                run.log(guards.how_far(kept))
         run.log(f'done: genotype in {run.file("genotype.json")}')
         self.world.wait_for_writer('search finished')   # no rank ends before result.json is there
         return run.path
-
-
-    def start_genotype(self):
-        """The cell the random initial alphas of this seed derive."""
-        from architect import initial_state
-        from model_search import derive_genotype
-        state = initial_state(self.progs.layout, self.args.seed, self.cfg.arch_shapes)
-        return derive_genotype({n: state[n] for n in self.cfg.arch_shapes}, self.space)
 
 
 def search_space(args):

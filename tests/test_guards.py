@@ -231,15 +231,14 @@ def test_how_far_the_alphas_moved_and_the_warning_when_they_barely_did():
     start = genotypes.DARTS_V2
     changed = start._replace(normal=[('max_pool_3x3', 0)] + list(start.normal[1:]))
     g_start, g_changed = genotypes.to_dict(start), genotypes.to_dict(changed)
-    assert guards.same_pairs(start, start) == 16 and guards.same_pairs(changed, start) == 15
     history = [dict(genotype=g_start, moved_normal=0.001, moved_reduce=0.003),
                dict(genotype=g_changed, moved_normal=0.002, moved_reduce=0.004),
                dict(genotype=g_changed, moved_normal=0.003, moved_reduce=0.005)]
-    text = guards.how_far(history, start)
-    assert 'moved 0.004 from uniform' in text and '15 of 16' in text and 'for its last 2 epochs' in text
+    text = guards.how_far(history)
+    assert 'moved 0.004 from uniform' in text and 'for its last 2 epochs' in text
     assert 'warning: the architecture weights have barely moved' in text
     swapped = genotypes.to_dict(changed._replace(normal=[changed.normal[1], changed.normal[0]] + changed.normal[2:]))
     assert guards.stable_epochs(history + [dict(history[-1], genotype=swapped)]) == 3   # a node's pair order is not the cell
     history[-1].update(moved_normal=0.05, moved_reduce=0.07, genotype=g_start)
-    text = guards.how_far(history, start)
-    assert 'warning' not in text and 'changed in the last epoch' in text and '16 of 16' in text
+    text = guards.how_far(history)
+    assert 'warning' not in text and 'changed in the last epoch' in text
