@@ -185,14 +185,13 @@ class CostTable:
 
     def expected(self, arch):
         """{kind: E[C](alpha)} (numpy, float64) of {name: array} architecture parameters."""
+        from model_search import _softmax
         out = {}
         cols = self.choosable
         for kind in KINDS:
             total = float(self.fixed[kind])
             for t in ('normal', 'reduce'):
-                a = np.asarray(arch['alpha_' + t], np.float64)[:, cols]
-                p = np.exp(a - a.max(1, keepdims=True))
-                p /= p.sum(1, keepdims=True)
+                p = _softmax(np.asarray(arch['alpha_' + t], np.float64)[:, cols])
                 s = self.edge_shares(arch.get('beta_' + t))
                 total += float((s[:, None] * p * self.cost[kind][t][:, cols]).sum())
             out[kind] = total
@@ -212,10 +211,6 @@ class CostTable:
                     start += i + 2
             out[kind] = int(round(total))
         return out
-
-    def to_dict(self):
-        return dict(ops=list(self.ops), nodes=self.nodes, fixed=self.fixed,
-                    cost={k: {t: v.tolist() for t, v in d.items()} for k, d in self.cost.items()})
 
 
 def cost_table(target, space):

@@ -224,8 +224,7 @@ class Search:
         self.target = budget.Target.default(args.target_image_size or data.image_size, data.channels,
                                             data.num_classes, args.target_network, args.target_channels,
                                             args.target_layers)
-        self.target.check()
-        try:
+        try:   # cost_table checks the target first: a BudgetError is one line as it is
             table = budget.cost_table(self.target, self.space)
         except (ValueError, AssertionError, RuntimeError) as e:   # a target the networks cannot be built at
             raise UserError(f'--target_*: the {self.target.describe()} cannot be built: '
@@ -361,8 +360,7 @@ class Search:
             genotype = raw._replace(normal=normal)
             record.update(genotype_limited=genotypes.to_dict(genotype), skips_removed=len(zeroed))
         if self.penalty:
-            genotype = self.fit_budget(record, genotype, arch)
-            record['budget']['weights'] = train['budget_weights']
+            genotype = self.fit_budget(record, genotype, arch, train['budget_weights'])
         if args.hessian_eigen_every and (epoch + 1) % args.hessian_eigen_every == 0:
             if self.eigen_batch is None:  # the same batch every time
                 self.eigen_batch = next(iter(self.eigen_batches.epoch(0)))
@@ -383,16 +381,18 @@ class Search:
         derived = derive_genotype(arch, self.space)
         return budget.epoch_weights(self.penalty, self.penalty.table.genotype_cost(derived))
 
-    def fit_budget(self, record, genotype, arch):
-        """The derived cell made to fit the budgets (budget.fit); costs into record['budget']."""
+    def fit_budget(self, record, genotype, arch, epoch_weights):
+        """The derived cell made to fit the budgets (budget.fit); costs, and the epoch's penalty
+        weights, into record['budget']."""
         from model_search import edge_weights_numpy
         table, budgets = self.penalty.table, self.penalty.budgets
         weights = {t: edge_weights_numpy(arch, self.space, t) for t in ('normal', 'reduce')}
         fitted, fits = budget.fit(genotype, weights, table, budgets)
         changed = sum(a != b for a, b in zip(genotype.normal + genotype.reduce, fitted.normal + fitted.reduce))
-        record['budget'] = dict(budgets=budgets, target=dataclasses.asdict(self.target), expected=table.expected(arch), unbudgeted=table.genotype_cost(genotype),
+        record['budget'] = dict(budgets=budgets, target=dataclasses.asdict(self.target),
+                                expected=table.expected(arch), unbudgeted=table.genotype_cost(genotype),
                                 cost=table.genotype_cost(fitted), fits=fits, pairs_replaced=int(changed),
-                                penalty=budget.penalty_numpy(self.penalty, arch))
+                                penalty=budget.penalty_numpy(self.penalty, arch), weights=epoch_weights)
         record['genotype_unbudgeted'] = genotypes.to_dict(genotype)
         record['genotype_budgeted'] = genotypes.to_dict(fitted)
         return fitted
