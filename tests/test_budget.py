@@ -10,7 +10,6 @@ import pytest
 import budget
 import genotypes
 from conftest import run_script
-from genotypes import Genotype
 from model_search import SearchSpace, edge_weights_numpy
 from operations import declare
 
@@ -18,18 +17,6 @@ SMALL_CIFAR = budget.Target('cifar', 8, 5, 16, in_channels=1, num_classes=7)
 SMALL_IMAGENET = budget.Target('imagenet', 8, 4, 64, in_channels=3, num_classes=5)
 # the paper's ops and one without a wide builder (as a user-registered op would be)
 SPACE = SearchSpace(ops=tuple(genotypes.PRIMITIVES) + ('mb_conv_3x3',))
-
-
-def random_genotype(space, rng):
-    ops = [o for o in space.ops if o != 'none']
-    cells = []
-    for _ in range(2):
-        pairs = []
-        for i in range(space.nodes):
-            pairs += [(str(rng.choice(ops)), int(j)) for j in rng.choice(i + 2, 2, replace=False)]
-        cells.append(pairs)
-    concat = list(range(2, 2 + space.nodes))
-    return Genotype(cells[0], concat, cells[1], concat)
 
 
 @pytest.fixture(scope='module')
@@ -42,7 +29,7 @@ def test_the_cost_table_gives_the_real_counts_of_random_genotypes(tables):
     rng = np.random.default_rng(0)
     for target, table in tables.items():
         for _ in range(4):
-            g = random_genotype(SPACE, rng)
+            g = genotypes.random_genotype(rng, SPACE.ops, SPACE.nodes)
             assert table.genotype_cost(g) == budget.network_cost(target, g), (target, g)
     # and at the paper's size, the published count of DARTS_V2
     paper = budget.cost_table(budget.Target.default(32, 3, 10), SearchSpace())
@@ -54,10 +41,10 @@ def test_cheapest_is_a_lower_bound_that_some_cell_reaches(tables):
     for table in tables.values():
         low = table.cheapest()
         for _ in range(20):
-            cost = table.genotype_cost(random_genotype(SPACE, rng))
+            cost = table.genotype_cost(genotypes.random_genotype(rng, SPACE.ops, SPACE.nodes))
             assert all(cost[k] >= low[k] for k in budget.KINDS)
         # fitting to the cheapest cost itself must reach it exactly
-        g = random_genotype(SPACE, rng)
+        g = genotypes.random_genotype(rng, SPACE.ops, SPACE.nodes)
         weights = {t: rng.random(table.cost['params'][t].shape) for t in ('normal', 'reduce')}
         fitted, fits = budget.fit(g, weights, table, {'params': low['params']})
         assert fits and table.genotype_cost(fitted)['params'] == low['params']
