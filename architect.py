@@ -67,6 +67,7 @@ UNROLLED_BN_PREFIX = 'unrolled/'
 AUX_SKIP = 'guard/aux_skip'
 BETA_DECAY = 'guard/beta_decay'
 BUDGET_WEIGHTS = 'guard/budget_weights'
+ARCH_LR = 'guard/arch_lr'
 EIG_PREFIX = 'eig/'
 # The finite-difference step along a unit direction of the alphas.  The loss is piecewise smooth in
 # alpha (ReLU, max pool), so the quotient is the curvature at the scale of the step: at batch 16, C=8,
@@ -95,6 +96,7 @@ class SearchConfig:
     hessian_eigen: bool = False   # build hessian_program (RobustDARTS' eigenvalue)
     world_size: int = distributed.WORLD   # data-parallel ranks: batch-derived quantities are averaged
     budget: object = None         # budget.Penalty: its gradient is added to g_alpha, in both orders
+    arch_lr_annealed: bool = False  # the alphas' Adam lr is the tensor ARCH_LR (set per epoch), not the constant
 
     @property
     def arch_shapes(self):
@@ -148,10 +150,13 @@ def scratch_state(layout, arch_shapes=None):
     return out
 
 
-def schedule_values(cfg, aux_skip=1.0, beta_decay=0.0, budget_weights=None):
+def schedule_values(cfg, aux_skip=1.0, beta_decay=0.0, budget_weights=None, arch_lr=None):
     """{tensor: value} of the guards' per-epoch weights that cfg's programs read (budget_weights:
-    lambda_k per budget, default the penalty's weight for each)."""
+    lambda_k per budget, default the penalty's weight for each; arch_lr: the alphas' learning
+    rate this epoch, default cfg.arch_learning_rate)."""
     out = {}
+    if cfg.arch_lr_annealed:
+        out[ARCH_LR] = np.array([cfg.arch_learning_rate if arch_lr is None else arch_lr], 'float32')
     if cfg.budget is not None:
         if budget_weights is None:
             budget_weights = [cfg.budget.weight] * len(cfg.budget.budgets)
@@ -215,14 +220,14 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
         a = alphas(False)
         t = declare(ADAM_T, [1])
         t_new = t + 1.0
+        lr = declare(ARCH_LR, [1]) if cfg.arch_lr_annealed else cfg.arch_learning_rate
         if cfg.beta_decay:
             lam = declare(BETA_DECAY, [1])
             alpha_grad = [gi + lam * paddle.nn.functional.softmax(ai, axis=-1) / shapes[name][0]
                           if name.startswith('alpha_') else gi for ai, gi, name in zip(a, alpha_grad, names)]
         for ai, gi, name in zip(a, alpha_grad, names):
             m, v = declare(name + '.adam_m', shapes[name]), declare(name + '.adam_v', shapes[name])
-            a_new, m_new, v_new = adam_step(ai, gi, m, v, t_new, cfg.arch_learning_rate,
-                                            cfg.arch_betas, ADAM_EPS, cfg.arch_weight_decay)
+            a_new, m_new, v_new = adam_step(ai, gi, m, v, t_new, lr, cfg.arch_betas, ADAM_EPS, cfg.arch_weight_decay)
             store(gi, f'arch/grad_{name}', shapes[name])
             paddle.assign(m_new, output=m)
             paddle.assign(v_new, output=v)

@@ -64,6 +64,9 @@ def parse_args(argv=None):
     a('--weight_decay', type=float, default=3e-4)
     a('--grad_clip', type=float, default=5.0)
     a('--arch_learning_rate', type=float, default=3e-4)
+    a('--arch_learning_rate_schedule', choices=('constant', 'cosine'), default='constant',
+      help='constant: the paper\'s; cosine: from --arch_learning_rate to 0 over the epochs with '
+           'architecture steps, like the weights\' lr (not in the paper: lets a short search settle)')
     a('--arch_weight_decay', type=float, default=1e-3)
     a('--train_portion', type=float, default=0.5)
     a('--first_order', action='store_true', help='first-order alpha gradient (DARTS V1)')
@@ -205,7 +208,7 @@ class Search:
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, arch_learning_rate=args.arch_learning_rate,
             arch_weight_decay=args.arch_weight_decay, second_order=not args.first_order, space=self.space,
             beta_decay=bool(args.beta_decay), hessian_eigen=args.hessian_eigen_every > 0, world_size=self.world.size,
-            budget=self.penalty)
+            budget=self.penalty, arch_lr_annealed=args.arch_learning_rate_schedule != 'constant')
         if self.world.writer:
             print('building the search programs (once per run; this takes a while)', flush=True)
         t0 = time.time()
@@ -288,6 +291,8 @@ class Search:
                         beta_decay=guards.beta_decay_weight(args.beta_decay or 0.0, epoch, args.epochs))
         if self.penalty:
             schedule['budget_weights'] = self.budget_weights()
+        if self.cfg.arch_lr_annealed:
+            schedule['arch_lr'] = arch_lr(args, epoch)
         utils.set_tensors(self.scope, self.place, schedule_values(self.cfg, **schedule))  # fed, never rebuilt
         if not update_arch:
             run.log(f'epoch {epoch + 1}: warm-up, weights only (architecture steps from epoch '
@@ -354,6 +359,8 @@ class Search:
             record['aux_skip'] = train['aux_skip']
         if args.beta_decay:
             record['beta_decay_weight'] = train['beta_decay']
+        if 'arch_lr' in train:
+            record['arch_lr'] = train['arch_lr']
         if args.max_skip is not None:
             normal, zeroed = guards.limit_skips(edge_weights_numpy(arch, space, 'normal'), args.max_skip,
                                                 space.nodes, space.ops)
@@ -432,6 +439,13 @@ class Search:
         run.log(f'done: genotype in {run.file("genotype.json")}')
         self.world.wait_for_writer('search finished')   # no rank ends before result.json is there
         return run.path
+
+
+def arch_lr(args, epoch):
+    """The alphas' learning rate in epoch (from 0) under --arch_learning_rate_schedule cosine:
+    arch_lr * (1 + cos(pi * k / K)) / 2 at the k-th of the K epochs with architecture steps."""
+    k, n = epoch - args.arch_warmup_epochs, args.epochs - args.arch_warmup_epochs
+    return utils.cosine_lr(max(k, 0), max(n, 1), args.arch_learning_rate, 0.0)
 
 
 def search_space(args):

@@ -37,6 +37,7 @@ GUARD_CFG = SearchConfig(init_channels=4, layers=2, image_size=8, second_order=T
                          space=GUARD_SPACE, budget=synthetic_penalty(GUARD_SPACE))
 AUX_SKIP, BETA_DECAY = 0.7, 3.0
 LR = 0.05
+ARCH_LR = 0.02   # fed to an annealed config's alphas, far from its constant 3e-4
 BATCH = 6
 
 
@@ -104,7 +105,7 @@ def _run_step(cfg, custom_kernels=True):
     ops_before = {k: count_ops(p) for k, p in progs.programs.items()}
     with paddle.static.scope_guard(scope):
         set_tensors(scope, place, {**state, **scratch_state(progs.layout, cfg.arch_shapes),
-                                   **schedule_values(cfg, AUX_SKIP, BETA_DECAY)})
+                                   **schedule_values(cfg, AUX_SKIP, BETA_DECAY, arch_lr=ARCH_LR)})
         run_search_step(exe, progs, batch, LR)
         after = step_results(scope, cfg)
     assert ops_before == {k: count_ops(p) for k, p in progs.programs.items()}
@@ -159,12 +160,13 @@ def _reference(progs, state, batch, dtype='float32', shards=1):
 
         # Adam, first step (t = 1), L2 weight decay
         b1, b2 = cfg.arch_betas
+        arch_lr = ARCH_LR if cfg.arch_lr_annealed else cfg.arch_learning_rate
         new_alphas, moments = [], []
         for a, ga in zip(alphas, g_alpha):
             ga = ga + cfg.arch_weight_decay * a.numpy()
             m, vv = (1 - b1) * ga, (1 - b2) * ga * ga
             moments.append((m, vv))
-            new_alphas.append(a.numpy() - cfg.arch_learning_rate * (m / (1 - b1)) / (np.sqrt(vv / (1 - b2)) + 1e-8))
+            new_alphas.append(a.numpy() - arch_lr * (m / (1 - b1)) / (np.sqrt(vv / (1 - b2)) + 1e-8))
 
         # weight step at the new alphas: clip, then SGD momentum with L2
         (gw,) = grad(w, [t(a) for a in new_alphas], x_tr, y_tr, [w])
@@ -202,14 +204,16 @@ def test_the_budget_penalty_gradient_is_a_real_part_of_the_guarded_step():
         assert np.abs(g[:, GUARD_SPACE.ops.index('none')]).max() == 0   # none's weight costs nothing
 
 
-def test_the_first_order_step_with_guards_and_a_budget_matches_eager_formula():
+def test_the_first_order_step_with_guards_a_budget_and_a_fed_arch_lr_matches_eager_formula():
     cfg = SearchConfig(init_channels=4, layers=2, image_size=8, second_order=False, beta_decay=True,
-                       space=GUARD_SPACE, budget=synthetic_penalty(GUARD_SPACE))
+                       space=GUARD_SPACE, budget=synthetic_penalty(GUARD_SPACE), arch_lr_annealed=True)
     progs, state, batch, after = _run_step(cfg)
     ref = _reference(progs, state, batch)
     for i, n in enumerate(cfg.arch_shapes):
         close(after[f'arch/grad_{n}'], ref['g_alpha'][i])
-        close(after[n], ref['alphas'][i], 1e-4)
+        step = after[n] - state[n]   # Adam's first step moves each alpha by about the lr: the fed one, not 3e-4
+        close(step, ref['alphas'][i] - state[n], 1e-3)
+        assert np.abs(step).max() > 0.5 * ARCH_LR
     close(after[WEIGHTS], ref['weights'], 1e-4)
 
 

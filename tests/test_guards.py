@@ -179,7 +179,7 @@ def test_a_guarded_search_records_diagnostics_and_stops_early(tmp_path):
              '--batch_size', '16', '--epochs', '5', '--num_workers', '0', '--primitives',
              'none,skip_connect,sep_conv_3x3,max_pool_3x3', '--first_order', '--auxiliary_skip',
              '--beta_decay', '10', '--max_skip', '0', '--early_stop', 'stable:1', '--arch_warmup_epochs', '1',
-             '--hessian_eigen_every', '2', '--train_portion', '0.1']
+             '--hessian_eigen_every', '2', '--train_portion', '0.1', '--arch_learning_rate_schedule', 'cosine']
     r = run_script('train_search.py', *flags, '--save', run)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in open(os.path.join(run, 'history.jsonl'))]
@@ -213,6 +213,8 @@ def test_a_guarded_search_records_diagnostics_and_stops_early(tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(run, 'history.jsonl'))]
     assert [row['epoch'] for row in rows] == [1, 2, 3, 4, 5]
     assert [row['aux_skip'] for row in rows] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])   # the schedule resumes
+    cosine = [3e-4 * (1 + np.cos(np.pi * k / 4)) / 2 for k in (0, 0, 1, 2, 3)]   # 4 epochs after the warm-up
+    assert [row['arch_lr'] for row in rows] == pytest.approx(cosine)
     assert not os.path.exists(os.path.join(run, 'early_stop.json'))
 
 
