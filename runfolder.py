@@ -60,11 +60,11 @@ def saved_args(args, saved, names, parse):
     """A run's saved settings (a dict), with those of `names` that the command line set
     explicitly (differing from the parser's default) taken from `args`."""
     defaults = vars(parse([]))
-    modes = ('resume', 'eval_only', 'predict')   # what the command does, not a setting of the run
+    modes = ('resume', 'eval_only', 'predict', 'export_onnx')   # what the command does, not a setting of the run
     fixed = sorted(k for k, v in vars(args).items() if k in defaults and k not in names and k not in modes
                    and v != defaults[k] and v != saved.get(k, defaults[k]))
     if fixed:
-        what = '--resume' if getattr(args, 'resume', None) else '--eval_only'
+        what = next((f'--{m}' for m in modes if getattr(args, m, None)), '--eval_only')
         raise UserError(f'{what} uses the flags the run started with: {", ".join("--" + k for k in fixed)} '
                         f'cannot change ({what} takes {", ".join("--" + n for n in names)}); start a new run '
                         f'with --save to use other settings')

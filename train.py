@@ -6,9 +6,10 @@ digits, MNIST / Fashion-MNIST, or your own images (class folders or a CSV file).
     python train.py --genotype_file runs/parts/genotype.json --dataset folder --data ./parts --epochs 50
     python train.py --eval_only runs/eval-X/best.npz
     python train.py --predict runs/eval-X/inference/model a.png b.jpg     # path, class name, probability
+    python train.py --predict runs/eval-X/inference/model.onnx a.png      # the same, by ONNX Runtime
 
 Writes RUN_DIR/{args.json, data.json, log.txt, checkpoint.npz, best.npz, history.jsonl,
-confusion.json, result.json, inference/}.  With --val_fraction F the run trains on the rest
+confusion.json, result.json, inference/{model.json, model.pdiparams, model.onnx, preprocess.json}}.  With --val_fraction F the run trains on the rest
 of the training images and is evaluated on those F (a validation split for choosing between
 cells, as protocol.py does); the test set is then left alone.  A folder whose run stopped before its first checkpoint
 is continued by --resume from the beginning, with its saved flags.
@@ -59,8 +60,11 @@ def parse_args(argv=None):
     a('--resume', default=None, metavar='RUN_DIR',
       help='continue the run in RUN_DIR from its last checkpoint (from the start if it has none yet)')
     a('--eval_only', default=None, metavar='CHECKPOINT', help='evaluate a checkpoint (best.npz) on the test set')
+    a('--export_onnx', default=None, metavar='RUN_DIR',
+      help="convert a finished run's inference model to RUN_DIR/inference/model.onnx, checked against Paddle "
+           "on its test images (a finished run writes it already)")
     a('--predict', nargs='+', default=None, metavar=('MODEL', 'IMAGE'),
-      help='classify image files with an exported model (RUN_DIR/inference/model)')
+      help='classify image files with an exported model (RUN_DIR/inference/model, or model.onnx by ONNX Runtime)')
     args = p.parse_args(argv)
     for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'report_freq'):
         if getattr(args, name) < 1:

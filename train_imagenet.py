@@ -50,6 +50,9 @@ def parse_args(argv=None):
     a('--save', default=None, help='run folder (default runs/imagenet-DATE-TIME); must not exist')
     a('--resume', default=None, metavar='RUN_DIR',
       help='continue the run in RUN_DIR from its last checkpoint (from the start if it has none yet)')
+    a('--export_onnx', default=None, metavar='RUN_DIR',
+      help="convert a finished run's inference model to RUN_DIR/inference/model.onnx, checked against Paddle "
+           "on its test images (a finished run writes it already)")
     a('--eval_only', default=None, metavar='CHECKPOINT')
     args = p.parse_args(argv)
     for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'report_freq', 'image_size'):

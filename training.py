@@ -13,6 +13,7 @@ import utils
 import fast_kernels
 import distributed
 import genotypes
+import onnx_export
 import runfolder
 from optim import MOMENTUM, WEIGHTS
 from errors import UserError
@@ -192,6 +193,8 @@ def fit(task, args):
         if len(args.predict) < 2:
             raise UserError('--predict takes the model (RUN_DIR/inference/model) and at least one image')
         return predict(args.predict[0], args.predict[1:], args.device)
+    if getattr(args, 'export_onnx', None):
+        return convert_run(task, args)
     if args.eval_only:
         return eval_only(task, args)
     return Training(task, args).run()
@@ -305,6 +308,8 @@ class Training:
         run.write_json('confusion.json', dict(split=self.eval_split, epoch=best_meta['epoch'] + 1,
                                               classes=split.info['classes'], matrix=confusion.tolist()))
         exported = export_inference(self.exe, self.progs, run.path, split.info) if run.writer else None
+        if exported:
+            run.log(export_onnx(exported, split.test))
         run.write_json('result.json', dict(
             best_top1=self.best, best_epoch=best_meta['epoch'] + 1, eval_split=self.eval_split,
             parameters=self.parameters, epochs=self.args.epochs, genotype=genotypes.to_dict(self.genotype)))
@@ -324,6 +329,48 @@ def export_inference(exe, progs, run_dir, info):
     paddle.static.save_inference_model(prefix, [progs['test_x']], [progs['test_probs']], exe, program=progs['test'])
     utils.write_json(os.path.join(folder, 'preprocess.json'), info)
     return prefix
+
+
+def first_images(batches, n=32):
+    """Up to n images of the first non-empty batch, as the network takes them."""
+    import contextlib
+    with contextlib.closing(batches.epoch(0)) as epoch:
+        for x, y in epoch:
+            if len(y):
+                return x[:n]
+    raise UserError('the test split has no readable images')
+
+
+def export_onnx(prefix, batches):
+    """prefix.onnx, checked against the Paddle model on test images; the line to log (a failure
+    is a warning: the Paddle model stays what the run delivers)."""
+    try:
+        x = first_images(batches)
+        path, diff = onnx_export.export(prefix, x)
+    except UserError as e:
+        return f'warning: no ONNX model: {e}'
+    return (f'ONNX model {path} (its probabilities equal Paddle Inference\'s to {diff:.1e} on {len(x)} test images; '
+            f'python train.py --predict {path} IMAGE... runs it with ONNX Runtime)')
+
+
+def convert_run(task, args):
+    """--export_onnx RUN_DIR: the run's inference model as ONNX, checked on its test images."""
+    run_dir = args.export_onnx
+    prefix = os.path.join(run_dir, 'inference', 'model')
+    if not os.path.isfile(prefix + '.json'):
+        raise UserError(f'--export_onnx {run_dir}: no inference model there '
+                        f'(a finished training run writes RUN_DIR/inference/model.json)')
+    try:
+        with open(os.path.join(run_dir, 'args.json')) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f'--export_onnx {run_dir}: cannot read its args.json ({type(e).__name__}: {e})') from None
+    saved = runfolder.saved_args(args, saved, ('device', 'data', 'test_data', 'no_download', 'num_workers',
+                                               'cache_dir'), task.parse)
+    x = first_images(task.data(saved, True, print).test)
+    path, diff = onnx_export.export(prefix, x)
+    print(f'ONNX model {path}: its probabilities equal Paddle Inference\'s to {diff:.1e} on {len(x)} test images')
+    return path
 
 
 def _read_preprocess(prefix):
@@ -350,16 +397,25 @@ def load_for_predict(path, meta):
 
 
 def predict(prefix, images, device='auto'):
-    """Classify image files with an exported model; prints `path<TAB>class<TAB>probability`."""
-    if not os.path.isfile(prefix + '.json') and not os.path.isfile(prefix + '.pdmodel'):
-        raise UserError(f'--predict {prefix}: no exported model there (a finished run writes RUN_DIR/inference/model)')
-    meta = _read_preprocess(prefix)
-    import paddle
+    """Classify image files with an exported model (Paddle's RUN_DIR/inference/model, or
+    model.onnx, run by ONNX Runtime); prints `path<TAB>class<TAB>probability`."""
+    if prefix.endswith('.onnx'):
+        if not os.path.isfile(prefix):
+            raise UserError(f'--predict {prefix}: no such file (a finished run writes RUN_DIR/inference/model.onnx)')
+        meta = _read_preprocess(prefix)
+        sess = onnx_export.session(prefix)
+        classify = lambda x: onnx_export.run(sess, x)  # noqa: E731
+    else:
+        if not os.path.isfile(prefix + '.json') and not os.path.isfile(prefix + '.pdmodel'):
+            raise UserError(f'--predict {prefix}: no exported model there (a finished run writes '
+                            f'RUN_DIR/inference/model)')
+        meta = _read_preprocess(prefix)
+        import paddle
+        paddle.enable_static()
+        exe = paddle.static.Executor(distributed.select_place(device))
+        program, feeds, fetches = paddle.static.load_inference_model(prefix, exe)
+        classify = lambda x: exe.run(program, feed={feeds[0]: x}, fetch_list=fetches)[0]  # noqa: E731
     from reader import normalize
-    place = distributed.select_place(device)
-    paddle.enable_static()
-    exe = paddle.static.Executor(place)
-    program, feeds, fetches = paddle.static.load_inference_model(prefix, exe)
     mean, std = np.array(meta['mean'], 'float32'), np.array(meta['std'], 'float32')
     results = []
     for path in images:
@@ -367,7 +423,7 @@ def predict(prefix, images, device='auto'):
             x = load_for_predict(path, meta)
         except Exception as e:  # noqa: BLE001 - any unreadable file: one line
             raise UserError(f'cannot read image {path}: {type(e).__name__}: {e}') from None
-        (probs,) = exe.run(program, feed={feeds[0]: normalize(x[None], mean, std)}, fetch_list=fetches)
+        probs = classify(normalize(x[None], mean, std))
         k = int(probs[0].argmax())
         classes = meta.get('classes')
         name = classes[k] if classes else str(k)

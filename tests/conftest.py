@@ -71,3 +71,32 @@ def cifar_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp('cifar')
     write_cifar(str(root))
     return str(root)
+
+
+def onnx_paddle_and_test_program(run_dir, task, x):
+    """A finished run's class probabilities for the batch x three ways: ONNX Runtime on
+    inference/model.onnx, Paddle Inference on inference/model, and the run's own test program
+    rebuilt from its flags at best.npz (softmax of its logits, in numpy)."""
+    import argparse
+    import json
+    import paddle
+    import onnx_export
+    import training
+    import utils
+    prefix = os.path.join(run_dir, 'inference', 'model')
+    by_onnx = onnx_export.run(onnx_export.session(prefix + '.onnx'), x)
+    by_inference = onnx_export.paddle_probabilities(prefix, x)
+    arrays, meta = utils.load_checkpoint(os.path.join(run_dir, 'best.npz'))
+    args = argparse.Namespace(**meta['args'])
+    with open(os.path.join(run_dir, 'data.json')) as f:
+        info = json.load(f)
+    paddle.enable_static()
+    progs = task.programs(training.load_genotype(args), args, info)
+    scope = paddle.static.Scope()
+    exe = paddle.static.Executor(paddle.CPUPlace())
+    with paddle.static.scope_guard(scope):
+        utils.set_tensors(scope, paddle.CPUPlace(), arrays)
+        _, logits = exe.run(progs['test'], feed={'x': x, 'y': np.zeros(len(x), 'int64')},
+                            fetch_list=progs['test_fetch'])
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return by_onnx, by_inference, e / e.sum(1, keepdims=True)

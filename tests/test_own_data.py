@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import COLOURS, run_script
+from conftest import COLOURS, onnx_paddle_and_test_program, run_script
 
 SEARCH = ['--init_channels', '4', '--layers', '3', '--batch_size', '16', '--epochs', '2', '--num_workers', '0',
           '--seed', '1', '--report_freq', '5']
@@ -101,6 +101,16 @@ def search_train_predict(tmp_path, data_args, images, truth, classes, channels):
     assert [row[0] for row in rows] == images
     assert all(row[1] in classes and 0 < float(row[2]) <= 1 for row in rows)
     predicted = [row[1] for row in rows]
+    # the ONNX model beside it: the same probabilities as Paddle Inference and the test program
+    import reader
+    import training
+    mean, std = np.array(preprocess['mean'], 'float32'), np.array(preprocess['std'], 'float32')
+    x = reader.normalize(np.stack([training.load_for_predict(p, preprocess) for p in images]), mean, std)
+    by_onnx, by_inference, by_program = onnx_paddle_and_test_program(eval_dir, train.TASK, x)
+    assert by_onnx.shape == (len(images), len(classes))
+    np.testing.assert_allclose(by_onnx, by_inference, atol=1e-4)
+    np.testing.assert_allclose(by_onnx, by_program, atol=1e-4)
+    assert [classes[k] for k in by_onnx.argmax(1)] == predicted
     return search_acc, top1, np.mean([p == t for p, t in zip(predicted, truth)])
 
 

@@ -10,7 +10,7 @@ import paddle
 import pytest
 
 import genotypes
-from conftest import ROOT, run_script
+from conftest import ROOT, onnx_paddle_and_test_program, run_script
 
 TINY = ['--arch', 'DARTS_V2', '--init_channels', '8', '--layers', '3', '--batch_size', '20', '--epochs', '3',
         '--num_workers', '0', '--seed', '1', '--no_download', '--report_freq', '2', '--learning_rate', '0.05']
@@ -185,6 +185,39 @@ def test_exported_model_classifies_image_files_like_the_test_program(reference, 
     assert all(0 < float(row[2]) <= 1 for row in rows)
     best = max(history(run_dir), key=lambda x: x['val_acc'])['val_acc']
     assert (predicted == test_y).mean() == pytest.approx(best, abs=1e-9)
+    onnx = run_script('train.py', '--predict', os.path.join(run_dir, 'inference', 'model.onnx'), *paths)
+    assert onnx.returncode == 0, onnx.stderr
+    assert [row.split('\t')[:2] for row in onnx.stdout.strip().splitlines()] == [row[:2] for row in rows]
+
+
+def test_the_onnx_model_equals_paddle_inference_and_the_test_program(reference, cifar_dir):
+    import reader
+    import train
+    run_dir, _ = reference
+    assert 'its probabilities equal Paddle Inference' in open(os.path.join(run_dir, 'log.txt')).read()
+    _, _, test_x, _ = reader.load_cifar10(cifar_dir, download=False)
+    data = json.load(open(os.path.join(run_dir, 'data.json')))
+    x = reader.normalize(test_x[:16], np.array(data['mean'], 'float32'), np.array(data['std'], 'float32'))
+    by_onnx, by_inference, by_program = onnx_paddle_and_test_program(run_dir, train.TASK, x)
+    assert by_onnx.shape == (16, 10) and by_program.max() > 0.5    # a trained model, not uniform outputs
+    np.testing.assert_allclose(by_onnx, by_inference, atol=1e-4)
+    np.testing.assert_allclose(by_onnx, by_program, atol=1e-4)
+
+
+def test_export_onnx_converts_a_run_and_a_failure_is_one_line(reference, tmp_path):
+    import shutil
+    run_dir, _ = reference
+    copy = tmp_path / 'run'
+    shutil.copytree(run_dir, copy)
+    os.remove(copy / 'inference' / 'model.onnx')
+    r = run_script('train.py', '--export_onnx', copy)
+    assert r.returncode == 0 and 'equal Paddle Inference' in r.stdout, r.stdout + r.stderr
+    assert os.path.getsize(copy / 'inference' / 'model.onnx') > 0
+    os.remove(copy / 'inference' / 'model.onnx')
+    (copy / 'inference' / 'model.json').write_text('{"not": "a program"}')
+    _one_line(run_script('train.py', '--export_onnx', copy), 'ONNX conversion', 'the Paddle model is kept')
+    assert not os.path.exists(copy / 'inference' / 'model.onnx')
+    assert os.path.isfile(copy / 'inference' / 'model.pdiparams')
 
 
 def test_predict_without_a_model(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import COLOURS, run_script
+from conftest import COLOURS, onnx_paddle_and_test_program, run_script
 
 TINY = ['--arch', 'DARTS_V2', '--init_channels', '8', '--layers', '3', '--batch_size', '16', '--epochs', '3',
         '--image_size', '64', '--num_workers', '2', '--report_freq', '2', '--learning_rate', '0.05']
@@ -44,6 +44,13 @@ def test_learns_in_both_layouts_and_skips_a_corrupt_image(tmp_path, layout):
     assert [x['epoch'] for x in h] == [1, 2, 3]
     assert [round(x['lr'], 6) for x in h] == [0.05, round(0.05 * 0.97, 6), round(0.05 * 0.97 ** 2, 6)]
     assert max(x['val_acc'] for x in h) > 0.5          # 4 classes: chance 0.25
+    if layout == 'folders':   # the exported ImageNet network as ONNX: as Paddle Inference and the test program
+        import train_imagenet
+        x = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype('float32')
+        by_onnx, by_inference, by_program = onnx_paddle_and_test_program(str(run_dir), train_imagenet.IMAGENET, x)
+        assert by_onnx.shape == (3, 4)
+        np.testing.assert_allclose(by_onnx, by_inference, atol=1e-4)
+        np.testing.assert_allclose(by_onnx, by_program, atol=1e-4)
 
 
 def test_empty_class_folder_and_missing_data(tmp_path):
