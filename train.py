@@ -56,6 +56,7 @@ def parse_args(argv=None):
     a('--num_workers', type=int, default=min(2, os.cpu_count() or 1),
       help='processes that decode images and make batches (0: none)')
     a('--report_freq', type=int, default=50, help='a progress line every N steps (and at least every 30 s)')
+    a('--no_tensorboard', action='store_true', help='write no TensorBoard event files (RUN_DIR/tensorboard)')
     a('--save', default=None, help='run folder (default runs/eval-DATE-TIME); must not exist')
     a('--resume', default=None, metavar='RUN_DIR',
       help='continue the run in RUN_DIR from its last checkpoint (from the start if it has none yet)')

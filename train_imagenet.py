@@ -47,6 +47,7 @@ def parse_args(argv=None):
     a('--seed', type=int, default=0)
     a('--num_workers', type=int, default=min(4, os.cpu_count() or 1))
     a('--report_freq', type=int, default=100)
+    a('--no_tensorboard', action='store_true', help='write no TensorBoard event files (RUN_DIR/tensorboard)')
     a('--save', default=None, help='run folder (default runs/imagenet-DATE-TIME); must not exist')
     a('--resume', default=None, metavar='RUN_DIR',
       help='continue the run in RUN_DIR from its last checkpoint (from the start if it has none yet)')

@@ -24,6 +24,7 @@ import time
 import utils  # first: sets Paddle's environment flags before paddle is imported
 import datasets
 import distributed
+import events
 import fast_kernels
 import genotypes
 import budget
@@ -34,7 +35,7 @@ from reader import ArrayBatches, search_split
 
 # Flags a resumed run may change; everything else is taken from the run's args.json.
 RESUMABLE_OVERRIDES = ('epochs', 'device', 'no_custom_kernels', 'num_workers', 'report_freq', 'data', 'test_data',
-                       'cache_dir', 'continue_stopped')
+                       'cache_dir', 'continue_stopped', 'no_tensorboard')
 
 # --preset NAME: a published method's settings as defaults (flags given explicitly still win).
 PRESETS = {
@@ -121,6 +122,7 @@ def parse_args(argv=None):
     a('--num_workers', type=int, default=min(2, os.cpu_count() or 1),
       help='processes that decode images and make batches (0: none)')
     a('--report_freq', type=int, default=50, help='a progress line every N steps (and at least every 30 s)')
+    a('--no_tensorboard', action='store_true', help='write no TensorBoard event files (RUN_DIR/tensorboard)')
     a('--save', default=None, help='run folder (default runs/search-DATE-TIME); must not exist')
     a('--resume', default=None, metavar='RUN_DIR',
       help='continue the run in RUN_DIR from its last checkpoint (from the start if it has none yet)')
@@ -195,6 +197,8 @@ class Search:
         run.log(f'processes: {world.describe()}')
         self.restore()
         self.make_batches(data, search_train, search_val)
+        self.events = events.Events(run.path, world.writer and not args.no_tensorboard, self.start_epoch,
+                                    min(len(self.train_batches), len(self.val_batches)))
 
     def build_programs(self, data):
         """cfg and the programs (the only place they are built); returns the seconds it took."""
@@ -270,6 +274,7 @@ class Search:
             run.log(f'this search stopped early at epoch {self.stopped["stopped_at"]} ({self.stopped["reason"]}); '
                     f'its genotype (epoch {self.stopped["chosen_epoch"]}) is in {run.file("genotype.json")}; '
                     f'search on with --resume {run.path} --continue_stopped')
+            self.events.close()
             return run.path
         with paddle.static.scope_guard(self.scope):
             utils.set_tensors(self.scope, self.place, {**self.state,
@@ -299,7 +304,9 @@ class Search:
                     f'{args.arch_warmup_epochs + 1})')
         stats = utils.EpochStats(epoch, lambda local: self.world.sum(self.exe, local))
         steps = min(len(self.train_batches), len(self.val_batches))
-        progress = utils.Progress(run.log, steps, f'epoch {epoch + 1}/{args.epochs}', args.report_freq)
+        progress = utils.Progress(run.log, steps, f'epoch {epoch + 1}/{args.epochs}', args.report_freq,
+                                  on_line=lambda n, rate: self.events.step(epoch, n - 1, loss=stats.loss,
+                                                                           top1=stats.accuracy, images_per_sec=rate))
         for (tx, ty), (vx, vy) in zip(self.train_batches.epoch(epoch), self.val_batches.epoch(epoch)):
             loss, logits, _ = run_search_step(self.exe, self.progs, dict(train_x=tx, train_y=ty, val_x=vx, val_y=vy),
                                               lr, update_arch)
@@ -425,6 +432,20 @@ class Search:
                                   note='data order and augmentation are seeded by (seed, epoch, batch)')
         write_genotypes(self.run_folder, record, self.space, self.args)
         self.saved = record
+        self.write_events(record)
+
+    def write_events(self, record):
+        """The epoch in TensorBoard: its numbers, the softmaxed alphas, the cells (when dot is there)."""
+        import shutil
+        import visualize
+        if not self.events.enabled:
+            return
+        self.events.epoch(record)
+        self.events.figure('alphas', visualize.alphas_figure(record, self.space.ops, self.space.nodes), record['epoch'])
+        if shutil.which('dot'):
+            genotype = genotypes.from_dict(final_genotype(record), check_ops=False)
+            for cell in visualize.CELLS:
+                self.events.image(f'cell/{cell}', visualize.cell_png_bytes(genotype, cell), record['epoch'])
 
     def finish(self):
         run, saved = self.run_folder, self.saved
@@ -437,6 +458,7 @@ class Search:
             if 'moved_normal' in kept[-1]:
                 run.log(guards.how_far(kept))
         run.log(f'done: genotype in {run.file("genotype.json")}')
+        self.events.close()
         self.world.wait_for_writer('search finished')   # no rank ends before result.json is there
         return run.path
 

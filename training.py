@@ -12,6 +12,7 @@ import numpy as np
 import utils
 import fast_kernels
 import distributed
+import events
 import genotypes
 import onnx_export
 import runfolder
@@ -19,7 +20,8 @@ from optim import MOMENTUM, WEIGHTS
 from errors import UserError
 
 # Flags a resumed run may change; everything else is taken from the run's args.json.
-RESUMABLE_OVERRIDES = ('epochs', 'device', 'no_custom_kernels', 'num_workers', 'report_freq', 'data', 'test_data', 'cache_dir')
+RESUMABLE_OVERRIDES = ('epochs', 'device', 'no_custom_kernels', 'num_workers', 'report_freq', 'data', 'test_data', 'cache_dir',
+                       'no_tensorboard')
 
 
 def load_genotype(args):
@@ -237,6 +239,8 @@ class Training:
         # the best epoch's tensors, kept in memory: every rank evaluates them at the end, when
         # reading best.npz back could race with the writer replacing it
         self.best_arrays = utils.load_checkpoint(run.file('best.npz')) if self.history else None
+        self.events = events.Events(run.path, world.writer and not getattr(args, 'no_tensorboard', False),
+                                    self.start_epoch, len(split.train))
 
     def run(self):
         import paddle
@@ -258,7 +262,9 @@ class Training:
         world, batches = self.world, self.split.train
         stats = utils.EpochStats(epoch, lambda local: world.sum(self.exe, local))
         progress = utils.Progress(self.run_folder.log, len(batches), f'epoch {epoch + 1}/{args.epochs}',
-                                  args.report_freq)
+                                  args.report_freq,
+                                  on_line=lambda n, rate: self.events.step(epoch, n - 1, loss=stats.loss,
+                                                                           top1=stats.accuracy, images_per_sec=rate))
         for step, (x, y) in enumerate(batches.epoch(epoch)):
             if batches.may_drop_images and world.size > 1 and world.sum(self.exe, [len(y) == 0]) > 0:
                 continue   # a rank's share had no readable image: every rank skips the step
@@ -292,6 +298,7 @@ class Training:
             self.best_arrays = arrays, dict(epoch=epoch, top1=top1, top5=top5, args=vars(args))
             run.save_checkpoint(*self.best_arrays, 'best.npz')
         run.end_epoch(arrays, self.history, best_top1=self.best, args=vars(args))
+        self.events.epoch(record)
         run.log(f'epoch {epoch + 1}/{args.epochs} lr {train["lr"]:.5f} drop_path {train["drop_prob"]:.3f} train loss '
                 f'{stats.loss:.4f} top1 {100 * stats.accuracy:.2f}% | {self.eval_split} loss {test_loss:.4f} '
                 f'top1 {100 * top1:.2f}% top5 {100 * top5:.2f}% (best {100 * self.best:.2f}%) | '
@@ -305,8 +312,12 @@ class Training:
         _, top1, _, confusion = evaluate(self.exe, self.progs, split.test, split.num_classes, self.world)
         for line in confusion_report(confusion, split.info['classes']):
             run.log(line)
-        run.write_json('confusion.json', dict(split=self.eval_split, epoch=best_meta['epoch'] + 1,
-                                              classes=split.info['classes'], matrix=confusion.tolist()))
+        confusion_record = dict(split=self.eval_split, epoch=best_meta['epoch'] + 1, classes=split.info['classes'],
+                                matrix=confusion.tolist())
+        run.write_json('confusion.json', confusion_record)
+        if self.events.enabled:
+            import visualize
+            self.events.figure('confusion', visualize.confusion_figure(confusion_record), best_meta['epoch'] + 1)
         exported = export_inference(self.exe, self.progs, run.path, split.info) if run.writer else None
         if exported:
             run.log(export_onnx(exported, split.test))
@@ -315,6 +326,7 @@ class Training:
             parameters=self.parameters, epochs=self.args.epochs, genotype=genotypes.to_dict(self.genotype)))
         run.log(f'done: best {self.eval_split} top-1 {100 * self.best:.2f}% (checkpoint {run.file("best.npz")}); '
                 f'inference model {exported}; classify images with: python train.py --predict {exported} IMAGE...')
+        self.events.close()
         self.world.wait_for_writer('training finished')   # no rank ends before result.json is there
         return run.path
 

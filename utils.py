@@ -252,8 +252,9 @@ class Progress:
     at the last step.
     """
 
-    def __init__(self, log, total, prefix, every, seconds=30.0):
+    def __init__(self, log, total, prefix, every, seconds=30.0, on_line=None):
         self.log, self.total, self.prefix, self.every, self.seconds = log, total, prefix, every, seconds
+        self.on_line = on_line   # on_line(steps, images/s) with every line (TensorBoard's step curves)
         self.steps, self.images, self.t0 = 0, 0, time.time()
         self.last_line = self.t0
         self.bar = None
@@ -274,6 +275,8 @@ class Progress:
             self.last_line = now
             self.log(f'{self.prefix} step {self.steps}/{self.total} {message()} {rate:.1f} img/s',
                      file_only=self.bar is not None)
+            if self.on_line is not None:
+                self.on_line(self.steps, rate)
 
     def close(self):
         if self.bar is not None:

@@ -83,6 +83,56 @@ def cell_png_bytes(genotype, cell):
     return cell_graph(genotype, cell).pipe(format='png')
 
 
+def alphas_figure(record, ops, nodes):
+    """A matplotlib figure of a search epoch's softmaxed alphas: one heat map per cell type, rows
+    the edges (node <- input), columns the ops, each square labelled with its weight."""
+    import matplotlib
+    matplotlib.use('Agg')   # headless
+    from matplotlib.figure import Figure
+    edges = [f'{j + 2} <- {i}' for j in range(nodes) for i in range(j + 2)]
+    fig = Figure(figsize=(2.2 + 0.9 * len(ops), 1.2 + 0.65 * len(edges)), layout='constrained')
+    for ax, cell in zip(fig.subplots(1, 2, sharey=True), CELLS):
+        weights = record['alpha_' + cell]
+        image = ax.imshow(weights, cmap='viridis', vmin=0, vmax=max(max(row) for row in weights), aspect='auto')
+        ax.set_xticks(range(len(ops)), [_short(op, 12) for op in ops], rotation=45, ha='right')
+        ax.set_yticks(range(len(edges)), edges)
+        ax.set_title(f'{cell} cell, epoch {record["epoch"]}')
+        for e, row in enumerate(weights):
+            for o, w in enumerate(row):
+                ax.text(o, e, f'{w:.2f}', ha='center', va='center', fontsize=7,
+                        color='black' if w > 0.6 * image.norm.vmax else 'white')
+    fig.colorbar(image, ax=fig.axes, shrink=0.6, label='softmax(alpha)')
+    return fig
+
+
+def confusion_figure(confusion, title=None):
+    """A matplotlib figure of a confusion matrix (confusion.json's dict): rows the true class,
+    columns the predicted one, each square shaded by its share of the row and labelled with its count."""
+    import numpy as np
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib.figure import Figure
+    check_confusion(confusion)
+    matrix, classes = np.array(confusion['matrix']), [_short(c, 12) for c in confusion['classes']]
+    share = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    n = len(classes)
+    fig = Figure(figsize=(2 + 0.45 * n, 1.6 + 0.45 * n), layout='constrained')
+    ax = fig.subplots()
+    ax.imshow(share, cmap='Blues', vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=45, ha='right')
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel('predicted')
+    ax.set_ylabel('true class')
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(matrix[i, j]), ha='center', va='center', fontsize=7,
+                        color='white' if share[i, j] > 0.5 else 'black')
+    accuracy = np.trace(matrix) / max(matrix.sum(), 1)
+    ax.set_title(title or f'top-1 {100 * accuracy:.2f}% ({confusion.get("split", "test")} split)')
+    return fig
+
+
 # ---------------------------------------------------------------- run pictures
 
 HISTORY_KEYS = ('epoch', 'train_loss', 'val_loss', 'train_acc', 'val_acc')

@@ -100,3 +100,11 @@ def onnx_paddle_and_test_program(run_dir, task, x):
                             fetch_list=progs['test_fetch'])
     e = np.exp(logits - logits.max(1, keepdims=True))
     return by_onnx, by_inference, e / e.sum(1, keepdims=True)
+
+
+def read_events(run_dir):
+    """A run's TensorBoard event files, read back by TensorBoard's own event processing."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(os.path.join(run_dir, 'tensorboard'), size_guidance={'images': 0, 'scalars': 0})
+    events.Reload()
+    return events

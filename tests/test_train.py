@@ -50,6 +50,18 @@ def test_built_once_learns_and_logs(reference):
     assert os.path.isfile(os.path.join(run_dir, 'best.npz'))
 
 
+def test_training_writes_tensorboard_events_every_epoch_and_the_confusion_matrix(reference):
+    from conftest import read_events
+    run_dir, _ = reference
+    h, events = history(run_dir), read_events(run_dir)
+    for key in ('val_acc', 'train_loss', 'lr', 'drop_prob', 'images_per_sec'):
+        assert [(e.step, e.value) for e in events.Scalars(f'epoch/{key}')] == \
+            [(r['epoch'], pytest.approx(r[key], rel=1e-6, abs=1e-12)) for r in h]
+    assert len(events.Scalars('step/top1')) >= 3
+    best = max(h, key=lambda r: r['val_acc'])['epoch']
+    assert [im.step for im in events.Images('confusion')] == [best]
+
+
 def test_eval_only_reproduces_the_logged_accuracy(reference):
     run_dir, _ = reference
     best = max(history(run_dir), key=lambda r: r['val_acc'])

@@ -73,6 +73,19 @@ def test_search_learns_and_writes_its_run_folder(reference):
     assert args['layers'] == 3 and args['first_order'] is False
 
 
+def test_the_search_writes_tensorboard_events_every_epoch(reference):
+    from conftest import read_events
+    run_dir, _ = reference
+    h, events = history(run_dir), read_events(run_dir)
+    for key in ('val_acc', 'train_loss', 'lr', 'images_per_sec', 'entropy_normal', 'moved_reduce'):
+        assert [(e.step, e.value) for e in events.Scalars(f'epoch/{key}')] == \
+            [(r['epoch'], pytest.approx(r[key], rel=1e-6)) for r in h]
+    assert [e.step for e in events.Scalars('step/loss')] == [2, 4, 5, 7, 9, 10, 12, 14, 15]   # every 2nd step, and the last
+    for tag in ('alphas', 'cell/normal', 'cell/reduce'):
+        images = events.Images(tag)
+        assert [im.step for im in images] == [1, 2, 3] and images[0].width > 100, tag
+
+
 def _stop_when(cmd, ready, sig=signal.SIGKILL):
     """Start a search, send it sig once ready(stdout so far) holds; (everything it printed, its
     exit status, seconds from the signal to its end, its processes then: itself and its workers)."""
@@ -123,6 +136,10 @@ def test_resume_after_kills_reaches_the_same_history(reference, cifar_dir, tmp_p
         np.testing.assert_allclose(a['alpha_normal'], b['alpha_normal'], atol=1e-5)
         np.testing.assert_allclose(a['alpha_reduce'], b['alpha_reduce'], atol=1e-5)
         assert abs(a['val_acc'] - b['val_acc']) < 0.02
+    from conftest import read_events   # the resumed runs' event files: one curve, each epoch once, the last kept
+    events = read_events(run_dir)
+    assert [(e.step, e.value) for e in events.Scalars('epoch/val_acc')] == \
+        [(x['epoch'], pytest.approx(x['val_acc'], rel=1e-6)) for x in ours]
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
