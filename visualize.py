@@ -182,14 +182,16 @@ def cells_gif(history, path, duration_ms=800):
         cells = [Image.open(io.BytesIO(cell_png_bytes(g, c))).convert('RGB') for c in CELLS]
         width = sum(c.width for c in cells) + 60
         height = max(c.height for c in cells) + 70
-        frame = Image.new('RGB', (width, height), 'white')
+        frame = Image.new('RGB', (width, height + 30), 'white')
+        draw = ImageDraw.Draw(frame)
         x = 20
-        for c in cells:
-            frame.paste(c, (x, 60))
+        for c, label in zip(cells, ('normal cell', 'reduction cell')):
+            draw.text((x, 55), label, fill='black', font=_font(22))
+            frame.paste(c, (x, 90))
             x += c.width + 20
         acc = record.get('val_acc')
         title = f"epoch {record['epoch']}" + (f'   search-val top-1 {100 * acc:.1f}%' if acc is not None else '')
-        ImageDraw.Draw(frame).text((20, 15), title, fill='black', font=_font(28))
+        draw.text((20, 15), title, fill='black', font=_font(28))
         frames.append(frame)
     if not frames:
         raise UserError('the history is empty: no epoch has finished yet')
@@ -486,7 +488,10 @@ def visualize(args):
         out = args.out or args.run
         make_folder(out)
         name = os.path.basename(os.path.normpath(args.run))
-        if search:
+        if search and shutil.which('dot') is None:   # the rest needs no dot: draw it, say what is missing
+            print("cells.gif not drawn: it needs graphviz's dot (Debian/Ubuntu: apt-get install graphviz; "
+                  "macOS: brew install graphviz)", file=sys.stderr)
+        elif search:
             print(cells_gif(history, os.path.join(out, 'cells.gif')))
         print(curves_png(history, os.path.join(out, 'curves.png'),
                          title=f'{name} ({"search" if search else "evaluation"})'))

@@ -97,6 +97,13 @@ def test_without_dot_says_so_in_one_line(tmp_path):
                        capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 2 and 'apt-get install graphviz' in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    _history(tmp_path, 2)      # a run's pictures: all but the cells' GIF, and one line for it
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'visualize.py'), '--run', str(tmp_path)],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0 and r.stderr.strip().splitlines() == [
+        "cells.gif not drawn: it needs graphviz's dot (Debian/Ubuntu: apt-get install graphviz; macOS: brew install "
+        "graphviz)"], r.stderr
+    assert os.path.isfile(tmp_path / 'curves.png') and not os.path.exists(tmp_path / 'cells.gif')
 
 
 def _cell_colour(img, confusion, i, j):
