@@ -8,8 +8,8 @@
 cells.gif (the cells, one frame per epoch) when it is a search run (train_search.py),
 confusion.png when the run wrote confusion.json (an evaluation run, train.py).
 
-Cells are drawn by graphviz's `dot` (Debian: apt-get install graphviz); the GIF, the
-curves and the confusion matrix are assembled with Pillow.
+Cells are drawn by graphviz's `dot` (Debian: apt-get install graphviz); the GIF and the
+confusion matrix are assembled with Pillow, the curves drawn with matplotlib (headless).
 """
 import argparse
 import io
@@ -208,48 +208,41 @@ def _pad(img, size):
     return out
 
 
-COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+DPI = 100
+LOG_SPAN = 20   # max / min of a panel's values above which its y axis is logarithmic
 
 
 def line_panels(panels, path, title, x_label='epoch', panel_size=(520, 380), lines=True):
-    """Side-by-side line charts drawn with Pillow.  panels: [(name, [(label, xs, ys)])];
-    a series' points whose y is None are left out; lines=False: points only (a scatter)."""
-    from PIL import Image, ImageDraw
-    w, h, m = *panel_size, 60
-    img = Image.new('RGB', (len(panels) * w, h + 40), 'white')
-    d = ImageDraw.Draw(img)
-    font = _font(16)
-    d.text((10, 8), title, fill='black', font=font)
-    for p, (name, series) in enumerate(panels):
-        series = [(label, [(x, y) for x, y in zip(xs, ys) if y is not None]) for label, xs, ys in series]
-        x0, y0, x1, y1 = p * w + m, 40 + 20, p * w + w - 20, 40 + h - m
-        d.rectangle([x0, y0, x1, y1], outline='black')
-        d.text((x0 + 8, y0 + 6), name, fill='black', font=font)
-        points = [pt for _, s in series for pt in s]
-        if not points:
-            continue
-        lo, hi = min(y for _, y in points), max(y for _, y in points)
-        if hi - lo < 1e-9:
-            lo, hi = lo - 1, hi + 1
-        lo, hi = lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)  # keep points off the frame
-        e_lo, e_hi = min(x for x, _ in points), max(x for x, _ in points)
-        e_hi = e_hi if e_hi > e_lo else e_lo + 1
-        for t in range(5):  # y ticks
-            v = lo + (hi - lo) * t / 4
-            y = y1 - (y1 - y0) * t / 4
-            d.line([x0 - 4, y, x0, y], fill='black')
-            d.text((x0 - 55, y - 8), f'{v:.3g}', fill='black', font=font)
-        d.text((x0, y1 + 8), f'{x_label} {e_lo:.4g}', fill='black', font=font)
-        d.text((x1 - 70, y1 + 8), f'{x_label} {e_hi:.4g}', fill='black', font=font)
-        for k, (label, s) in enumerate(series):
-            colour = COLOURS[k % len(COLOURS)]
-            pts = [(x0 + (x1 - x0) * (e - e_lo) / (e_hi - e_lo), y1 - (y1 - y0) * (v - lo) / (hi - lo)) for e, v in s]
-            if len(pts) > 1 and lines:
-                d.line(pts, fill=colour, width=3)
-            for x, y in pts:
-                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-            d.text((x1 - 150, y0 + 6 + 18 * k), label, fill=colour, font=font)
-    img.save(path)
+    """Side-by-side line charts drawn with matplotlib (headless), each panel_size pixels plus a title
+    row.  panels: [(name, [(label, xs, ys)])]; a series' points whose y is None are left out;
+    lines=False: points only (a scatter).  A panel of positive values spanning more than LOG_SPAN
+    times (a loss falling by decades) gets a log y axis; legends go below the axes, off the data."""
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+    w, h = panel_size
+    fig = Figure(figsize=(len(panels) * w / DPI, (h + 40) / DPI), dpi=DPI, layout='constrained')
+    fig.suptitle(title)
+    for ax, (name, series) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        ys_all = []
+        for label, xs, ys in series:
+            pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+            if not pts:
+                continue
+            ys_all += [y for _, y in pts]
+            ax.plot(*zip(*pts), marker='o', markersize=3.5, linestyle='-' if lines else 'none', label=label)
+        ax.set_title(name, fontsize='medium')
+        ax.set_xlabel(x_label)
+        ax.grid(alpha=0.3)
+        if x_label == 'epoch' or x_label == 'search':
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ys_all and min(ys_all) > 0 and max(ys_all) / min(ys_all) > LOG_SPAN:
+            ax.set_yscale('log')
+        if ys_all:
+            ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.18), ncol=min(len(series), 3),
+                      fontsize='small', frameon=False)
+    fig.savefig(path, dpi=DPI)
     return path
 
 
