@@ -26,7 +26,12 @@ class Events:
     def __init__(self, run_dir, enabled=True, first_epoch=0, steps_per_epoch=1):
         self.writer, self.steps_per_epoch = None, steps_per_epoch
         if enabled:
-            from tensorboardX import SummaryWriter
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                from errors import UserError
+                raise UserError('TensorBoard event files need tensorboardX: pip install -r requirements.txt '
+                                '(or run with --no_tensorboard)') from None
             self.writer = SummaryWriter(os.path.join(run_dir, FOLDER), flush_secs=20,
                                         purge_step=first_epoch + 1 if first_epoch else None)
 
