@@ -8,8 +8,8 @@
 cells.gif (the cells, one frame per epoch) when it is a search run (train_search.py),
 confusion.png when the run wrote confusion.json (an evaluation run, train.py).
 
-Cells are drawn by graphviz's `dot` (Debian: apt-get install graphviz); the GIF and the
-confusion matrix are assembled with Pillow, the curves drawn with matplotlib (headless).
+Cells are drawn by graphviz's `dot` (Debian: apt-get install graphviz) and the GIF assembled
+with Pillow; the curves and the confusion matrix are drawn with matplotlib (headless).
 """
 import argparse
 import io
@@ -105,31 +105,55 @@ def alphas_figure(record, ops, nodes):
     return fig
 
 
+def confusion_heading(confusion, title=None):
+    """'TITLE: SPLIT epoch E: accuracy A% (correct of total)', the parts that are known."""
+    matrix = confusion['matrix']
+    correct, total = sum(matrix[i][i] for i in range(len(matrix))), sum(map(sum, matrix))
+    where = ' '.join(str(confusion[k]) if k == 'split' else f'epoch {confusion[k]}'
+                     for k in ('split', 'epoch') if confusion.get(k) is not None)
+    accuracy = f'accuracy {100 * correct / total:.1f}% ({correct} of {total})' if total else 'no images'
+    return ': '.join(s for s in (title, where, accuracy) if s)
+
+
 def confusion_figure(confusion, title=None):
     """A matplotlib figure of a confusion matrix (confusion.json's dict): rows the true class,
-    columns the predicted one, each square shaded by its share of the row and labelled with its count."""
+    columns the predicted one, each square shaded by its share of the row, share_ij = m_ij / sum_k m_ik,
+    and labelled with its count up to MAX_NUMBERED classes; recall m_ii / sum_k m_ik in a column at the
+    right; the overall accuracy in the title.  Beyond LABEL_INCHES of room per class only every
+    k-th class is named, so that names never overlap."""
     import numpy as np
     import matplotlib
     matplotlib.use('Agg')
     from matplotlib.figure import Figure
     check_confusion(confusion)
-    matrix, classes = np.array(confusion['matrix']), [_short(c, 12) for c in confusion['classes']]
-    share = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
-    n = len(classes)
-    fig = Figure(figsize=(2 + 0.45 * n, 1.6 + 0.45 * n), layout='constrained')
-    ax = fig.subplots()
-    ax.imshow(share, cmap='Blues', vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=45, ha='right')
-    ax.set_yticks(range(n), classes)
-    ax.set_xlabel('predicted')
-    ax.set_ylabel('true class')
-    if n <= 30:
+    matrix = np.array(confusion['matrix'])
+    n, totals = len(matrix), matrix.sum(1)
+    share = matrix / np.maximum(totals, 1)[:, None]
+    recall = np.where(totals > 0, np.diag(matrix) / np.maximum(totals, 1), np.nan)
+    side = min(max(0.42 * n, 3.5), 12.0)      # inches of the grid
+    step = max(1, int(np.ceil(LABEL_INCHES * n / side)))
+    fig = Figure(figsize=(side + 3.2, side + 2.6), dpi=DPI, layout='constrained')
+    grid, column = fig.subplots(1, 2, sharey=True, gridspec_kw=dict(width_ratios=[10, 1.6 if n <= MAX_NUMBERED else 0.6]))
+    image = grid.imshow(share, cmap='Blues', vmin=0, vmax=1, aspect='auto', interpolation='nearest')
+    column.imshow(recall[:, None], cmap='Greens', vmin=0, vmax=1, aspect='auto', interpolation='nearest')
+    names = [_short(c) for c in confusion['classes']]
+    ticks = list(range(0, n, step))
+    grid.set_xticks(ticks, [names[k] for k in ticks], rotation=90 if max(map(len, names)) > 3 else 0)
+    grid.set_yticks(ticks, [names[k] for k in ticks])
+    grid.set_xlabel('predicted class')
+    grid.set_ylabel('true class')
+    column.set_xticks([0], ['recall'])
+    column.tick_params(left=False)
+    if n <= MAX_NUMBERED:
+        size = max(5.0, min(10.0, 30 * side / n))
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, str(matrix[i, j]), ha='center', va='center', fontsize=7,
-                        color='white' if share[i, j] > 0.5 else 'black')
-    accuracy = np.trace(matrix) / max(matrix.sum(), 1)
-    ax.set_title(title or f'top-1 {100 * accuracy:.2f}% ({confusion.get("split", "test")} split)')
+                grid.text(j, i, str(matrix[i, j]), ha='center', va='center', fontsize=size,
+                          color='white' if share[i, j] > 0.55 else 'black')
+            column.text(0, i, 'n/a' if np.isnan(recall[i]) else f'{100 * recall[i]:.1f}%', ha='center',
+                        va='center', fontsize=size, color='white' if recall[i] > 0.55 else 'black')
+    fig.colorbar(image, ax=[grid, column], shrink=0.5, label='share of the row (true class)')
+    fig.suptitle(confusion_heading(confusion, title))
     return fig
 
 
@@ -246,13 +270,14 @@ def line_panels(panels, path, title, x_label='epoch', panel_size=(520, 380), lin
     return path
 
 
-def curves_png(history, path, title='search'):
-    """Loss (left) and top-1 accuracy (right) per epoch, train and val."""
+def curves_png(history, path, title='search', held_out='val'):
+    """Loss (left) and top-1 accuracy (right) per epoch, on the training data and on the held-out
+    split (the history's val_*), named held_out in the legends."""
     epochs = [r['epoch'] for r in history]
     panels = [('loss', [('train', epochs, [r['train_loss'] for r in history]),
-                        ('val', epochs, [r['val_loss'] for r in history])]),
+                        (held_out, epochs, [r['val_loss'] for r in history])]),
               ('top-1 %', [('train', epochs, [100 * r['train_acc'] for r in history]),
-                           ('val', epochs, [100 * r['val_acc'] for r in history])])]
+                           (held_out, epochs, [100 * r['val_acc'] for r in history])])]
     return line_panels(panels, path, f'{title}: {len(history)} epochs')
 
 
@@ -273,8 +298,8 @@ def collapse_png(history, path, title='search'):
 
 # ---------------------------------------------------------------- confusion matrix
 
-BLUE, GREEN = (8, 48, 107), (0, 90, 50)  # the darkest shade of the cells, of the recall column
 MAX_NUMBERED = 30  # more classes than this: shades only, no counts in the cells
+LABEL_INCHES = 0.16  # the least room a class name needs along an axis (a 10-point line)
 
 
 def budget_png(history, path, title='search'):
@@ -324,130 +349,9 @@ def _short(name, limit=16):
     return name if len(name) <= limit else name[:head] + '..' + name[len(name) - (limit - 2 - head):]
 
 
-def _size(d, s, font):
-    l, t, r, b = d.textbbox((0, 0), s, font=font)
-    return r - l, b - t
-
-
-def _centred(d, centre, s, font, fill, align='centre'):
-    """Text with its box centred on `centre` (align='right': its right edge at centre's x)."""
-    l, t, r, b = d.textbbox((0, 0), s, font=font)
-    x = centre[0] - r if align == 'right' else centre[0] - (l + r) / 2
-    d.text((x, centre[1] - (t + b) / 2), s, fill=fill, font=font)
-
-
-def _vertical(img, centre, s, font, fill, align='centre'):
-    """Text turned 90 degrees (read bottom to top), centred on `centre` (align='top': hanging
-    from centre's y)."""
-    from PIL import Image, ImageDraw
-    d = ImageDraw.Draw(img)
-    l, t, r, b = d.textbbox((0, 0), s, font=font)
-    mask = Image.new('L', (r - l + 2, b - t + 2), 0)
-    ImageDraw.Draw(mask).text((1 - l, 1 - t), s, fill=255, font=font)
-    mask = mask.rotate(90, expand=True)
-    x = round(centre[0] - mask.width / 2)
-    y = round(centre[1] if align == 'top' else centre[1] - mask.height / 2)
-    img.paste(Image.new('RGB', mask.size, fill), (x, y), mask)
-
-
-def _shade(v, dark):
-    """White at v=0 to `dark` at v=1."""
-    return tuple(round(255 + (c - 255) * v) for c in dark)
-
-
-def confusion_layout(confusion):
-    """Where confusion_png puts things: the grid's top-left (x0, y0), the cell size, fonts and bands."""
-    from PIL import Image, ImageDraw
-    n = len(confusion['classes'])
-    d = ImageDraw.Draw(Image.new('RGB', (1, 1)))
-    cell = max(1, min(90, 800 // n))
-    numbers = n <= MAX_NUMBERED
-    label_font = _font(max(8, min(16, int(cell * 0.6))))
-    step = -(-(label_font.size + 2) // cell)  # label every step-th class so that labels do not overlap
-    labels = [_short(c) for c in confusion['classes']]
-    label_w = max(_size(d, s, label_font)[0] for s in labels + ['recall'])
-    label_h = _size(d, 'Hg', label_font)[1]
-    count_font, recall_w = None, max(cell, 16)
-    if numbers:
-        widest = max([str(v) for row in confusion['matrix'] for v in row], key=len)
-        size = max(8, min(20, int(cell * 0.45)))
-        while size > 8 and _size(d, widest, _font(size))[0] > cell - 4:
-            size -= 1
-        count_font = _font(size)
-        recall_w = max(cell, _size(d, '100.0%', count_font)[0] + 12)
-    vertical = label_w > cell - 6  # column labels turned when they do not fit across a cell
-    axis_font, title_font = _font(14), _font(16)
-    m, axis_h = 12, _size(d, 'Hg', axis_font)[1]
-    x0 = m + axis_h + 10 + label_w + 8
-    y0 = m + _size(d, 'Hg', title_font)[1] + 16
-    return dict(n=n, cell=cell, x0=x0, y0=y0, m=m, numbers=numbers, step=step, labels=labels,
-                label_font=label_font, label_h=label_h, label_w=label_w, count_font=count_font,
-                recall_x=x0 + n * cell + max(4, cell // 4), recall_w=recall_w, vertical=vertical,
-                columns_h=(label_w if vertical else label_h) + 8, axis_font=axis_font, axis_h=axis_h,
-                title_font=title_font)
-
-
 def confusion_png(confusion, path, title=None):
-    """The confusion matrix (rows: true class, columns: predicted), each cell shaded by its share
-    of the row and labelled with its count, recall per class at the right, overall accuracy in
-    the title; drawn with Pillow."""
-    from PIL import Image, ImageDraw
-    check_confusion(confusion)
-    L = confusion_layout(confusion)
-    matrix, n, cell, x0, y0 = confusion['matrix'], L['n'], L['cell'], L['x0'], L['y0']
-    totals = [sum(row) for row in matrix]
-    correct, total = sum(matrix[i][i] for i in range(n)), sum(totals)
-    heading = ' '.join(str(confusion[k]) if k == 'split' else f'epoch {confusion[k]}'
-                       for k in ('split', 'epoch') if confusion.get(k) is not None)
-    heading = ': '.join(s for s in (title, heading) if s)
-    accuracy = f'accuracy {100 * correct / total:.1f}% ({correct} of {total})' if total else 'no images'
-    heading = f'{heading}: {accuracy}' if heading else accuracy
-
-    d0 = ImageDraw.Draw(Image.new('RGB', (1, 1)))
-    grid_bottom = y0 + n * cell
-    width = max(L['recall_x'] + L['recall_w'] + L['m'], 2 * L['m'] + _size(d0, heading, L['title_font'])[0])
-    height = grid_bottom + 6 + L['columns_h'] + L['axis_h'] + 8 + L['m']
-    img = Image.new('RGB', (width, height), 'white')
-    d = ImageDraw.Draw(img)
-    d.text((L['m'], L['m']), heading, fill='black', font=L['title_font'])
-
-    for i in range(n):
-        for j in range(n):
-            v = matrix[i][j] / totals[i] if totals[i] else 0.0
-            box = [x0 + j * cell, y0 + i * cell, x0 + (j + 1) * cell - 1, y0 + (i + 1) * cell - 1]
-            d.rectangle(box, fill=_shade(v, BLUE), outline=(220, 220, 220) if cell >= 12 else None)
-            if L['numbers']:
-                _centred(d, (x0 + (j + 0.5) * cell, y0 + (i + 0.5) * cell), str(matrix[i][j]), L['count_font'],
-                         'white' if v > 0.55 else (30, 30, 30))
-        rx = L['recall_x']
-        box = [rx, y0 + i * cell, rx + L['recall_w'] - 1, y0 + (i + 1) * cell - 1]
-        recall = matrix[i][i] / totals[i] if totals[i] else None
-        d.rectangle(box, fill=_shade(recall, GREEN) if recall is not None else (235, 235, 235),
-                    outline=(220, 220, 220) if cell >= 12 else None)
-        if L['numbers']:
-            _centred(d, (rx + L['recall_w'] / 2, y0 + (i + 0.5) * cell),
-                     f'{100 * recall:.1f}%' if recall is not None else 'n/a', L['count_font'],
-                     'white' if recall is not None and recall > 0.55 else (30, 30, 30))
-    d.rectangle([x0 - 1, y0 - 1, x0 + n * cell, grid_bottom], outline='black')
-
-    font, colour = L['label_font'], 'black'
-    for k in range(0, n, L['step']):
-        label, centre = L['labels'][k], y0 + (k + 0.5) * cell
-        _centred(d, (x0 - 8, centre), label, font, colour, align='right')  # true class, left of its row
-        if L['vertical']:
-            _vertical(img, (x0 + (k + 0.5) * cell, grid_bottom + 6), label, font, colour, align='top')
-        else:
-            _centred(d, (x0 + (k + 0.5) * cell, grid_bottom + 6 + L['label_h'] / 2 + 2), label, font, colour)
-    rc = L['recall_x'] + L['recall_w'] / 2
-    if L['vertical'] and L['recall_w'] < _size(d, 'recall', font)[0] + 6:
-        _vertical(img, (rc, grid_bottom + 6), 'recall', font, colour, align='top')
-    else:
-        _centred(d, (rc, grid_bottom + 6 + L['label_h'] / 2 + 2), 'recall', font, colour)
-
-    axis_y = grid_bottom + 6 + L['columns_h'] + 4
-    _centred(d, (x0 + n * cell / 2, axis_y + L['axis_h'] / 2), 'predicted class', L['axis_font'], (90, 90, 90))
-    _vertical(img, (L['m'] + L['axis_h'] / 2, y0 + n * cell / 2), 'true class', L['axis_font'], (90, 90, 90))
-    img.save(path)
+    """confusion_figure saved as a PNG."""
+    confusion_figure(confusion, title).savefig(path, dpi=DPI)
     return path
 
 
@@ -486,8 +390,9 @@ def visualize(args):
                   "macOS: brew install graphviz)", file=sys.stderr)
         elif search:
             print(cells_gif(history, os.path.join(out, 'cells.gif')))
+        held_out = 'search-val' if search else (confusion or {}).get('split', 'held-out')
         print(curves_png(history, os.path.join(out, 'curves.png'),
-                         title=f'{name} ({"search" if search else "evaluation"})'))
+                         title=f'{name} ({"search" if search else "evaluation"})', held_out=held_out))
         if search and all('normal_skips' in r for r in history):
             print(collapse_png(history, os.path.join(out, 'collapse.png'), title=name))
         if search and all('budget' in r for r in history):

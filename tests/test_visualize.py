@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from PIL import Image
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 import genotypes
 import visualize
@@ -106,46 +107,51 @@ def test_without_dot_says_so_in_one_line(tmp_path):
     assert os.path.isfile(tmp_path / 'curves.png') and not os.path.exists(tmp_path / 'cells.gif')
 
 
-def _cell_colour(img, confusion, i, j):
-    """The median colour of cell (row i, column j) of a confusion_png picture (the median skips the count)."""
-    L = visualize.confusion_layout(confusion)
-    c, x, y = L['cell'], L['x0'] + j * L['cell'], L['y0'] + i * L['cell']
-    return np.median(np.asarray(img)[y + 2:y + c - 2, x + 2:x + c - 2].reshape(-1, 3), axis=0)
-
-
 def _confusion(matrix, classes=None):
     return dict(split='test', epoch=3, classes=classes or [f'class{i}' for i in range(len(matrix))], matrix=matrix)
 
 
-def test_confusion_png_shades_each_cell_by_its_share_of_the_row(tmp_path):
-    diagonal, uniform, unbalanced = _confusion([[9, 1], [2, 8]]), _confusion([[5, 5], [5, 5]]), \
-        _confusion([[900, 100], [1, 9]])
-    pictures = {}
-    for name, confusion in dict(diagonal=diagonal, uniform=uniform, unbalanced=unbalanced).items():
-        path = visualize.confusion_png(confusion, tmp_path / f'{name}.png')
-        img = Image.open(path).convert('RGB')
-        assert 250 < img.width < 800 and 150 < img.height < 600
-        pictures[name] = img
-    darkness = lambda name, i, j: 765 - _cell_colour(pictures[name], dict(diagonal=diagonal, uniform=uniform,
-                                                                         unbalanced=unbalanced)[name], i, j).sum()
-    assert darkness('diagonal', 0, 0) > darkness('diagonal', 1, 1) > darkness('diagonal', 1, 0) > \
-        darkness('diagonal', 0, 1) > 0
-    assert darkness('uniform', 0, 0) == darkness('uniform', 0, 1) == darkness('uniform', 1, 0) > 0
-    assert darkness('unbalanced', 0, 0) == darkness('unbalanced', 1, 1)  # 90 % of each row, whatever the counts
-    assert darkness('uniform', 0, 0) < darkness('diagonal', 0, 0)
+def _squares(ax):
+    """{(row, column): text} of the numbers written on an axes' squares."""
+    return {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
 
 
-def test_confusion_png_writes_counts_up_to_30_classes_and_shades_only_beyond(tmp_path):
+def test_confusion_figure_shades_each_square_by_its_share_of_the_row_and_writes_counts_and_recall(tmp_path):
+    matrix = [[9, 1, 0], [2, 6, 0], [0, 0, 0]]    # the last class has no images: recall n/a
+    fig = visualize.confusion_figure(_confusion(matrix))
+    grid, column = fig.axes[:2]
+    share = np.array([[0.9, 0.1, 0.0], [0.25, 0.75, 0.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(grid.images[0].get_array(), share)
+    recall = np.asarray(column.images[0].get_array()).ravel()
+    np.testing.assert_allclose(recall[:2], [0.9, 0.75])
+    assert np.isnan(recall[2])
+    assert _squares(grid) == {(i, j): str(matrix[i][j]) for i in range(3) for j in range(3)}
+    assert _squares(column) == {(0, 0): '90.0%', (1, 0): '75.0%', (2, 0): 'n/a'}
+    assert fig._suptitle.get_text() == 'test epoch 3: accuracy 83.3% (15 of 18)'
+    assert [t.get_text() for t in grid.get_yticklabels()] == ['class0', 'class1', 'class2']
+    img = Image.open(visualize.confusion_png(_confusion(matrix), tmp_path / 'c.png', title='run'))
+    assert 300 < img.width < 1000 and 300 < img.height < 1000
+
+
+def _overlap(labels, renderer):
+    boxes = [t.get_window_extent(renderer) for t in labels if t.get_text()]
+    return any(a.overlaps(b) for k, a in enumerate(boxes) for b in boxes[k + 1:])
+
+
+def test_confusion_figure_counts_up_to_30_classes_and_names_never_overlap(tmp_path):
     rng = np.random.default_rng(0)
-    for n, numbered in ((20, True), (40, False)):
+    for n, numbered in ((20, True), (40, False), (300, False)):
         m = rng.integers(0, 5, (n, n)) + np.diag(rng.integers(50, 100, n))
-        confusion = _confusion(m.tolist(), [f'a_rather_long_class_name_{i}' for i in range(n)])
-        img = Image.open(visualize.confusion_png(confusion, tmp_path / f'{n}.png')).convert('RGB')
-        assert 400 < img.width < 1400 and 400 < img.height < 1400
-        L = visualize.confusion_layout(confusion)
-        c = L['cell']
-        cell = np.asarray(img)[L['y0'] + 1:L['y0'] + c - 1, L['x0'] + 1:L['x0'] + c - 1].reshape(-1, 3)
-        assert (len(np.unique(cell, axis=0)) > 2) == numbered  # a count is the shade plus text pixels
+        fig = visualize.confusion_figure(_confusion(m.tolist(), [f'a_rather_long_class_name_{i}' for i in range(n)]))
+        grid = fig.axes[0]
+        assert bool(grid.texts) == numbered
+        canvas = FigureCanvasAgg(fig)   # lays the figure out as savefig does
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        named = [t for t in grid.get_yticklabels() if t.get_text()]
+        assert len(named) == n if n <= 40 else n // 20 < len(named) < n // 2
+        assert not _overlap(grid.get_yticklabels(), renderer) and not _overlap(grid.get_xticklabels(), renderer)
+        assert all(len(t.get_text()) <= 16 for t in named)   # long names shortened in the middle
 
 
 def _eval_history(run_dir, epochs):
