@@ -108,3 +108,23 @@ def read_events(run_dir):
     events = EventAccumulator(os.path.join(run_dir, 'tensorboard'), size_guidance={'images': 0, 'scalars': 0})
     events.Reload()
     return events
+
+
+def draw_run_pictures(run_dir, out):
+    """visualize.py --run RUN_DIR --out OUT in this process: {file name: the decoded picture}, in
+    the order visualize printed them; every picture checked to be a real, non-blank image."""
+    import contextlib
+    import io
+    from PIL import Image
+    import visualize
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert visualize.main(['--run', str(run_dir), '--out', str(out)]) == 0
+    pictures = {}
+    for path in printed.getvalue().split():
+        img = Image.open(path)
+        img.load()
+        colours = np.unique(np.asarray(img.convert('RGB')).reshape(-1, 3), axis=0)
+        assert img.width > 300 and img.height > 200 and len(colours) > 20, path
+        pictures[os.path.basename(path)] = img
+    return pictures

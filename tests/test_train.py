@@ -62,6 +62,16 @@ def test_training_writes_tensorboard_events_every_epoch_and_the_confusion_matrix
     assert [im.step for im in events.Images('confusion')] == [best]
 
 
+
+def test_visualize_draws_every_picture_of_the_training_run(reference, tmp_path):
+    import visualize
+    from conftest import draw_run_pictures
+    run_dir, _ = reference
+    assert list(draw_run_pictures(run_dir, tmp_path)) == ['curves.png', 'confusion.png']
+    best = max(history(run_dir), key=lambda r: r['val_acc'])    # the matrix is the best epoch's, on the test split
+    confusion = visualize.read_confusion(os.path.join(run_dir, 'confusion.json'))
+    assert f'accuracy {100 * best["val_acc"]:.1f}%' in visualize.confusion_figure(confusion)._suptitle.get_text()
+
 def test_eval_only_reproduces_the_logged_accuracy(reference):
     run_dir, _ = reference
     best = max(history(run_dir), key=lambda r: r['val_acc'])

@@ -86,6 +86,15 @@ def test_the_search_writes_tensorboard_events_every_epoch(reference):
         assert [im.step for im in images] == [1, 2, 3] and images[0].width > 100, tag
 
 
+
+def test_visualize_draws_every_picture_of_the_search(reference, tmp_path):
+    from conftest import draw_run_pictures
+    run_dir, _ = reference
+    pictures = draw_run_pictures(run_dir, tmp_path)
+    assert list(pictures) == ['cells.gif', 'curves.png', 'collapse.png']
+    assert pictures['cells.gif'].n_frames == len(history(run_dir)) == 3
+    assert pictures['collapse.png'].width == 2 * 520   # op counts and entropy (no Hessian measured)
+
 def _stop_when(cmd, ready, sig=signal.SIGKILL):
     """Start a search, send it sig once ready(stdout so far) holds; (everything it printed, its
     exit status, seconds from the signal to its end, its processes then: itself and its workers)."""
