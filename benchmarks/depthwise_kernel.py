@@ -13,12 +13,11 @@ same bytes (which fit in this machine's L3 cache) and of 1 GiB (main memory).
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+from timing import median_seconds  # noqa: E402
 
 # (batch, channels, size, kernel, dilation): the widest depthwise convolutions of the search
 # network at batch 16, C=8 (the wide path stacks an op's edges along the channels), and the
@@ -27,21 +26,11 @@ SHAPES = [(16, 128, 8, 3, 2), (16, 64, 8, 5, 1), (16, 64, 16, 3, 2), (16, 32, 16
           (16, 16, 32, 5, 2), (64, 64, 32, 3, 1), (64, 64, 32, 5, 1)]
 
 
-def timed(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def copy_seconds(nbytes, repeats):
     import numpy as np
     src = np.ones(nbytes // 4, dtype='float32')
     dst = np.empty_like(src)
-    return timed(lambda: np.copyto(dst, src), repeats)
+    return median_seconds(lambda: np.copyto(dst, src), repeats)
 
 
 def build(op_name, n, c, s, k, d, backward):
@@ -91,7 +80,7 @@ def main():
             seconds = {}
             for backward in (False, True):
                 program, fetch = build(name, n, c, s, k, d, backward)
-                seconds[backward] = timed(lambda: exe.run(program, fetch_list=fetch), args.repeats)
+                seconds[backward] = median_seconds(lambda: exe.run(program, fetch_list=fetch), args.repeats)
             row[f'{name}_forward_ms'] = round(seconds[False] * 1e3, 3)
             row[f'{name}_backward_ms'] = round(max(seconds[True] - seconds[False], 0.0) * 1e3, 3)
         plane_bytes = n * c * s * s * 4

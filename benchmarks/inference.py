@@ -13,13 +13,13 @@ an ONNX Runtime CPU session (--threads intra-op threads).
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+from timing import median_seconds  # noqa: E402
 
 
 def export(arch, init_channels, layers, folder):
@@ -42,17 +42,6 @@ def export(arch, init_channels, layers, folder):
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype('float32')
     _, diff = onnx_export.export(prefix, x)
     return prefix, diff
-
-
-def timed(run, steps, warmup):
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def paddle_predictor(prefix, threads, onednn=True):
@@ -119,7 +108,7 @@ def main():
             row = dict(batch_size=b, max_abs_difference=max(float(np.abs(outputs['onnxruntime'] - out).max())
                                                             for out in outputs.values()))
             for name, run in runners.items():
-                row[f'{name}_images_per_sec'] = b / timed(lambda: run(x), args.steps, args.warmup)
+                row[f'{name}_images_per_sec'] = b / median_seconds(lambda: run(x), args.steps, args.warmup)
             best_paddle = max(v for k, v in row.items() if k.startswith('paddle') and k.endswith('_per_sec'))
             row['onnxruntime_over_fastest_paddle'] = row['onnxruntime_images_per_sec'] / best_paddle
             rows.append(row)
