@@ -312,11 +312,6 @@ def count_ops(program):
     return len(program.global_block().ops)
 
 
-def softmax(a):
-    e = np.exp(a - a.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def run_search_step(exe, progs, batch, lr, update_arch=True):
     """One alpha step then one weight step.  batch: train_x, train_y, val_x, val_y arrays.
 

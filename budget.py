@@ -185,13 +185,13 @@ class CostTable:
 
     def expected(self, arch):
         """{kind: E[C](alpha)} (numpy, float64) of {name: array} architecture parameters."""
-        from model_search import _softmax
+        from utils import softmax
         out = {}
         cols = self.choosable
         for kind in KINDS:
             total = float(self.fixed[kind])
             for t in ('normal', 'reduce'):
-                p = _softmax(np.asarray(arch['alpha_' + t], np.float64)[:, cols])
+                p = softmax(np.asarray(arch['alpha_' + t])[:, cols])
                 s = self.edge_shares(arch.get('beta_' + t))
                 total += float((s[:, None] * p * self.cost[kind][t][:, cols]).sum())
             out[kind] = total

@@ -23,19 +23,14 @@ import numpy as np
 
 import genotypes
 from errors import UserError
+from utils import softmax
 
 SKIP = 'skip_connect'
 
 
-def _softmax(a):
-    a = np.asarray(a, np.float64)
-    e = np.exp(a - a.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def mean_entropy(alpha):
     """mean over edges of -sum_o p log p, p = softmax(alpha_e)."""
-    p = _softmax(alpha)
+    p = softmax(alpha)
     return float(np.mean(-(p * np.log(np.maximum(p, 1e-300))).sum(axis=-1)))
 
 
@@ -53,7 +48,7 @@ def cell_counts(genotype):
 def distance_from_uniform(alpha):
     """mean over edges of the total variation 0.5 * sum_o |p_eo - 1/K|, p = softmax(alpha_e): the
     share of an edge's weight that has moved between ops (0 at the start, at most 1 - 1/K)."""
-    p = _softmax(alpha)
+    p = softmax(alpha)
     return float(np.mean(0.5 * np.abs(p - 1.0 / p.shape[-1]).sum(axis=-1)))
 
 

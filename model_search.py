@@ -36,6 +36,7 @@ import paddle.nn.functional as F
 
 import genotypes
 from errors import SearchSpaceError
+from utils import softmax
 from genotypes import PRIMITIVES, num_edges
 from operations import (Layout, Source, batch_norm, factorized_reduce, linear, lookup, reduction_layers,
                         relu_conv_bn, stem, sum_all)
@@ -341,21 +342,16 @@ def network_layout(c, num_classes, layers, image_size, in_channels=3, space=DEFA
     return Layout.record(build)
 
 
-def _softmax(a, axis=-1):
-    e = np.exp(a - a.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
-
-
 def normalized_betas_numpy(beta, nodes):
     """normalized_betas for a numpy array."""
     beta = np.asarray(beta, np.float64)
     bounds = np.cumsum([0] + [i + 2 for i in range(nodes)])
-    return np.concatenate([_softmax(beta[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
+    return np.concatenate([softmax(beta[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
 
 
 def edge_weights_numpy(arch, space, kind):
     """W[e, o] of edge_weights, from numpy arrays: what derivation ranks."""
-    w = _softmax(np.asarray(arch['alpha_' + kind], np.float64))
+    w = softmax(arch['alpha_' + kind])
     if space.edge_normalization:
         w = w * normalized_betas_numpy(arch['beta_' + kind], space.nodes)[:, None]
     return w

@@ -349,7 +349,7 @@ class Search:
     def epoch_record(self, epoch, train):
         """(the epoch's history record, its genotype, the genotype before --max_skip): search-val
         accuracy, the derived cells, the collapse figures and guards, the softmaxed architecture."""
-        from architect import hessian_eigenvalue, softmax
+        from architect import hessian_eigenvalue
         from model_search import derive_genotype, edge_weights_numpy, normalized_betas_numpy
         args, space, stats = self.args, self.space, train['stats']
         # the ranks' BN running statistics (each from its share of the batches) averaged: what is
@@ -383,7 +383,7 @@ class Search:
                                                               *self.eigen_batch, step=args.hessian_eigen_step)[0]
             record['hessian_seconds'] = time.time() - t_eig
         for kind in ('normal', 'reduce'):  # softmax(alpha): rows = edges, columns = --primitives
-            record['alpha_' + kind] = softmax(arch['alpha_' + kind]).round(6).tolist()
+            record['alpha_' + kind] = utils.softmax(arch['alpha_' + kind]).round(6).tolist()
             if space.edge_normalization:
                 record['beta_' + kind] = normalized_betas_numpy(arch['beta_' + kind], space.nodes).round(6).tolist()
         return record, genotype, raw
