@@ -128,3 +128,26 @@ def draw_run_pictures(run_dir, out):
         assert img.width > 300 and img.height > 200 and len(colours) > 20, path
         pictures[os.path.basename(path)] = img
     return pictures
+
+
+def assert_one_line_error(r, *phrases, prefix='error: '):
+    """r (a finished script) failed with exit status 2 and one stderr line, holding every phrase,
+    that starts with prefix (prefix=None: holds 'error: ' anywhere, as argparse's 'prog: error: ')."""
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, (r.returncode, r.stdout, r.stderr)
+    assert lines[0].startswith(prefix) if prefix else 'error: ' in lines[0], r.stderr
+    assert 'Traceback' not in r.stdout + r.stderr
+    for p in phrases:
+        assert p in lines[0], lines[0]
+
+
+def synthetic_penalty(space, budgets, fixed, weight, seed):
+    """A budget penalty (budget.Penalty) over made-up op costs (uniform 0-500 per edge and op, 0 for
+    'none') on top of the fixed costs of the stem and classifier, `fixed` = dict(params=, madds=)."""
+    import budget
+    import genotypes
+    rng = np.random.default_rng(seed)
+    e, n, zero = genotypes.num_edges(space.nodes), len(space.ops), space.ops.index('none')
+    cost = {k: {t: rng.uniform(0, 500, (e, n)) * (np.arange(n) != zero) for t in ('normal', 'reduce')}
+            for k in budget.KINDS}
+    return budget.Penalty(budget.CostTable(space.ops, space.nodes, fixed, cost, (zero,)), budgets, weight)

@@ -9,7 +9,7 @@ import fast_kernels
 
 from architect import (MOMENTUM, WEIGHTS, SearchConfig, build_search_programs, count_ops, get_tensors,
                        initial_state, run_search_step, schedule_values, scratch_state, set_tensors)
-from genotypes import num_edges
+from conftest import synthetic_penalty
 from model_search import SearchSpace, cross_entropy, search_network
 from operations import ParamSet
 
@@ -19,22 +19,17 @@ PC_CFG = SearchConfig(init_channels=8, layers=3, image_size=8, second_order=True
                       space=SearchSpace(partial_channels=4, edge_normalization=True, nodes=3))
 
 
-def synthetic_penalty(space, weight=0.05, seed=5):
+def over_budget(space):
     """A budget penalty over made-up op costs, both budgets exceeded (the fixed part alone is over),
     so its gradient is live."""
-    rng = np.random.default_rng(seed)
-    e, n, zero = num_edges(space.nodes), len(space.ops), space.ops.index('none')
-    cost = {k: {t: rng.uniform(0, 500, (e, n)) * (np.arange(n) != zero) for t in ('normal', 'reduce')}
-            for k in budget.KINDS}
-    table = budget.CostTable(space.ops, space.nodes, dict(params=1000, madds=1000), cost, (zero,))
-    return budget.Penalty(table, dict(params=900.0, madds=950.0), weight)
+    return synthetic_penalty(space, dict(params=900.0, madds=950.0), dict(params=1000, madds=1000), weight=0.05, seed=5)
 
 
 # DARTS-, beta-DARTS and a budget on: the auxiliary skip in the network, the beta-decay and the
 # budget penalty's gradients in g_alpha
 GUARD_SPACE = SearchSpace(nodes=2, auxiliary_skip=True)
 GUARD_CFG = SearchConfig(init_channels=4, layers=2, image_size=8, second_order=True, beta_decay=True,
-                         space=GUARD_SPACE, budget=synthetic_penalty(GUARD_SPACE))
+                         space=GUARD_SPACE, budget=over_budget(GUARD_SPACE))
 AUX_SKIP, BETA_DECAY = 0.7, 3.0
 LR = 0.05
 ARCH_LR = 0.02   # fed to an annealed config's alphas, far from its constant 3e-4
@@ -206,7 +201,7 @@ def test_the_budget_penalty_gradient_is_a_real_part_of_the_guarded_step():
 
 def test_the_first_order_step_with_guards_a_budget_and_a_fed_arch_lr_matches_eager_formula():
     cfg = SearchConfig(init_channels=4, layers=2, image_size=8, second_order=False, beta_decay=True,
-                       space=GUARD_SPACE, budget=synthetic_penalty(GUARD_SPACE), arch_lr_annealed=True)
+                       space=GUARD_SPACE, budget=over_budget(GUARD_SPACE), arch_lr_annealed=True)
     progs, state, batch, after = _run_step(cfg)
     ref = _reference(progs, state, batch)
     for i, n in enumerate(cfg.arch_shapes):

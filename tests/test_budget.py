@@ -9,7 +9,7 @@ import pytest
 
 import budget
 import genotypes
-from conftest import run_script
+from conftest import assert_one_line_error, run_script, synthetic_penalty
 from model_search import SearchSpace, edge_weights_numpy
 from operations import declare
 
@@ -67,20 +67,15 @@ def test_fit_meets_the_budgets_with_valid_cells_and_leaves_a_fitting_cell_alone(
     assert budget.fit(g, weights, table, {k: cost[k] for k in budget.KINDS}) == (g, True)
 
 
-def synthetic_penalty(space, budgets, weight=0.7, seed=3):
-    rng = np.random.default_rng(seed)
-    e, n, zero = genotypes.num_edges(space.nodes), len(space.ops), space.ops.index('none')
-    cost = {k: {t: rng.uniform(0, 500, (e, n)) * (np.arange(n) != zero) for t in ('normal', 'reduce')}
-            for k in budget.KINDS}
-    table = budget.CostTable(space.ops, space.nodes, dict(params=1000, madds=200), cost, (zero,))
-    return budget.Penalty(table, budgets, weight)
+def penalty(space, budgets):
+    return synthetic_penalty(space, budgets, dict(params=1000, madds=200), weight=0.7, seed=3)
 
 
 def test_the_penalty_and_its_gradient_equal_numpy_and_finite_differences():
     """PC-DARTS' betas in the edge shares; the params budget exceeded, the madds one not (its
     hinge contributes nothing)."""
     space = SearchSpace(nodes=3, partial_channels=2, edge_normalization=True)
-    pen = synthetic_penalty(space, dict(params=1200.0, madds=1e6))
+    pen = penalty(space, dict(params=1200.0, madds=1e6))
     rng = np.random.default_rng(4)
     arch = {n: rng.standard_normal(s) for n, s in space.arch_shapes().items()}
     paddle.enable_static()
@@ -113,7 +108,7 @@ def test_the_penalty_and_its_gradient_equal_numpy_and_finite_differences():
 
 
 def test_the_penalty_is_on_only_for_the_budgets_the_derived_cell_exceeds():
-    pen = synthetic_penalty(SearchSpace(), dict(params=1200.0, madds=1e6))
+    pen = penalty(SearchSpace(), dict(params=1200.0, madds=1e6))
     assert budget.epoch_weights(pen, dict(params=1201, madds=10)) == [0.7, 0.0]
     assert budget.epoch_weights(pen, dict(params=1200, madds=2e6)) == [0.0, 0.7]
     arch = {n: np.random.default_rng(0).standard_normal(s) for n, s in SearchSpace().arch_shapes().items()}
@@ -136,14 +131,6 @@ TINY = ['--init_channels', '4', '--layers', '2', '--batch_size', '20', '--epochs
         '--target_channels', '8', '--target_layers', '4']
 # no parameter-free op, so every cell has a cost to cut
 COSTLY = ['--primitives', 'none,sep_conv_3x3,sep_conv_5x5,dil_conv_5x5']
-
-
-def _one_line_error(r, *phrases):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and 'error: ' in lines[0], r.stderr   # ours, or argparse's 'train_search.py: error: '
-    for p in phrases:
-        assert p in lines[0], lines[0]
 
 
 def test_a_budgeted_search_derives_a_cell_whose_trained_network_fits(cifar_dir, tmp_path):
@@ -196,5 +183,5 @@ def test_bad_budget_input_is_one_line_and_makes_no_run_folder(cifar_dir, tmp_pat
     for k, (flags, phrases) in enumerate(cases):
         run = str(tmp_path / f'run{k}')
         r = run_script('train_search.py', '--data', cifar_dir, '--save', run, *TINY, *flags)
-        _one_line_error(r, *phrases)
+        assert_one_line_error(r, *phrases, prefix=None)   # ours, or argparse's 'train_search.py: error: '
         assert not os.path.exists(run)

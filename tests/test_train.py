@@ -10,7 +10,7 @@ import paddle
 import pytest
 
 import genotypes
-from conftest import ROOT, onnx_paddle_and_test_program, run_script
+from conftest import ROOT, assert_one_line_error, onnx_paddle_and_test_program, run_script
 
 TINY = ['--arch', 'DARTS_V2', '--init_channels', '8', '--layers', '3', '--batch_size', '20', '--epochs', '3',
         '--num_workers', '0', '--seed', '1', '--no_download', '--report_freq', '2', '--learning_rate', '0.05']
@@ -237,7 +237,7 @@ def test_export_onnx_converts_a_run_and_a_failure_is_one_line(reference, tmp_pat
     assert os.path.getsize(copy / 'inference' / 'model.onnx') > 0
     os.remove(copy / 'inference' / 'model.onnx')
     (copy / 'inference' / 'model.json').write_text('{"not": "a program"}')
-    _one_line(run_script('train.py', '--export_onnx', copy), 'ONNX conversion', 'the Paddle model is kept')
+    assert_one_line_error(run_script('train.py', '--export_onnx', copy), 'ONNX conversion', 'the Paddle model is kept')
     assert not os.path.exists(copy / 'inference' / 'model.onnx')
     assert os.path.isfile(copy / 'inference' / 'model.pdiparams')
 
@@ -247,14 +247,6 @@ def test_predict_without_a_model(tmp_path):
     assert r.returncode == 2 and 'no exported model there' in r.stderr
 
 
-def _one_line(r, *phrases):
-    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: '), (r.returncode, r.stderr)
-    assert 'Traceback' not in r.stdout + r.stderr
-    for p in phrases:
-        assert p in lines[0], lines[0]
-
-
 def test_a_search_run_is_refused_by_resume_and_eval_only(tmp_path):
     run_dir = tmp_path / 'search'
     run_dir.mkdir()
@@ -262,8 +254,8 @@ def test_a_search_run_is_refused_by_resume_and_eval_only(tmp_path):
     (run_dir / 'args.json').write_text(json.dumps(vars(train_search.parse_args([]))))
     np.savez(run_dir / 'checkpoint.npz', __meta__=np.array(json.dumps({'epoch': 0, 'history': []})),
              weights=np.zeros(3, 'float32'))
-    _one_line(run_script('train.py', '--resume', run_dir), 'is a search run', 'genotype.json')
-    _one_line(run_script('train.py', '--eval_only', run_dir / 'checkpoint.npz'), 'not a checkpoint of a training run')
+    assert_one_line_error(run_script('train.py', '--resume', run_dir), 'is a search run', 'genotype.json')
+    assert_one_line_error(run_script('train.py', '--eval_only', run_dir / 'checkpoint.npz'), 'not a checkpoint of a training run')
 
 
 @pytest.mark.parametrize('content', [None, '{"image_size": 32', '{"mean": [0.5]}'])
@@ -276,4 +268,4 @@ def test_predict_with_a_missing_or_malformed_preprocess_json(reference, tmp_path
         os.remove(model_dir / 'preprocess.json')
     else:
         (model_dir / 'preprocess.json').write_text(content)
-    _one_line(run_script('train.py', '--predict', model_dir / 'model', tmp_path / 'a.png'), 'preprocess.json')
+    assert_one_line_error(run_script('train.py', '--predict', model_dir / 'model', tmp_path / 'a.png'), 'preprocess.json')

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_script, write_cifar
+from conftest import ROOT, assert_one_line_error, run_script, write_cifar
 
 TINY = ['--init_channels', '4', '--layers', '3', '--batch_size', '20', '--epochs', '3',
         '--num_workers', '0', '--seed', '5', '--no_download']
@@ -166,24 +166,16 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert meta['epoch'] == 0 and arrays['w'].tolist() == [0.0, 1.0, 2.0]
 
 
-def _one_line_error(r, *phrases):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith('error: '), r.stderr
-    for p in phrases:
-        assert p in lines[0], lines[0]
-
-
 def test_missing_data_says_what_is_expected(tmp_path):
     r = run_script('train_search.py', '--data', tmp_path / 'nothing', '--save', tmp_path / 'run', '--no_download')
-    _one_line_error(r, 'no CIFAR-10 in', 'data_batch_1', 'cifar-10-python.tar.gz')
+    assert_one_line_error(r, 'no CIFAR-10 in', 'data_batch_1', 'cifar-10-python.tar.gz')
 
 
 def test_offline_download_fails_cleanly(tmp_path):
     # a port on this machine where nothing listens: the download fails at once
     r = run_script('train_search.py', '--data', tmp_path / 'd', '--save', tmp_path / 'run',
                    '--data_url', 'http://127.0.0.1:9/cifar-10-python.tar.gz')
-    _one_line_error(r, 'downloading it failed')
+    assert_one_line_error(r, 'downloading it failed')
     assert not os.path.exists(tmp_path / 'd' / 'cifar-10-python.tar.gz.part')
 
 
@@ -193,20 +185,20 @@ def test_truncated_batch_file(tmp_path):
     raw = open(path, 'rb').read()
     open(path, 'wb').write(raw[: len(raw) // 2])
     r = run_script('train_search.py', '--data', tmp_path / 'c', '--save', tmp_path / 'run', '--no_download')
-    _one_line_error(r, 'data_batch_3', 'not a readable CIFAR-10 batch')
+    assert_one_line_error(r, 'data_batch_3', 'not a readable CIFAR-10 batch')
 
 
 def test_corrupt_archive(tmp_path):
     (tmp_path / 'c').mkdir()
     (tmp_path / 'c' / 'cifar-10-python.tar.gz').write_bytes(b'\x1f\x8b garbage')
     r = run_script('train_search.py', '--data', tmp_path / 'c', '--save', tmp_path / 'run', '--no_download')
-    _one_line_error(r, 'not a readable tar.gz')
+    assert_one_line_error(r, 'not a readable tar.gz')
 
 
 @pytest.mark.skipif(__import__('paddle').is_compiled_with_cuda(), reason='this Paddle has CUDA')
 def test_gpu_requested_without_cuda(cifar_dir, tmp_path):
     r = run_script('train_search.py', '--data', cifar_dir, '--save', tmp_path / 'run', '--device', 'gpu', *TINY)
-    _one_line_error(r, '--device gpu', '--device cpu')
+    assert_one_line_error(r, '--device gpu', '--device cpu')
 
 
 @pytest.mark.skipif(not __import__('paddle').is_compiled_with_cuda(), reason='this Paddle has no CUDA')
@@ -226,7 +218,7 @@ def test_gpu_is_selected_where_cuda_exists():
 def test_batch_larger_than_split(cifar_dir, tmp_path):
     r = run_script('train_search.py', '--data', cifar_dir, '--save', tmp_path / 'run', '--batch_size', '500',
                    '--no_download')
-    _one_line_error(r, '--batch_size 500', '100 train / 100 val')
+    assert_one_line_error(r, '--batch_size 500', '100 train / 100 val')
 
 
 def test_existing_run_dir_is_not_overwritten(cifar_dir, tmp_path):
@@ -234,7 +226,7 @@ def test_existing_run_dir_is_not_overwritten(cifar_dir, tmp_path):
     run_dir.mkdir()
     (run_dir / 'log.txt').write_text('precious\n')
     r = run_script('train_search.py', '--data', cifar_dir, '--save', run_dir, *TINY)
-    _one_line_error(r, 'already exists', '--resume')
+    assert_one_line_error(r, 'already exists', '--resume')
     assert (run_dir / 'log.txt').read_text() == 'precious\n'
     assert sorted(os.listdir(run_dir)) == ['log.txt']
 
@@ -246,12 +238,12 @@ def test_bad_flag_value():
 
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
     r = run_script('train_search.py', '--resume', tmp_path)
-    _one_line_error(r, 'is it a run folder')
+    assert_one_line_error(r, 'is it a run folder')
 
 
 def test_a_failed_start_leaves_no_folder_and_a_folder_without_checkpoint_resumes(cifar_dir, tmp_path):
     r = run_script('train_search.py', '--data', tmp_path / 'nothing', '--save', tmp_path / 'bad', '--no_download')
-    _one_line_error(r, 'no CIFAR-10 in')
+    assert_one_line_error(r, 'no CIFAR-10 in')
     assert not os.path.exists(tmp_path / 'bad')          # validated before the folder is made
     # a run killed before its first checkpoint: args.json and a log line, nothing else
     import train_search
@@ -261,7 +253,7 @@ def test_a_failed_start_leaves_no_folder_and_a_folder_without_checkpoint_resumes
     (run_dir / 'args.json').write_text(json.dumps(saved))
     (run_dir / 'log.txt').write_text('programs built\n')
     r = run_script('train_search.py', '--data', cifar_dir, '--save', run_dir, *TINY)
-    _one_line_error(r, 'already exists', f'--resume {run_dir}')
+    assert_one_line_error(r, 'already exists', f'--resume {run_dir}')
     r = run_script('train_search.py', '--resume', run_dir)
     assert r.returncode == 0, r.stderr
     assert 'starting from the beginning' in r.stdout
