@@ -137,10 +137,10 @@ def evaluate(exe, progs, batches, num_classes, world=None):
     return loss_sum / n, top1 / n, top5 / n, confusion
 
 
-def confusion_report(confusion, classes):
-    """Lines of per-class accuracy (recall) and the confusion matrix (rows: true class)."""
+def confusion_report(confusion, classes, split='test'):
+    """Lines of per-class accuracy (recall) and the confusion matrix (rows: true class) on `split`."""
     width = max(5, max(len(c) for c in classes))
-    lines = ['per-class accuracy on the test split:']
+    lines = [f'per-class accuracy on the {split} split:']
     for k, (name, row) in enumerate(zip(classes, confusion)):
         total = int(row.sum())
         acc = f'{100 * row[k] / total:6.2f}%' if total else '     - '
@@ -310,7 +310,7 @@ class Training:
         best_arrays, best_meta = self.best_arrays
         utils.set_tensors(self.scope, self.place, best_arrays)
         _, top1, _, confusion = evaluate(self.exe, self.progs, split.test, split.num_classes, self.world)
-        for line in confusion_report(confusion, split.info['classes']):
+        for line in confusion_report(confusion, split.info['classes'], self.eval_split):
             run.log(line)
         confusion_record = dict(split=self.eval_split, epoch=best_meta['epoch'] + 1, classes=split.info['classes'],
                                 matrix=confusion.tolist())

@@ -57,7 +57,8 @@ def test_protocol_runs_every_seed_resumes_after_a_kill_and_summarises(tmp_path):
         assert row['genotype'] == json.load(open(os.path.join(out, f'search-{s}', 'result.json')))['genotype']
         args = json.load(open(os.path.join(out, f'retrain-{s}', 'args.json')))
         assert (args['seed'], args['epochs'], args['val_fraction'], args['image_size']) == (s, 1, 0.2, 16)
-        assert 'validation loss' in open(os.path.join(out, f'retrain-{s}', 'log.txt')).read()
+        log = open(os.path.join(out, f'retrain-{s}', 'log.txt')).read()
+        assert 'validation loss' in log and 'per-class accuracy on the validation split:' in log and 'test split:' not in log
     best = max(summary['runs'], key=lambda r: r['retrain_val_top1'])
     assert summary['best_seed'] == best['seed']
     table = open(os.path.join(out, 'summary.md')).read()
