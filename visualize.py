@@ -91,9 +91,10 @@ def alphas_figure(record, ops, nodes):
     from matplotlib.figure import Figure
     edges = [f'{j + 2} <- {i}' for j in range(nodes) for i in range(j + 2)]
     fig = Figure(figsize=(2.2 + 0.9 * len(ops), 1.2 + 0.65 * len(edges)), layout='constrained')
+    top = max(w for cell in CELLS for row in record['alpha_' + cell] for w in row)  # one scale for both panels
     for ax, cell in zip(fig.subplots(1, 2, sharey=True), CELLS):
         weights = record['alpha_' + cell]
-        image = ax.imshow(weights, cmap='viridis', vmin=0, vmax=max(max(row) for row in weights), aspect='auto')
+        image = ax.imshow(weights, cmap='viridis', vmin=0, vmax=top, aspect='auto')
         ax.set_xticks(range(len(ops)), [_short(op, 12) for op in ops], rotation=45, ha='right')
         ax.set_yticks(range(len(edges)), edges)
         ax.set_title(f'{cell} cell, epoch {record["epoch"]}')
