@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from errors import UserError
+from guards import SKIP
 
 KINDS = ('params', 'madds')
 SUFFIX = {'': 1, 'K': 1e3, 'M': 1e6, 'G': 1e9}
@@ -265,12 +266,14 @@ def check_feasible(table, budgets):
                               f'space gives {human(low[kind])} {kind} ({low[kind]:,}) in the target network')
 
 
-def fit(genotype, weights, table, budgets):
+def fit(genotype, weights, table, budgets, max_skip=None):
     """(genotype, fits): the derived genotype with pairs replaced greedily until every budget
     holds.  A move replaces one pair (op, j) of a node by (op', j') (j' not the node's other
     input, op' never a zero op) that raises no budgeted cost and lowers a violated one; the move
     taken is the one losing the least edge weight W[e, o] per unit of cost saved (each saving
-    relative to its budget).  weights: {'normal', 'reduce'}: W of edge_weights_numpy."""
+    relative to its budget).  weights: {'normal', 'reduce'}: W of edge_weights_numpy.
+    max_skip (--max_skip): no move brings the normal cell above that many skip_connect pairs
+    (skips cost nothing, so a tight budget would otherwise buy its savings with them)."""
     from model_search import edge_index
     cells = {'normal': list(genotype.normal), 'reduce': list(genotype.reduce)}
     ops, cols = table.ops, table.choosable
@@ -295,6 +298,8 @@ def fit(genotype, weights, table, budgets):
                         continue
                     e2 = edge_index(i, j2)
                     for o2 in cols:
+                        if t == 'normal' and adds_a_skip(pairs, op, ops[o2], max_skip):
+                            continue
                         saved = {kind: table.cost[kind][t][e, o] - table.cost[kind][t][e2, o2] for kind in budgets}
                         if any(v < 0 for v in saved.values()):
                             continue
@@ -309,6 +314,12 @@ def fit(genotype, weights, table, budgets):
         _, t, k, pair = best
         cells[t][k] = pair
         g, now = costs()
+
+
+def adds_a_skip(pairs, op, new_op, max_skip):
+    """Whether replacing a pair's op by new_op takes the cell's skip_connect count above max_skip."""
+    skips = sum(o == SKIP for o, _ in pairs)
+    return max_skip is not None and new_op == SKIP and op != SKIP and skips >= max_skip
 
 
 @dataclass(frozen=True)

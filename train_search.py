@@ -401,7 +401,7 @@ class Search:
         from model_search import edge_weights_numpy
         table, budgets = self.penalty.table, self.penalty.budgets
         weights = {t: edge_weights_numpy(arch, self.space, t) for t in ('normal', 'reduce')}
-        fitted, fits = budget.fit(genotype, weights, table, budgets)
+        fitted, fits = budget.fit(genotype, weights, table, budgets, self.args.max_skip)
         changed = sum(a != b for a, b in zip(genotype.normal + genotype.reduce, fitted.normal + fitted.reduce))
         record['budget'] = dict(budgets=budgets, target=dataclasses.asdict(self.target),
                                 expected=table.expected(arch), unbudgeted=table.genotype_cost(genotype),

@@ -67,6 +67,23 @@ def test_fit_meets_the_budgets_with_valid_cells_and_leaves_a_fitting_cell_alone(
     assert budget.fit(g, weights, table, {k: cost[k] for k in budget.KINDS}) == (g, True)
 
 
+def test_fit_keeps_max_skip(tables):
+    """Skips cost nothing: fitting a tight budget buys its savings with them unless --max_skip caps them."""
+    rng = np.random.default_rng(4)
+    table, skip = tables[SMALL_CIFAR], SPACE.ops.index('skip_connect')
+    weights = {t: rng.random(table.cost['params'][t].shape) for t in ('normal', 'reduce')}
+    weights['normal'][:, skip] += 0.5                         # the alphas favour skips ...
+    g = genotypes.derive(weights['normal'] * (np.arange(len(SPACE.ops)) != skip), weights['reduce'], ops=SPACE.ops)
+    skips = lambda genotype: sum(op == 'skip_connect' for op, _ in genotype.normal)  # noqa: E731
+    assert skips(g) == 0                                      # ... but the derived cell has none
+    low = table.cheapest()['params']
+    free, fits = budget.fit(g, weights, table, {'params': low})
+    assert fits and skips(free) > 2
+    for cap in (0, 2):
+        capped, fits = budget.fit(g, weights, table, {'params': low}, max_skip=cap)
+        assert fits and skips(capped) == cap and table.genotype_cost(capped)['params'] == low
+
+
 def penalty(space, budgets):
     return synthetic_penalty(space, budgets, dict(params=1000, madds=200), weight=0.7, seed=3)
 
