@@ -106,58 +106,6 @@ def alphas_figure(record, ops, nodes):
     return fig
 
 
-def confusion_heading(confusion, title=None):
-    """'TITLE: SPLIT epoch E: accuracy A% (correct of total)', the parts that are known."""
-    matrix = confusion['matrix']
-    correct, total = sum(matrix[i][i] for i in range(len(matrix))), sum(map(sum, matrix))
-    where = ' '.join(str(confusion[k]) if k == 'split' else f'epoch {confusion[k]}'
-                     for k in ('split', 'epoch') if confusion.get(k) is not None)
-    accuracy = f'accuracy {100 * correct / total:.1f}% ({correct} of {total})' if total else 'no images'
-    return ': '.join(s for s in (title, where, accuracy) if s)
-
-
-def confusion_figure(confusion, title=None):
-    """A matplotlib figure of a confusion matrix (confusion.json's dict): rows the true class,
-    columns the predicted one, each square shaded by its share of the row, share_ij = m_ij / sum_k m_ik,
-    and labelled with its count up to MAX_NUMBERED classes; recall m_ii / sum_k m_ik in a column at the
-    right; the overall accuracy in the title.  Beyond LABEL_INCHES of room per class only every
-    k-th class is named, so that names never overlap."""
-    import numpy as np
-    import matplotlib
-    matplotlib.use('Agg')
-    from matplotlib.figure import Figure
-    check_confusion(confusion)
-    matrix = np.array(confusion['matrix'])
-    n, totals = len(matrix), matrix.sum(1)
-    share = matrix / np.maximum(totals, 1)[:, None]
-    recall = np.where(totals > 0, np.diag(matrix) / np.maximum(totals, 1), np.nan)
-    side = min(max(0.42 * n, 3.5), 12.0)      # inches of the grid
-    step = max(1, int(np.ceil(LABEL_INCHES * n / side)))
-    fig = Figure(figsize=(side + 3.2, side + 2.6), dpi=DPI, layout='constrained')
-    grid, column = fig.subplots(1, 2, sharey=True, gridspec_kw=dict(width_ratios=[10, 1.6 if n <= MAX_NUMBERED else 0.6]))
-    image = grid.imshow(share, cmap='Blues', vmin=0, vmax=1, aspect='auto', interpolation='nearest')
-    column.imshow(recall[:, None], cmap='Greens', vmin=0, vmax=1, aspect='auto', interpolation='nearest')
-    names = [_short(c) for c in confusion['classes']]
-    ticks = list(range(0, n, step))
-    grid.set_xticks(ticks, [names[k] for k in ticks], rotation=90 if max(map(len, names)) > 3 else 0)
-    grid.set_yticks(ticks, [names[k] for k in ticks])
-    grid.set_xlabel('predicted class')
-    grid.set_ylabel('true class')
-    column.set_xticks([0], ['recall'])
-    column.tick_params(left=False)
-    if n <= MAX_NUMBERED:
-        size = max(5.0, min(10.0, 30 * side / n))
-        for i in range(n):
-            for j in range(n):
-                grid.text(j, i, str(matrix[i, j]), ha='center', va='center', fontsize=size,
-                          color='white' if share[i, j] > 0.55 else 'black')
-            column.text(0, i, 'n/a' if np.isnan(recall[i]) else f'{100 * recall[i]:.1f}%', ha='center',
-                        va='center', fontsize=size, color='white' if recall[i] > 0.55 else 'black')
-    fig.colorbar(image, ax=[grid, column], shrink=0.5, label='share of the row (true class)')
-    fig.suptitle(confusion_heading(confusion, title))
-    return fig
-
-
 # ---------------------------------------------------------------- run pictures
 
 HISTORY_KEYS = ('epoch', 'train_loss', 'val_loss', 'train_acc', 'val_acc')
@@ -297,12 +245,6 @@ def collapse_png(history, path, title='search'):
     return line_panels(panels, path, f'{title}: collapse diagnostics')
 
 
-# ---------------------------------------------------------------- confusion matrix
-
-MAX_NUMBERED = 30  # more classes than this: shades only, no counts in the cells
-LABEL_INCHES = 0.16  # the least room a class name needs along an axis (a 10-point line)
-
-
 def budget_png(history, path, title='search'):
     """Per budgeted kind: the derived cell's cost in the target network, the fitted cell's, the
     expected cost E[C] under the alphas, and the budget, over the epochs (train_search.py --budget)."""
@@ -315,6 +257,12 @@ def budget_png(history, path, title='search'):
             ('expected E[C]', epochs, [r['budget']['expected'][kind] for r in history]),
             ('budget', epochs, [limit] * len(history))]))
     return line_panels(panels, path, f'{title}: cost against the budget')
+
+
+# ---------------------------------------------------------------- confusion matrix
+
+MAX_NUMBERED = 30  # more classes than this: shades only, no counts in the cells
+LABEL_INCHES = 0.16  # the least room a class name needs along an axis (a 10-point line)
 
 
 def read_confusion(path):
@@ -348,6 +296,58 @@ def _short(name, limit=16):
     name = str(name)
     head = (limit - 2) // 2
     return name if len(name) <= limit else name[:head] + '..' + name[len(name) - (limit - 2 - head):]
+
+
+def confusion_heading(confusion, title=None):
+    """'TITLE: SPLIT epoch E: accuracy A% (correct of total)', the parts that are known."""
+    matrix = confusion['matrix']
+    correct, total = sum(matrix[i][i] for i in range(len(matrix))), sum(map(sum, matrix))
+    where = ' '.join(str(confusion[k]) if k == 'split' else f'epoch {confusion[k]}'
+                     for k in ('split', 'epoch') if confusion.get(k) is not None)
+    accuracy = f'accuracy {100 * correct / total:.1f}% ({correct} of {total})' if total else 'no images'
+    return ': '.join(s for s in (title, where, accuracy) if s)
+
+
+def confusion_figure(confusion, title=None):
+    """A matplotlib figure of a confusion matrix (confusion.json's dict): rows the true class,
+    columns the predicted one, each square shaded by its share of the row, share_ij = m_ij / sum_k m_ik,
+    and labelled with its count up to MAX_NUMBERED classes; recall m_ii / sum_k m_ik in a column at the
+    right; the overall accuracy in the title.  Beyond LABEL_INCHES of room per class only every
+    k-th class is named, so that names never overlap."""
+    import numpy as np
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib.figure import Figure
+    check_confusion(confusion)
+    matrix = np.array(confusion['matrix'])
+    n, totals = len(matrix), matrix.sum(1)
+    share = matrix / np.maximum(totals, 1)[:, None]
+    recall = np.where(totals > 0, np.diag(matrix) / np.maximum(totals, 1), np.nan)
+    side = min(max(0.42 * n, 3.5), 12.0)      # inches of the grid
+    step = max(1, int(np.ceil(LABEL_INCHES * n / side)))
+    fig = Figure(figsize=(side + 3.2, side + 2.6), dpi=DPI, layout='constrained')
+    grid, column = fig.subplots(1, 2, sharey=True, gridspec_kw=dict(width_ratios=[10, 1.6 if n <= MAX_NUMBERED else 0.6]))
+    image = grid.imshow(share, cmap='Blues', vmin=0, vmax=1, aspect='auto', interpolation='nearest')
+    column.imshow(recall[:, None], cmap='Greens', vmin=0, vmax=1, aspect='auto', interpolation='nearest')
+    names = [_short(c) for c in confusion['classes']]
+    ticks = list(range(0, n, step))
+    grid.set_xticks(ticks, [names[k] for k in ticks], rotation=90 if max(map(len, names)) > 3 else 0)
+    grid.set_yticks(ticks, [names[k] for k in ticks])
+    grid.set_xlabel('predicted class')
+    grid.set_ylabel('true class')
+    column.set_xticks([0], ['recall'])
+    column.tick_params(left=False)
+    if n <= MAX_NUMBERED:
+        size = max(5.0, min(10.0, 30 * side / n))
+        for i in range(n):
+            for j in range(n):
+                grid.text(j, i, str(matrix[i, j]), ha='center', va='center', fontsize=size,
+                          color='white' if share[i, j] > 0.55 else 'black')
+            column.text(0, i, 'n/a' if np.isnan(recall[i]) else f'{100 * recall[i]:.1f}%', ha='center',
+                        va='center', fontsize=size, color='white' if recall[i] > 0.55 else 'black')
+    fig.colorbar(image, ax=[grid, column], shrink=0.5, label='share of the row (true class)')
+    fig.suptitle(confusion_heading(confusion, title))
+    return fig
 
 
 def confusion_png(confusion, path, title=None):
