@@ -36,10 +36,10 @@ import paddle.nn.functional as F
 
 import genotypes
 from errors import SearchSpaceError
-from utils import softmax
 from genotypes import PRIMITIVES, num_edges
 from operations import (Layout, Source, batch_norm, factorized_reduce, linear, lookup, reduction_layers,
                         relu_conv_bn, stem, sum_all)
+from utils import softmax
 
 STEM_MULTIPLIER = 3
 
