@@ -257,6 +257,23 @@ def probe_genotype(space):
     return genotypes.Genotype(pairs, concat, list(pairs), concat)
 
 
+def draw_within(table, kind, window, rng, ops, nodes, exclude=(), max_draws=20000):
+    """(genotype, cost, draws): the first cell drawn uniformly from the space (genotypes.random_genotype
+    with rng) whose cost of this kind lies in window = (low, high) and is not in exclude; rejection
+    sampling, so the cell is uniform over the space's cells inside the window.  None when
+    max_draws cells gave none."""
+    import genotypes
+    low, high = window
+    for draws in range(1, max_draws + 1):
+        g = genotypes.random_genotype(rng, ops, nodes)
+        if g in exclude:
+            continue
+        cost = table.genotype_cost(g)[kind]
+        if low <= cost <= high:
+            return g, cost, draws
+    return None
+
+
 def check_feasible(table, budgets):
     """A budget below the cheapest possible network: one line naming that cost."""
     low = table.cheapest()

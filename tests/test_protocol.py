@@ -83,7 +83,7 @@ def test_protocol_runs_every_seed_resumes_after_a_kill_and_summarises(tmp_path):
         assert row['beats_random'] == sum((row['retrain_val_top1'] > d) + 0.5 * (row['retrain_val_top1'] == d)
                                           for d in drawn)
     assert 0 <= rand['mann_whitney_p'] <= 1 and 'Mann-Whitney' in table and 'Random cells' in table
-    assert os.path.getsize(os.path.join(out, 'random.png')) > 1000
+    assert os.path.getsize(os.path.join(out, "comparison.png")) > 1000
     # a finished protocol re-run only summarises
     r = run_script('protocol.py', *flags, '--save', out)
     assert r.returncode == 0 and r.stdout.count('done already') == 7, r.stdout
@@ -115,3 +115,169 @@ def test_a_budget_sweep_searches_each_budget_and_plots_accuracy_against_cost(tmp
     assert r.returncode == 2 and '--budgets' in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = run_script('protocol.py', '--budgets', 'params=1M', '--budget', 'params=2M', '--save', str(tmp_path / 'bad'))
     assert r.returncode == 2 and 'set by the protocol' in r.stderr, r.stderr
+
+
+def test_matched_draws_land_in_the_window_are_seeded_and_counted_like_the_real_network():
+    import numpy as np
+    import paddle
+    import budget
+    import genotypes
+    from model_search import SearchSpace
+    paddle.enable_static()
+    target = budget.Target('cifar', 4, 2, 16, in_channels=1, num_classes=10)
+    table = budget.cost_table(target, SearchSpace(nodes=2))
+    sample = [table.genotype_cost(genotypes.random_genotype(np.random.default_rng([5, t]), genotypes.PRIMITIVES, 2))
+              ['params'] for t in range(500)]
+    low, high = min(sample), max(sample)
+    assert table.cheapest()['params'] <= low < high
+    middle = (low + high) // 2
+    window = (int(middle * 0.9), int(middle * 1.1))
+    drawn = []
+    for i in range(4):
+        g, cost, draws = budget.draw_within(table, 'params', window, np.random.default_rng([3, i]),
+                                            genotypes.PRIMITIVES, 2, exclude=drawn)
+        assert window[0] <= cost <= window[1] and draws >= 1
+        assert cost == budget.network_cost(target, g)['params']   # the built network's own count
+        drawn.append(g)
+    assert len({genotypes.to_json(g) for g in drawn}) == 4
+    again = budget.draw_within(table, 'params', window, np.random.default_rng([3, 0]), genotypes.PRIMITIVES, 2)
+    assert again[0] == drawn[0]
+    other = budget.draw_within(table, 'params', window, np.random.default_rng([4, 0]), genotypes.PRIMITIVES, 2)
+    assert other[0] != drawn[0]
+    assert budget.draw_within(table, 'params', (high + 1, high + 100), np.random.default_rng(0),
+                              genotypes.PRIMITIVES, 2, max_draws=300) is None
+
+
+VARIANT_FLAGS = [*[f if f != '2' or FLAGS[k - 1] != '--seeds' else '1' for k, f in enumerate(FLAGS)],
+                 '--variants', 'first=;second=--second_order --arch_learning_rate 1e-2']
+
+
+def test_variants_random_cells_at_equal_size_baselines_and_retrain_seeds_resume_and_summarise(tmp_path):
+    import numpy as np
+    import genotypes
+    mine = str(tmp_path / 'mine.json')
+    genotypes.save(genotypes.DARTS_V1, mine)
+    out = str(tmp_path / 'pays')
+    flags = [*VARIANT_FLAGS, '--random', '2', '--random_match', 'params', '--random_seed', '3',
+             '--baselines', f'DARTS_V2,{mine}', '--retrain_seeds', '2', '--jobs', '2']
+    cmd = [sys.executable, os.path.join(ROOT, 'protocol.py'), *flags, '--save', out]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    second_round = os.path.join(out, 'retrain-first-0-r1', 'args.json')
+    try:
+        deadline = time.time() + 900
+        while not os.path.isfile(second_round) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert os.path.isfile(second_round), 'the second round of retrains never started'
+        proc.send_signal(signal.SIGTERM)   # the protocol alone: it stops the two runs it has going
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143 and err.strip().splitlines()[-1].startswith('terminated (SIGTERM)'), err
+    assert not [p for p in os.listdir('/proc') if p.isdigit() and _cmdline_has(p, out)], 'a run outlived the protocol'
+    kept = {d: open(os.path.join(out, d, 'log.txt')).read() for d in os.listdir(out)
+            if os.path.isfile(os.path.join(out, d, 'result.json'))}
+    assert 'retrain-first-0-r1' not in kept and len(kept) >= 2 + 5
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert 'resuming' in r.stdout and r.stdout.count('done already') == len(kept)
+    assert all(open(os.path.join(out, d, 'log.txt')).read() == log for d, log in kept.items())   # not run again
+    summary = json.load(open(os.path.join(out, 'summary.json')))
+    # two variants, one row each, their own flags
+    rows = summary['runs']
+    assert [(row['variant'], row['seed']) for row in rows] == [('first', 0), ('second', 0)]
+    a = json.load(open(os.path.join(out, 'search-first-0', 'args.json')))
+    b = json.load(open(os.path.join(out, 'search-second-0', 'args.json')))
+    assert (a['first_order'], a['arch_learning_rate'], b['first_order'], b['arch_learning_rate']) == \
+        (True, 3e-4, False, 1e-2)
+    # every cell retrained twice, seeds S and S+1; its mean and sd from its two retrains
+    cells = rows + summary['random']['runs'] + summary['baselines']
+    assert len(cells) == 6
+    for row in cells:
+        values = []
+        for d, seed in zip(row['retrain_dirs'], row['retrain_seeds']):
+            args = json.load(open(os.path.join(d, 'args.json')))
+            assert (args['seed'], args['genotype_file']) == (seed, row['genotype_file'])
+            values.append(json.load(open(os.path.join(d, 'result.json')))['best_top1'])
+        assert row['retrain_seeds'][1] == row['retrain_seeds'][0] + 1 and row['retrain_val_top1_seeds'] == values
+        assert abs(row['retrain_val_top1'] - np.mean(values)) < 1e-12
+        assert abs(row['retrain_val_top1_sd'] - np.std(values, ddof=1)) < 1e-12
+    # the random cells: one set for both variants, inside +-10 % of the searched cells' median (train.py's count)
+    median = np.median([row['parameters'] for row in rows])
+    for row in summary['random']['runs']:
+        assert 0.9 * median - 1 <= row['parameters'] <= 1.1 * median + 1, (row['parameters'], median)
+        saved = json.load(open(row['genotype_file']))['search_space']
+        assert saved['match']['params'] == row['parameters'] and saved['random'] == [3, row['cell']]
+    # baselines by name and by file, retrained as they are
+    names = [row['name'] for row in summary['baselines']]
+    assert names == ['DARTS_V2', 'mine']
+    for row, g in zip(summary['baselines'], (genotypes.DARTS_V2, genotypes.DARTS_V1)):
+        assert genotypes.from_dict(row['genotype']) == g
+    # the groups and the noise floor, against an independent computation
+    groups = {g['group']: g for g in summary['groups']}
+    assert set(groups) == {'first', 'second', 'random', 'baseline DARTS_V2', 'baseline mine'}
+    assert groups['random']['cells'] == 2 and abs(groups['random']['mean'] - np.mean(
+        [row['retrain_val_top1'] for row in summary['random']['runs']])) < 1e-12
+    within = np.sqrt(np.mean([np.var(row['retrain_val_top1_seeds'], ddof=1) for row in cells]))
+    noise = summary['noise']
+    assert abs(noise['within_sd'] - within) < 1e-12 and noise['retrain_seeds'] == 2
+    random_means = [row['retrain_val_top1'] for row in summary['random']['runs']]
+    assert abs(noise['cell_mean_sd'] - np.std(random_means, ddof=1)) < 1e-12   # the only group with 2 cells
+    assert abs(groups['first']['vs_random']['detectable'] - 2.486 * noise['cell_mean_sd'] * np.sqrt(1 + 1 / 2)) < 1e-3
+    table = open(os.path.join(out, 'summary.md')).read()
+    assert 'noise floor: the same cell over 2 seeds varies by' in table and 'smallest difference 1 against 2' in table
+    assert '| first | 0' in table and '| second | 0' in table and '| DARTS_V2 |' in table and '(mean ± sd, 2 seeds)' in table
+    assert os.path.getsize(os.path.join(out, 'comparison.png')) > 1000
+
+
+def _cmdline_has(pid, text):
+    try:
+        with open(f'/proc/{pid}/cmdline', 'rb') as f:
+            return text.encode() in f.read()
+    except OSError:
+        return False
+
+
+def _fake_search(run_dir, genotype):
+    """What a finished search leaves that the protocol reads, without searching."""
+    import genotypes
+    os.makedirs(run_dir)
+    genotypes.save(genotype, os.path.join(run_dir, 'genotype.json'))
+    with open(os.path.join(run_dir, 'data.json'), 'w') as f:
+        json.dump(dict(image_size=16, channels=1, classes=[str(c) for c in range(10)]), f)
+    with open(os.path.join(run_dir, 'result.json'), 'w') as f:
+        json.dump(dict(genotype=genotypes.to_dict(genotype)), f)
+
+
+def test_bad_variants_baselines_and_an_unreachable_match_are_one_line(tmp_path, monkeypatch, capsys):
+    for bad, says in ((['--variants', 'a=--no_such_flag'], 'train_search.py (variant a) flags'),
+                      (['--variants', 'a=;a=--first_order'], 'given twice'),
+                      (['--variants', 'random=--first_order'], 'NAME=FLAGS'),
+                      (['--variants', 'a=--seed 3'], 'set by the protocol'),
+                      (['--baselines', 'DARTS_V9'], 'neither a named genotype'),
+                      (['--baselines', str(tmp_path / 'missing.json')], 'cannot read genotype file'),
+                      (['--random_match', 'params'], '--random N'),
+                      (['--random', '2', '--random_match', 'flops'], 'invalid choice'),
+                      (['--retrain_seeds', '0'], '--retrain_seeds must be at least 1')):
+        r = run_script('protocol.py', *bad, '--save', str(tmp_path / 'p'))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and says in lines[0] and lines[0].startswith('protocol.py: '), \
+            r.stderr
+        assert not os.path.exists(tmp_path / 'p')
+    # a space of 9 cells (skips only, 2 nodes): a tenth cell unlike the others cannot be drawn
+    import genotypes
+    import protocol
+    skips = genotypes.Genotype([('skip_connect', 0), ('skip_connect', 1)] * 2, [2, 3],
+                               [('skip_connect', 0), ('skip_connect', 1)] * 2, [2, 3])
+    monkeypatch.setattr(protocol, 'run_step', lambda what, script, flags, run_dir: _fake_search(run_dir, skips))
+    rc = protocol.main(['--seeds', '1', '--primitives', 'none,skip_connect', '--nodes', '2',
+                        '--dataset', 'digits', '--image_size', '16', '--retrain_layers', '2',
+                        '--retrain_init_channels', '4', '--random', '10', '--random_match', 'params',
+                        '--save', str(tmp_path / 'unreachable')])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith('error: --random_match params: 20,000 cells drawn'), err
+    drawn = [genotypes.load(str(tmp_path / 'unreachable' / f'random-{i}' / 'genotype.json')) for i in range(10)
+             if os.path.isfile(tmp_path / 'unreachable' / f'random-{i}' / 'genotype.json')]
+    assert 0 < len(drawn) <= 9 and len({genotypes.to_json(g) for g in drawn}) == len(drawn)
