@@ -9,7 +9,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from errors import GenotypeError
+from darts.errors import GenotypeError
 
 Genotype = namedtuple('Genotype', 'normal normal_concat reduce reduce_concat')
 
@@ -207,9 +207,9 @@ def load(path, check_ops=True):
 
 
 def save(genotype, path, space=None, costs=None):
-    """Write the genotype JSON atomically (utils.atomic_write); costs (a dict: the target
+    """Write the genotype JSON atomically (files.atomic_write); costs (a dict: the target
     network's params / madds, train_search.py --budget) is stored beside it."""
-    from utils import atomic_write
+    from darts.files import atomic_write
     d = to_dict(genotype, space)
     if costs:
         d['costs'] = costs

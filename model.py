@@ -160,12 +160,12 @@ def count_parameters(layout, exclude_prefix='auxiliary'):
 def count_multiply_adds(build, image_size, in_channels=3, **kw):
     """Multiply-adds of one image through the built network (no auxiliary head), as
     program_multiply_adds counts them."""
-    import fast_kernels
+    from darts import kernels
     from operations import ParamSet, declare
     layout = layout_of(build, image_size, in_channels, auxiliary=False, **kw)
     program = paddle.static.Program()
     # Paddle's conv ops, whose shapes are read below (not the compiled ones)
-    with paddle.static.program_guard(program, paddle.static.Program()), fast_kernels.paddle_kernels():
+    with paddle.static.program_guard(program, paddle.static.Program()), kernels.paddle_kernels():
         x = paddle.static.data('x', [1, in_channels, image_size, image_size], 'float32')
         build(ParamSet(layout, declare('weights', [layout.size]), 'running'), x, auxiliary=False, **kw)
     return program_multiply_adds(program)

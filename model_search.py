@@ -35,11 +35,11 @@ import paddle
 import paddle.nn.functional as F
 
 import genotypes
-from errors import SearchSpaceError
+from darts.errors import SearchSpaceError
 from genotypes import PRIMITIVES, num_edges
 from operations import (Layout, Source, batch_norm, factorized_reduce, linear, lookup, reduction_layers,
                         relu_conv_bn, stem, sum_all)
-from utils import softmax
+from darts.numeric import softmax
 
 STEM_MULTIPLIER = 3
 

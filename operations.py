@@ -28,7 +28,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-import fast_kernels
+from darts import kernels
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # running = 0.9 * running + 0.1 * batch, as torch's momentum=0.1
@@ -234,15 +234,15 @@ def sum_all(tensors):
 
 def conv(ps, name, x, c_out, kernel, stride=1, padding=0, dilation=1, groups=1):
     """Conv2d without bias; weight [c_out, c_in / groups, k, k].  Depthwise convolutions
-    (groups = c_in = c_out, k > 1) go to fast_kernels.depthwise_conv, unpadded 1x1 ones to
-    fast_kernels.pointwise_conv."""
+    (groups = c_in = c_out, k > 1) go to kernels.depthwise_conv, unpadded 1x1 ones to
+    kernels.pointwise_conv."""
     c_in = x.shape[1]
     fan_in = c_in // groups * kernel * kernel
     w = ps.weight(name, [c_out, c_in // groups, kernel, kernel], uniform_fan_in(fan_in))
     if groups == c_in == c_out and kernel > 1 and isinstance(padding, int):
-        return fast_kernels.depthwise_conv(x, w, stride, padding, dilation)
+        return kernels.depthwise_conv(x, w, stride, padding, dilation)
     if kernel == 1 and padding == 0:
-        return fast_kernels.pointwise_conv(x, w, stride, groups)
+        return kernels.pointwise_conv(x, w, stride, groups)
     return F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 

@@ -41,13 +41,10 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import numpy as np
 
-import budget
-import distributed
 import genotypes
-import guards
-import utils
-from darts import compare
-from errors import UserError
+from darts import cli, distributed, files, lifecycle
+from darts.errors import UserError
+from darts.search import budget, compare, guards
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # search flags the retrain takes too (as well as the data flags)
@@ -60,7 +57,7 @@ RESERVED = ('random', 'baseline')   # folder prefixes of the other groups
 
 
 def parse_args(argv=None):
-    p = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                              allow_abbrev=False,  # --seed is a search flag, not short for --seeds
                              epilog='Any other flag is a train_search.py flag (see python train_search.py --help).')
     a = p.add_argument
@@ -240,7 +237,7 @@ def _checked(parse, flags, script):
 
 
 def _data_flag_names():
-    import datasets
+    from darts import datasets
     return tuple(datasets._DEFAULTS)
 
 
@@ -274,7 +271,7 @@ LIVE_LOCK = threading.Lock()
 
 def run_step(what, script, flags, run_dir):
     """Run (or resume, or skip when done) one search or retrain; its output goes to ours.  Stopped
-    (Ctrl-C or SIGTERM), the child is stopped too, and only the protocol says so (utils.QUIET_STOP)."""
+    (Ctrl-C or SIGTERM), the child is stopped too, and only the protocol says so (lifecycle.QUIET_STOP)."""
     if finished(run_dir):
         print(f'protocol: {what}: done already ({run_dir})', flush=True)
         return
@@ -282,7 +279,7 @@ def run_step(what, script, flags, run_dir):
     cmd = [sys.executable, os.path.join(HERE, script)] + (['--resume', run_dir] if resume else flags)
     print(f'protocol: {what}: {"resuming " + run_dir if resume else " ".join(shlex.quote(c) for c in cmd[1:])}',
           flush=True)
-    child = subprocess.Popen(cmd, env=dict(os.environ, **{utils.QUIET_STOP: '1'}))
+    child = subprocess.Popen(cmd, env=dict(os.environ, **{lifecycle.QUIET_STOP: '1'}))
     with LIVE_LOCK:
         LIVE.add(child)
     try:
@@ -349,7 +346,7 @@ def wait_for(path, what):
 def retrain_target(out, args, searched):
     """The network the cells are retrained in (train.py's NetworkCIFAR), as a budget.Target, its
     data's size, channels and classes read from a finished search's data.json."""
-    meta = utils.read_json(os.path.join(os.path.dirname(searched[0]), 'data.json'))
+    meta = files.read_json(os.path.join(os.path.dirname(searched[0]), 'data.json'))
     r = args.retrain_args
     return budget.Target('cifar', r.init_channels, r.layers, meta['image_size'], meta['channels'],
                          len(meta['classes']))
@@ -446,7 +443,7 @@ def open_folder(out, plan, writer):
     if not writer:
         wait_for(plan_path, 'start it')
     if os.path.isfile(plan_path):
-        before = utils.read_json(plan_path)
+        before = files.read_json(plan_path)
         if before != plan:
             raise UserError(f'{out} was started with other settings ({json.dumps(before)}); run the same command '
                             f'to continue it, or pick another --save')
@@ -454,7 +451,7 @@ def open_folder(out, plan, writer):
         raise UserError(f'{out} exists and is not a protocol folder; pick another --save')
     else:
         os.makedirs(out, exist_ok=True)
-        utils.write_json(plan_path, plan)
+        files.write_json(plan_path, plan)
 
 
 def make_plan(args):
@@ -519,7 +516,7 @@ def protocol(args):
 
 def cell_row(out, cell, k):
     """A cell's summary row: its retrains' validation top-1 (each the best epoch's), their mean and sd."""
-    retrains = [utils.read_json(os.path.join(cell.retrain_dir(out, r), 'result.json')) for r in range(k)]
+    retrains = [files.read_json(os.path.join(cell.retrain_dir(out, r), 'result.json')) for r in range(k)]
     values = [r['best_top1'] for r in retrains]
     mean, sd = compare.cell_spread(values)
     g = genotypes.from_dict(retrains[0]['genotype'], check_ops=False)
@@ -543,7 +540,7 @@ def summarise(out, plan):
         elif cell.group == 'baseline':
             baseline_rows.append(dict(row, name=cell.info['name']))
         else:
-            search = utils.read_json(os.path.join(os.path.dirname(cell.genotype_file), 'result.json'))
+            search = files.read_json(os.path.join(os.path.dirname(cell.genotype_file), 'result.json'))
             rows.append(dict(row, seed=cell.info['seed_of_search'], budget=cell.info['budget'],
                              variant=cell.info['variant'], target_costs=search.get('costs'),
                              search_val_top1=search['search_val_top1'], search_epochs=search['epoch'],
@@ -559,7 +556,7 @@ def summarise(out, plan):
     if baseline_rows:
         summary['baselines'] = baseline_rows
     summary['groups'], summary['noise'] = groups_and_noise(rows, random_rows, baseline_rows)
-    utils.write_json(os.path.join(out, 'summary.json'), summary)
+    files.write_json(os.path.join(out, 'summary.json'), summary)
     lines = summary_lines(summary, plan)
     with open(os.path.join(out, 'summary.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')

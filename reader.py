@@ -19,8 +19,8 @@ import zlib
 
 import numpy as np
 
-from distributed import shard_bounds
-from errors import DataError
+from darts.distributed import shard_bounds
+from darts.errors import DataError
 
 CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
 CIFAR_MD5 = 'c58f30108f718f92721af3b95e74349a'
@@ -301,7 +301,7 @@ _SOURCES = {}
 def worker_init(parent):
     """In a forked worker: Ctrl-C is the main process's to handle (it ends the pool), SIGTERM
     just ends the worker (the handler inherited from Paddle would print a C++ 'FatalError:
-    Termination signal' block; the parent blocks it, see utils.stop_on_sigterm), and the worker
+    Termination signal' block; the parent blocks it, see lifecycle.stop_on_sigterm), and the worker
     is killed when its parent dies, however it dies (else it would wait on the pool's pipe for ever)."""
     import ctypes
     import signal

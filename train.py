@@ -17,17 +17,18 @@ is continued by --resume from the beginning, with its saved flags.
 import argparse
 import os
 
-import utils  # first: sets Paddle's environment flags before paddle is imported
-import datasets
-import distributed
+from darts import process
+
+process.prepare()   # first: Paddle's logging quiet, malloc tuned, before paddle is imported
+
 import genotypes
-import training
+from darts import cli, datasets, distributed, lifecycle, numeric, training
+from darts.errors import UserError
 from reader import ArrayBatches
-from errors import UserError
 
 
 def parse_args(argv=None):
-    p = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                              epilog=distributed.LAUNCH_HELP)
     a = p.add_argument
     a('--arch', default='DARTS_PADDLE', help=f'a named genotype: {", ".join(genotypes.NAMED)}')
@@ -51,7 +52,7 @@ def parse_args(argv=None):
       help='evaluate on a stratified hold-out of F of the training images instead of the test set (0: test set)')
     a('--device', default='auto', choices=['auto', 'gpu', 'cpu'])
     a('--no_custom_kernels', action='store_true',
-      help="Paddle's own depthwise and 1x1 convolutions instead of the compiled ones (CPU; see fast_kernels.py)")
+      help="Paddle's own depthwise and 1x1 convolutions instead of the compiled ones (CPU; see kernels.py)")
     a('--seed', type=int, default=0)
     a('--num_workers', type=int, default=min(2, os.cpu_count() or 1),
       help='processes that decode images and make batches (0: none)')
@@ -106,11 +107,11 @@ def array_data(args, for_eval, say, shard=(0, 1)):
 
 TASK = training.Task(
     data=array_data, network=None, prefix='eval', parse=parse_args,
-    lr_at=lambda args, epoch: utils.cosine_lr(epoch, args.epochs, args.learning_rate, args.learning_rate_min))
+    lr_at=lambda args, epoch: numeric.cosine_lr(epoch, args.epochs, args.learning_rate, args.learning_rate_min))
 
 
 def main(argv=None):
-    return utils.run_main(lambda args: training.fit(TASK, args), argv, parse_args)
+    return lifecycle.run_main(lambda args: training.fit(TASK, args), argv, parse_args)
 
 
 if __name__ == '__main__':

@@ -11,17 +11,19 @@ batch 128, lr 0.1 decayed by 0.97 per epoch, momentum 0.9, wd 3e-5, clip 5.
 import argparse
 import os
 
-import utils  # first: sets Paddle's environment flags before paddle is imported
-import distributed
+from darts import process
+
+process.prepare()   # first: Paddle's logging quiet, malloc tuned, before paddle is imported
+
 import genotypes
 import model
+from darts import cli, distributed, lifecycle, training
+from darts.errors import UserError
 from reader import IMAGENET_MEAN, IMAGENET_STD, FileBatches, scan_imagenet
-import training
-from errors import UserError
 
 
 def parse_args(argv=None):
-    p = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                              epilog=distributed.LAUNCH_HELP)
     a = p.add_argument
     a('--arch', default='DARTS_PADDLE', help=f'a named genotype: {", ".join(genotypes.NAMED)}')
@@ -43,7 +45,7 @@ def parse_args(argv=None):
     a('--image_size', type=int, default=224, help='training crop; validation resizes to size*256/224 first')
     a('--device', default='auto', choices=['auto', 'gpu', 'cpu'])
     a('--no_custom_kernels', action='store_true',
-      help="Paddle's own depthwise and 1x1 convolutions instead of the compiled ones (CPU; see fast_kernels.py)")
+      help="Paddle's own depthwise and 1x1 convolutions instead of the compiled ones (CPU; see kernels.py)")
     a('--seed', type=int, default=0)
     a('--num_workers', type=int, default=min(4, os.cpu_count() or 1))
     a('--report_freq', type=int, default=100)
@@ -107,7 +109,7 @@ IMAGENET = training.Task(data=imagenet_data, network=model.network_imagenet,
 
 
 def main(argv=None):
-    return utils.run_main(lambda args: training.fit(IMAGENET, args), argv, parse_args)
+    return lifecycle.run_main(lambda args: training.fit(IMAGENET, args), argv, parse_args)
 
 
 if __name__ == '__main__':

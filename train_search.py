@@ -21,16 +21,14 @@ import dataclasses
 import os
 import time
 
-import utils  # first: sets Paddle's environment flags before paddle is imported
-import datasets
-import distributed
-import events
-import fast_kernels
+from darts import process
+
+process.prepare()   # first: Paddle's logging quiet, malloc tuned, before paddle is imported
+
 import genotypes
-import budget
-import guards
-import runfolder
-from errors import SearchSpaceError, UserError
+from darts import cli, datasets, distributed, events, kernels, lifecycle, numeric, progress, runfolder, tensors
+from darts.errors import SearchSpaceError, UserError
+from darts.search import budget, guards
 from reader import ArrayBatches, search_split
 
 # Flags a resumed run may change; everything else is taken from the run's args.json.
@@ -48,7 +46,7 @@ PRESETS = {
 
 def parse_args(argv=None):
     from operations import OPS
-    p = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                              epilog=distributed.LAUNCH_HELP)
     a = p.add_argument
     a('--preset', choices=sorted(PRESETS), default=None,
@@ -117,7 +115,7 @@ def parse_args(argv=None):
     b.add_argument('--target_image_size', type=int, default=None, help='its input size (default: the data\'s)')
     a('--device', default='auto', choices=['auto', 'gpu', 'cpu'], help='auto: the GPU when there is one')
     a('--no_custom_kernels', action='store_true',
-      help="Paddle's own depthwise and 1x1 convolutions instead of the compiled ones (CPU; see fast_kernels.py)")
+      help="Paddle's own depthwise and 1x1 convolutions instead of the compiled ones (CPU; see kernels.py)")
     a('--seed', type=int, default=2)
     a('--num_workers', type=int, default=min(2, os.cpu_count() or 1),
       help='processes that decode images and make batches (0: none)')
@@ -170,9 +168,9 @@ class Search:
         args = runfolder.start(args, 'search', RESUMABLE_OVERRIDES, parse_args)
         space = search_space(args)  # everything that can fail on bad input, before the folder is made
         budgets = budget.parse(args.budget)
-        world = distributed.setup(args.device, not args.no_custom_kernels)
+        world = distributed.setup(args.device, not args.no_custom_kernels, on_stall=lifecycle.stop_now)
         world.check_batch(args.batch_size)
-        data = datasets.load(args, args.num_workers, print if world.writer else utils.silent)
+        data = datasets.load(args, args.num_workers, print if world.writer else lifecycle.silent)
         search_train, search_val = search_split(len(data.train_x), args.train_portion, seed=args.seed)
         if args.batch_size > min(len(search_train), len(search_val)):
             raise UserError(f'--batch_size {args.batch_size} is larger than the search split '
@@ -193,7 +191,7 @@ class Search:
             run.log(f'budget: {describe_budgets(self.penalty.budgets)} in the {self.target.describe()} (lambda '
                     f'{self.penalty.weight:g}); cheapest possible cell there: '
                     f'{describe_costs(self.penalty.table.cheapest())}')
-        run.log(f'convolution kernels: {fast_kernels.status()}')
+        run.log(f'convolution kernels: {kernels.status()}')
         run.log(f'processes: {world.describe()}')
         self.restore()
         self.make_batches(data, search_train, search_val)
@@ -277,7 +275,7 @@ class Search:
             self.events.close()
             return run.path
         with paddle.static.scope_guard(self.scope):
-            utils.set_tensors(self.scope, self.place, {**self.state,
+            tensors.set_tensors(self.scope, self.place, {**self.state,
                                                        **scratch_state(self.progs.layout, self.cfg.arch_shapes)})
             if self.start_epoch == 0:
                 run.log('the first step also prepares the programs (Paddle does this once, it takes a while)')
@@ -290,7 +288,7 @@ class Search:
         """One pass over the batches: an alpha step on search-val, then a weight step on search-train."""
         from architect import run_search_step, schedule_values
         args, run = self.args, self.run_folder
-        lr = utils.cosine_lr(epoch, args.epochs, args.learning_rate, args.learning_rate_min)
+        lr = numeric.cosine_lr(epoch, args.epochs, args.learning_rate, args.learning_rate_min)
         update_arch = epoch >= args.arch_warmup_epochs
         schedule = dict(aux_skip=guards.auxiliary_skip_coefficient(epoch, args.epochs),
                         beta_decay=guards.beta_decay_weight(args.beta_decay or 0.0, epoch, args.epochs))
@@ -298,21 +296,21 @@ class Search:
             schedule['budget_weights'] = self.budget_weights()
         if self.cfg.arch_lr_annealed:
             schedule['arch_lr'] = arch_lr(args, epoch)
-        utils.set_tensors(self.scope, self.place, schedule_values(self.cfg, **schedule))  # fed, never rebuilt
+        tensors.set_tensors(self.scope, self.place, schedule_values(self.cfg, **schedule))  # fed, never rebuilt
         if not update_arch:
             run.log(f'epoch {epoch + 1}: warm-up, weights only (architecture steps from epoch '
                     f'{args.arch_warmup_epochs + 1})')
-        stats = utils.EpochStats(epoch, lambda local: self.world.sum(self.exe, local))
+        stats = progress.EpochStats(epoch, lambda local: self.world.sum(self.exe, local))
         steps = min(len(self.train_batches), len(self.val_batches))
-        progress = utils.Progress(run.log, steps, f'epoch {epoch + 1}/{args.epochs}', args.report_freq,
+        meter = progress.Progress(run.log, steps, f'epoch {epoch + 1}/{args.epochs}', args.report_freq,
                                   on_line=lambda n, rate: self.events.step(epoch, n - 1, loss=stats.loss,
                                                                            top1=stats.accuracy, images_per_sec=rate))
         for (tx, ty), (vx, vy) in zip(self.train_batches.epoch(epoch), self.val_batches.epoch(epoch)):
             loss, logits, _ = run_search_step(self.exe, self.progs, dict(train_x=tx, train_y=ty, val_x=vx, val_y=vy),
                                               lr, update_arch)
             images = stats.add(loss, logits, ty)
-            progress.update(images, lambda: f'train loss {stats.loss:.4f} top1 {100 * stats.accuracy:.2f}%')
-        progress.close()
+            meter.update(images, lambda: f'train loss {stats.loss:.4f} top1 {100 * stats.accuracy:.2f}%')
+        meter.close()
         stats.close()
         return dict(lr=lr, stats=stats, arch_updates=update_arch, **schedule)
 
@@ -356,7 +354,7 @@ class Search:
         # evaluated and saved is then the same on every rank
         self.world.average_tensors(self.exe, self.scope, list(self.progs.layout.buffers))
         val_loss, val_acc = self.evaluate()
-        arch = utils.get_tensors(self.scope, list(self.cfg.arch_shapes))
+        arch = tensors.get_tensors(self.scope, list(self.cfg.arch_shapes))
         raw = genotype = derive_genotype(arch, space)
         record = dict(epoch=epoch + 1, lr=train['lr'], train_loss=stats.loss, train_acc=stats.accuracy,
                       val_loss=val_loss, val_acc=val_acc, images_per_sec=stats.images_per_sec,
@@ -383,7 +381,7 @@ class Search:
                                                               *self.eigen_batch, step=args.hessian_eigen_step)[0]
             record['hessian_seconds'] = time.time() - t_eig
         for kind in ('normal', 'reduce'):  # softmax(alpha): rows = edges, columns = --primitives
-            record['alpha_' + kind] = utils.softmax(arch['alpha_' + kind]).round(6).tolist()
+            record['alpha_' + kind] = numeric.softmax(arch['alpha_' + kind]).round(6).tolist()
             if space.edge_normalization:
                 record['beta_' + kind] = normalized_betas_numpy(arch['beta_' + kind], space.nodes).round(6).tolist()
         return record, genotype, raw
@@ -391,7 +389,7 @@ class Search:
     def budget_weights(self):
         """The penalty's lambda per budget for the coming epoch: on while the cell derived now is over."""
         from model_search import derive_genotype
-        arch = utils.get_tensors(self.scope, list(self.cfg.arch_shapes))
+        arch = tensors.get_tensors(self.scope, list(self.cfg.arch_shapes))
         derived = derive_genotype(arch, self.space)
         return budget.epoch_weights(self.penalty, self.penalty.table.genotype_cost(derived))
 
@@ -427,7 +425,7 @@ class Search:
 
     def persist(self, record):
         """The epoch's checkpoint and history line, then its genotype files."""
-        arrays = utils.get_tensors(self.scope, list(self.state))
+        arrays = tensors.get_tensors(self.scope, list(self.state))
         self.run_folder.end_epoch(arrays, self.history, seed=self.args.seed,
                                   note='data order and augmentation are seeded by (seed, epoch, batch)')
         write_genotypes(self.run_folder, record, self.space, self.args)
@@ -467,7 +465,7 @@ def arch_lr(args, epoch):
     """The alphas' learning rate in epoch (from 0) under --arch_learning_rate_schedule cosine:
     arch_lr * (1 + cos(pi * k / K)) / 2 at the k-th of the K epochs with architecture steps."""
     k, n = epoch - args.arch_warmup_epochs, args.epochs - args.arch_warmup_epochs
-    return utils.cosine_lr(max(k, 0), max(n, 1), args.arch_learning_rate, 0.0)
+    return numeric.cosine_lr(max(k, 0), max(n, 1), args.arch_learning_rate, 0.0)
 
 
 def search_space(args):
@@ -540,7 +538,7 @@ def budget_line(b):
 
 
 def main(argv=None):
-    return utils.run_main(search, argv, parse_args)
+    return lifecycle.run_main(search, argv, parse_args)
 
 
 if __name__ == '__main__':

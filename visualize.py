@@ -19,8 +19,9 @@ import shutil
 import sys
 
 import genotypes
-from errors import UserError
-from utils import ArgumentParser, run_main
+from darts.errors import UserError
+from darts.cli import ArgumentParser
+from darts.lifecycle import run_main
 
 CELLS = ('normal', 'reduce')
 

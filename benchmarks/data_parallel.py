@@ -45,7 +45,7 @@ def search_step(args, world, exe):
     p, arch = progs.layout.size, sum(int(__import__('numpy').prod(s)) for s in cfg.arch_shapes.values())
     # second order: grad_w L_train (w'), [dalpha, dw'], g+, g-, the weight gradient; first: g_alpha, weights
     sizes = [p, arch + p, arch, arch, p] if cfg.second_order else [arch, p]
-    return first, median, sizes + [3]   # + the step's loss / correct / images sums (utils.EpochStats)
+    return first, median, sizes + [3]   # + the step's loss / correct / images sums (progress.EpochStats)
 
 
 def train_step(args, world, exe):
@@ -60,7 +60,7 @@ def allreduce_seconds(world, exe, sizes, repeats=20):
     """Median seconds of one all-reduce of n float32 values, for each n in sizes (all ranks alike)."""
     import numpy as np
     import paddle
-    from distributed import mean_across_ranks
+    from darts.distributed import mean_across_ranks
     out = []
     for n in sizes:
         program = paddle.static.Program()
@@ -74,9 +74,10 @@ def allreduce_seconds(world, exe, sizes, repeats=20):
 
 
 def worker(args):
-    import utils  # noqa: F401  (environment flags, before paddle)
+    from darts import process
+    process.prepare()   # before paddle is imported
     import paddle
-    import distributed
+    from darts import distributed
     paddle.enable_static()
     world = distributed.setup('cpu')
     exe = paddle.static.Executor(world.place)

@@ -38,7 +38,7 @@ def build(op_name, n, c, s, k, d, backward):
     fetches one element of each result: the timing is the kernels' and Paddle's per-op overhead."""
     import paddle
     import paddle.nn.functional as F
-    import fast_kernels
+    from darts import kernels
     from operations import declare
     pad = d * (k - 1) // 2
     program = paddle.static.Program()
@@ -46,7 +46,7 @@ def build(op_name, n, c, s, k, d, backward):
         x = declare('bench/x', [n, c, s, s], trainable=True)
         w = declare('bench/w', [c, 1, k, k], trainable=True)
         if op_name == 'compiled':
-            out = fast_kernels.module().darts_depthwise_conv2d(x, w, 1, pad, d)
+            out = kernels.module().darts_depthwise_conv2d(x, w, 1, pad, d)
         else:
             out = F.conv2d(x, w, padding=pad, dilation=d, groups=c)
         fetch = [out[0, 0, 0, 0]]
@@ -61,18 +61,18 @@ def main():
     p.add_argument('--repeats', type=int, default=20)
     args = p.parse_args()
     import numpy as np
-    import utils
+    from darts import tensors
     import paddle
-    import fast_kernels
+    from darts import kernels
     paddle.enable_static()
-    if fast_kernels.module() is None:
-        sys.exit(f'depthwise_kernel.py: no compiled op: {fast_kernels.status()}')
+    if kernels.module() is None:
+        sys.exit(f'depthwise_kernel.py: no compiled op: {kernels.status()}')
     exe = paddle.static.Executor(paddle.CPUPlace())
     scope = paddle.static.global_scope()
     rng = np.random.default_rng(0)
     rows = []
     for n, c, s, k, d in SHAPES:
-        utils.set_tensors(scope, paddle.CPUPlace(), {
+        tensors.set_tensors(scope, paddle.CPUPlace(), {
             'bench/x': rng.standard_normal((n, c, s, s)), 'bench/w': rng.standard_normal((c, 1, k, k)),
             'bench/dout': rng.standard_normal((n, c, s, s))})
         row = dict(batch=n, channels=c, size=s, kernel=k, dilation=d)
@@ -94,7 +94,7 @@ def main():
     gib = 1 << 30
     memory = round(2 * gib / copy_seconds(gib, 5) / 1e9, 2)
     print(json.dumps(dict(shapes=rows, copy_1GiB_GBps=memory, omp_threads=os.environ.get('OMP_NUM_THREADS'),
-                          cores=os.cpu_count(), depthwise=fast_kernels.status(), paddle=paddle.__version__),
+                          cores=os.cpu_count(), depthwise=kernels.status(), paddle=paddle.__version__),
                      indent=1))
 
 

@@ -25,19 +25,19 @@ from timing import median_seconds  # noqa: E402
 def export(arch, init_channels, layers, folder):
     """train.py's inference model and its ONNX twin for the network, in folder; their prefix."""
     import numpy as np
-    import utils
+    from darts import tensors
     import paddle
     import genotypes
-    import onnx_export
+    from darts import onnx_export
     import train
-    import training
+    from darts import training
     paddle.enable_static()
     args = train.parse_args(['--arch', arch, '--init_channels', str(init_channels), '--layers', str(layers)])
     progs = training.build_programs(genotypes.by_name(arch), args)
     scope, place = paddle.static.Scope(), paddle.CPUPlace()
     exe = paddle.static.Executor(place)
     with paddle.static.scope_guard(scope):
-        utils.set_tensors(scope, place, training.initial_state(progs['layout'], 0))
+        tensors.set_tensors(scope, place, training.initial_state(progs['layout'], 0))
         prefix = training.export_inference(exe, progs, folder, dict(image_size=32, mean=[0.5] * 3, std=[0.25] * 3))
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype('float32')
     _, diff = onnx_export.export(prefix, x)

@@ -34,7 +34,7 @@ def make_jpegs(root, n, width, height, seed=0):
 
 def measure(args):
     import numpy as np
-    import datasets
+    from darts import datasets
     import reader
     quiet = lambda *a: None  # noqa: E731 - the benchmark prints only its JSON
     out = dict(config=dict(images=args.images, source_size=[args.width, args.height], image_size=args.image_size,

@@ -37,10 +37,11 @@ def main():
     args = p.parse_args()
     if args.no_custom_kernels:
         os.environ['PADDLE_DARTS_CUSTOM_KERNELS'] = '0'
-    import utils  # noqa: F401  (environment flags)
+    from darts import process
+    process.prepare()   # before paddle is imported
     import paddle
     import paddle.profiler as profiler
-    import fast_kernels
+    from darts import kernels
     paddle.enable_static()
     if args.what == 'train':
         step, _ = ready_train_step('DARTS_V2', args.init_channels, args.layers, args.batch_size, args.network)
@@ -80,7 +81,7 @@ def main():
         elif rows and line.startswith('---'):
             break
     rows.sort(key=lambda r: -r['total_ms'])
-    print(json.dumps(dict(config=vars(args), kernels=fast_kernels.status(), steps=args.steps,
+    print(json.dumps(dict(config=vars(args), kernels=kernels.status(), steps=args.steps,
                           top=rows[:args.top]), indent=1))
 
 

@@ -63,9 +63,10 @@ def ready_programs(cfg, place):
 
 
 def measure(args, second_order):
-    import utils  # noqa: F401  (environment flags)
+    from darts import process
+    process.prepare()   # before paddle is imported
     import paddle
-    import distributed
+    from darts import distributed
     from architect import SearchConfig, count_ops, hessian_eigenvalue, run_search_step
     from model_search import SearchSpace
     from operations import stem_reductions
@@ -91,9 +92,9 @@ def measure(args, second_order):
             t = time.time()
             hessian_eigenvalue(exe, scope, place, progs, batch['val_x'], batch['val_y'])
             eigen[what] = time.time() - t
-    import fast_kernels
+    from darts import kernels
     return dict(order='second' if second_order else 'first', seconds_per_step_median=statistics.median(timed),
-                kernels=fast_kernels.status(),
+                kernels=kernels.status(),
                 seconds_per_step_min=min(timed), steps_timed=len(timed), first_step_seconds=times[0],
                 build_seconds=build, ops=sum(count_ops(p) for p in progs.programs.values()),
                 weights=progs.layout.size, stem_reductions=stem_reductions(args.image_size),

@@ -28,12 +28,13 @@ def ready_train_step(arch, init_channels, layers, batch_size, network='cifar', p
     classes, label smoothing 0.1, no drop path) runs it, auxiliary head on.  rows: this process's
     share of the batch (benchmarks/data_parallel.py)."""
     import numpy as np
-    import utils  # noqa: F401  (environment flags, before paddle)
+    from darts import process
+    process.prepare()   # before paddle is imported
     import paddle
     import genotypes
     import model
-    import training
-    from utils import set_tensors
+    from darts import training
+    from darts.tensors import set_tensors
     paddle.enable_static()
     if network == 'imagenet':
         import train_imagenet as script

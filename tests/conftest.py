@@ -11,7 +11,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-os.environ.setdefault('GLOG_minloglevel', '2')
+from darts import process  # noqa: E402
+
+process.prepare()   # as every command does first: Paddle's logging quiet, malloc tuned
 
 # Four classes told apart by colour (plus noise and a random bright square), so a
 # tiny network can learn them in a few epochs; chance is 25 %.
@@ -80,13 +82,13 @@ def onnx_paddle_and_test_program(run_dir, task, x):
     import argparse
     import json
     import paddle
-    import onnx_export
-    import training
-    import utils
+    from darts import onnx_export
+    from darts import training
+    from darts import files, tensors
     prefix = os.path.join(run_dir, 'inference', 'model')
     by_onnx = onnx_export.run(onnx_export.session(prefix + '.onnx'), x)
     by_inference = onnx_export.paddle_probabilities(prefix, x)
-    arrays, meta = utils.load_checkpoint(os.path.join(run_dir, 'best.npz'))
+    arrays, meta = files.load_checkpoint(os.path.join(run_dir, 'best.npz'))
     args = argparse.Namespace(**meta['args'])
     with open(os.path.join(run_dir, 'data.json')) as f:
         info = json.load(f)
@@ -95,7 +97,7 @@ def onnx_paddle_and_test_program(run_dir, task, x):
     scope = paddle.static.Scope()
     exe = paddle.static.Executor(paddle.CPUPlace())
     with paddle.static.scope_guard(scope):
-        utils.set_tensors(scope, paddle.CPUPlace(), arrays)
+        tensors.set_tensors(scope, paddle.CPUPlace(), arrays)
         _, logits = exe.run(progs['test'], feed={'x': x, 'y': np.zeros(len(x), 'int64')},
                             fetch_list=progs['test_fetch'])
     e = np.exp(logits - logits.max(1, keepdims=True))
@@ -144,7 +146,7 @@ def assert_one_line_error(r, *phrases, prefix='error: '):
 def synthetic_penalty(space, budgets, fixed, weight, seed):
     """A budget penalty (budget.Penalty) over made-up op costs (uniform 0-500 per edge and op, 0 for
     'none') on top of the fixed costs of the stem and classifier, `fixed` = dict(params=, madds=)."""
-    import budget
+    from darts.search import budget
     import genotypes
     rng = np.random.default_rng(seed)
     e, n, zero = genotypes.num_edges(space.nodes), len(space.ops), space.ops.index('none')

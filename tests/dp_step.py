@@ -14,8 +14,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-import utils  # noqa: E402,F401  (environment flags, before paddle)
-import distributed  # noqa: E402
+
+from darts import distributed  # noqa: E402
 import paddle  # noqa: E402
 
 import test_architect as ta  # noqa: E402

@@ -4,8 +4,8 @@ import numpy as np
 import paddle
 import pytest
 
-import budget
-import fast_kernels
+from darts.search import budget
+from darts import kernels
 
 from architect import (MOMENTUM, WEIGHTS, SearchConfig, build_search_programs, count_ops, get_tensors,
                        initial_state, run_search_step, schedule_values, scratch_state, set_tensors)
@@ -55,8 +55,8 @@ def step(request):
 
 
 def test_the_step_with_the_compiled_depthwise_op_equals_the_step_with_paddles_kernel():
-    if fast_kernels.module() is None:
-        pytest.skip(fast_kernels.status())
+    if kernels.module() is None:
+        pytest.skip(kernels.status())
     (_, _, _, compiled), (_, _, _, plain) = _step('darts'), _step('paddle_kernels')
     assert sorted(compiled) == sorted(plain)
     for name in compiled:
@@ -92,7 +92,7 @@ def _run_step(cfg, custom_kernels=True):
     if custom_kernels:
         progs = build_search_programs(cfg)
     else:
-        with fast_kernels.paddle_kernels():
+        with kernels.paddle_kernels():
             progs = build_search_programs(cfg)
     state, batch = step_inputs(progs, cfg)
     scope, place = paddle.static.Scope(), paddle.CPUPlace()
@@ -112,7 +112,7 @@ def _reference(progs, state, batch, dtype='float32', shards=1):
 
     shards > 1: a data-parallel step's, each batch cut into `shards` contiguous parts
     (distributed.shard_bounds) and every gradient the mean of the parts' gradients."""
-    from distributed import shard_bounds
+    from darts.distributed import shard_bounds
     paddle.disable_static()
     try:
         t = lambda a, grad=False: paddle.to_tensor(np.asarray(a, dtype), stop_gradient=not grad)  # noqa: E731

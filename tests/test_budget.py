@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 import pytest
 
-import budget
+from darts.search import budget
 import genotypes
 from conftest import assert_one_line_error, run_script, synthetic_penalty
 from model_search import SearchSpace, edge_weights_numpy
@@ -104,8 +104,8 @@ def test_the_penalty_and_its_gradient_equal_numpy_and_finite_differences():
         grads = paddle.static.gradients(value, list(values.values()))
     scope, place = paddle.static.Scope(), paddle.CPUPlace()
     with paddle.static.scope_guard(scope):
-        import utils
-        utils.set_tensors(scope, place, {n: a.astype('float32') for n, a in arch.items()})
+        from darts import tensors
+        tensors.set_tensors(scope, place, {n: a.astype('float32') for n, a in arch.items()})
         out = paddle.static.Executor(place).run(program, fetch_list=[value, expected] + grads)
     e = pen.table.expected(arch)
     assert e['params'] > 1200 and e['madds'] < 1e6

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import conftest  # noqa: F401 - puts the repository root on sys.path
-import datasets
+from darts import datasets
 from reader import DataError
 
 

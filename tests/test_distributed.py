@@ -43,7 +43,7 @@ def train_step_inputs():
     import paddle
     import genotypes
     import train
-    import training
+    from darts import training
     import model
     paddle.enable_static()
     args = train.parse_args(TRAIN_ARGS)

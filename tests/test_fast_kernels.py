@@ -8,7 +8,7 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
-import fast_kernels
+from darts import kernels
 from conftest import ROOT
 
 
@@ -21,9 +21,9 @@ def dygraph():
 
 @pytest.fixture(scope='module')
 def compiled():
-    m = fast_kernels.module()
+    m = kernels.module()
     if m is None:
-        pytest.skip(fast_kernels.status())
+        pytest.skip(kernels.status())
     return m
 
 
@@ -85,7 +85,7 @@ import numpy as np, paddle, fast_kernels
 rng = np.random.default_rng(0)
 x = paddle.to_tensor(rng.standard_normal((21, 8, 6, 6)).astype('float32'), stop_gradient=False)
 w = paddle.to_tensor(rng.standard_normal((4, 8, 1, 1)).astype('float32'), stop_gradient=False)
-y = fast_kernels.module().darts_pointwise_conv2d(x, w, 1, 1)
+y = kernels.module().darts_pointwise_conv2d(x, w, 1, 1)
 g = rng.standard_normal(y.shape).astype('float32')
 (dw,) = paddle.grad(y, [w], paddle.to_tensor(g))
 expected = np.einsum('nohw,nihw->oi', g.astype('float64'), x.numpy().astype('float64'))
@@ -122,7 +122,7 @@ def test_operations_use_the_compiled_ops_on_cpu_and_paddles_within_paddle_kernel
             x = paddle.static.data('x', [-1, 4, 8, 8], 'float32')
             ps = ParamSet(layout, paddle.static.data('w', [layout.size], 'float32'))
             if forced_off:
-                with fast_kernels.paddle_kernels():
+                with kernels.paddle_kernels():
                     build(ps, x)
             else:
                 build(ps, x)
@@ -131,7 +131,7 @@ def test_operations_use_the_compiled_ops_on_cpu_and_paddles_within_paddle_kernel
 
 
 def _status_in_subprocess(env):
-    code = 'import fast_kernels; print(fast_kernels.status())'
+    code = 'import fast_kernels; print(kernels.status())'
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
                        env=dict(os.environ, **env), timeout=600)
     assert r.returncode == 0, r.stderr
@@ -177,7 +177,7 @@ def test_training_networks_on_the_compiled_kernels_equal_them_on_paddles(dygraph
         loss = F.cross_entropy(logits, y) + 0.4 * F.cross_entropy(aux, y)
         return logits.numpy(), paddle.grad(loss, [w])[0].numpy()
     compiled_logits, compiled_grad = run()
-    with fast_kernels.paddle_kernels():
+    with kernels.paddle_kernels():
         logits, grad = run()
     np.testing.assert_allclose(compiled_logits, logits, rtol=1e-4, atol=1e-4 * np.abs(logits).max())
     np.testing.assert_allclose(compiled_grad, grad, rtol=1e-3, atol=1e-4 * np.abs(grad).max())

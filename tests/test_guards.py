@@ -8,7 +8,7 @@ import paddle
 import pytest
 
 import genotypes
-import guards
+from darts.search import guards
 from conftest import run_script
 
 OPS = list(genotypes.PRIMITIVES)   # none, max, avg, skip, sep3, sep5, dil3, dil5

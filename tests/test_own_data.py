@@ -103,7 +103,7 @@ def search_train_predict(tmp_path, data_args, images, truth, classes, channels):
     predicted = [row[1] for row in rows]
     # the ONNX model beside it: the same probabilities as Paddle Inference and the test program
     import reader
-    import training
+    from darts import training
     mean, std = np.array(preprocess['mean'], 'float32'), np.array(preprocess['std'], 'float32')
     x = reader.normalize(np.stack([training.load_for_predict(p, preprocess) for p in images]), mean, std)
     by_onnx, by_inference, by_program = onnx_paddle_and_test_program(eval_dir, train.TASK, x)
@@ -140,7 +140,7 @@ def test_train_val_tree(tmp_path):
     """ROOT/train/<class>/ with ROOT/val/<class>/: val is the test split, in class-name order.
     (What happens after loading is the same for every format: the other tests run the chain.)"""
     import argparse
-    import datasets
+    from darts import datasets
     classes = ['cat', 'dog']
     write_class_folders(str(tmp_path / 'pets' / 'train'), classes, 48, seed=1)
     write_class_folders(str(tmp_path / 'pets' / 'val'), classes, 12, seed=2)

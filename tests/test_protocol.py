@@ -91,7 +91,7 @@ def test_protocol_runs_every_seed_resumes_after_a_kill_and_summarises(tmp_path):
 
 def test_a_budget_sweep_searches_each_budget_and_plots_accuracy_against_cost(tmp_path):
     import paddle
-    import budget
+    from darts.search import budget
     from model_search import SearchSpace
     paddle.enable_static()
     target = budget.Target('cifar', 4, 2, 16, in_channels=1, num_classes=10)   # the retrain network
@@ -120,7 +120,7 @@ def test_a_budget_sweep_searches_each_budget_and_plots_accuracy_against_cost(tmp
 def test_matched_draws_land_in_the_window_are_seeded_and_counted_like_the_real_network():
     import numpy as np
     import paddle
-    import budget
+    from darts.search import budget
     import genotypes
     from model_search import SearchSpace
     paddle.enable_static()

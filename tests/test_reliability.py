@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-import utils
+from darts import errors, files
 from conftest import run_script
 
 SCRIPTS = ('train_search.py', 'train.py', 'train_imagenet.py')
@@ -32,21 +32,21 @@ def test_a_save_where_no_folder_can_be_made_is_one_line():
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     path = str(tmp_path / 'checkpoint.npz')
-    utils.save_checkpoint(path, {'w': np.arange(3.0)}, dict(epoch=4))
+    files.save_checkpoint(path, {'w': np.arange(3.0)}, dict(epoch=4))
 
     def full(f, **arrays):
         f.write(b'half a checkpoint')
         raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(np, 'savez', full)
-    with pytest.raises(utils.UserError, match='the disk is full.*previous checkpoint.npz is intact'):
-        utils.save_checkpoint(path, {'w': np.zeros(3)}, dict(epoch=5))
+    with pytest.raises(errors.UserError, match='the disk is full.*previous checkpoint.npz is intact'):
+        files.save_checkpoint(path, {'w': np.zeros(3)}, dict(epoch=5))
     assert os.listdir(tmp_path) == ['checkpoint.npz']
-    arrays, meta = utils.load_checkpoint(path)
+    arrays, meta = files.load_checkpoint(path)
     assert meta['epoch'] == 4 and np.array_equal(arrays['w'], np.arange(3.0))
     monkeypatch.undo()
     monkeypatch.setattr(json, 'dumps', lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, 'Read-only')))
-    with pytest.raises(utils.UserError, match='cannot write'):
-        utils.write_json(str(tmp_path / 'args.json'), {})
+    with pytest.raises(errors.UserError, match='cannot write'):
+        files.write_json(str(tmp_path / 'args.json'), {})
     assert os.listdir(tmp_path) == ['checkpoint.npz']
 
 

@@ -24,7 +24,7 @@ def history(run_dir):
 def reference(cifar_dir, tmp_path_factory):
     """3 epochs in this process, counting program builds."""
     import train
-    import training
+    from darts import training
     calls, real = [], training.build_programs
 
     def counting(*a, **k):
@@ -103,14 +103,14 @@ def test_resume_continues_with_the_same_schedule(reference, cifar_dir, tmp_path)
 
 def _programs(auxiliary_weight=0.4):
     import train
-    import training
+    from darts import training
     paddle.enable_static()
     args = train.parse_args(['--init_channels', '4', '--layers', '3', '--auxiliary_weight', str(auxiliary_weight)])
     return training, training.build_programs(genotypes.DARTS_V2, args, image_size=32)
 
 
 def _run(train, progs, state, fetch, program, **feed):
-    from utils import set_tensors
+    from darts.tensors import set_tensors
     scope, place = paddle.static.Scope(), paddle.CPUPlace()
     with paddle.static.scope_guard(scope):
         set_tensors(scope, place, state)
@@ -202,7 +202,7 @@ def test_exported_model_classifies_image_files_like_the_test_program(reference, 
     assert r.returncode == 0, r.stderr
     rows = [line.split('\t') for line in r.stdout.strip().splitlines()]
     assert [row[0] for row in rows] == paths
-    import datasets
+    from darts import datasets
     predicted = np.array([datasets.CIFAR10_CLASSES.index(row[1]) for row in rows])
     assert all(0 < float(row[2]) <= 1 for row in rows)
     best = max(history(run_dir), key=lambda x: x['val_acc'])['val_acc']

@@ -152,17 +152,17 @@ def test_resume_after_kills_reaches_the_same_history(reference, cifar_dir, tmp_p
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    import utils
+    from darts import files
     path = str(tmp_path / 'checkpoint.npz')
-    utils.save_checkpoint(path, {'w': np.arange(3.0)}, {'epoch': 0})
+    files.save_checkpoint(path, {'w': np.arange(3.0)}, {'epoch': 0})
 
     def dies_half_way(f, **arrays):
         f.write(b'PK\x03\x04 partial')
         raise KeyboardInterrupt  # as if killed during the write
     monkeypatch.setattr(np, 'savez', dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        utils.save_checkpoint(path, {'w': np.zeros(3)}, {'epoch': 1})
-    arrays, meta = utils.load_checkpoint(path)
+        files.save_checkpoint(path, {'w': np.zeros(3)}, {'epoch': 1})
+    arrays, meta = files.load_checkpoint(path)
     assert meta['epoch'] == 0 and arrays['w'].tolist() == [0.0, 1.0, 2.0]
 
 
@@ -204,10 +204,9 @@ def test_gpu_requested_without_cuda(cifar_dir, tmp_path):
 @pytest.mark.skipif(not __import__('paddle').is_compiled_with_cuda(), reason='this Paddle has no CUDA')
 def test_gpu_is_selected_where_cuda_exists():
     import paddle
-    import distributed
-    import utils
+    from darts import distributed, errors
     if paddle.device.cuda.device_count() == 0:
-        with pytest.raises(utils.UserError, match='sees no GPU'):
+        with pytest.raises(errors.UserError, match='sees no GPU'):
             distributed.select_place('gpu')
     else:
         assert isinstance(distributed.select_place('gpu'), paddle.CUDAPlace)

@@ -23,8 +23,8 @@ import time
 
 import numpy as np
 
-import utils
-from errors import UserError
+from darts import files, lifecycle
+from darts.errors import UserError
 
 
 def start(args, kind, resumable, parse):
@@ -123,7 +123,7 @@ class Run:
     def __init__(self, path, writer=True):
         self.path, self.writer = path, writer
         self.resumed, self.world = False, None
-        utils.current_run[:] = [self]
+        lifecycle.current_run[:] = [self]
 
     @classmethod
     def open(cls, args, prefix, world=None):
@@ -159,11 +159,11 @@ class Run:
 
     def write_json(self, name, obj):
         if self.writer:
-            utils.write_json(self.file(name), obj)
+            files.write_json(self.file(name), obj)
 
     def save_checkpoint(self, arrays, meta, name=CHECKPOINT):
         if self.writer:
-            utils.save_checkpoint(self.file(name), arrays, meta)
+            files.save_checkpoint(self.file(name), arrays, meta)
 
     def restore(self, state, epochs, exe=None):
         """(state, history, start epoch, checkpoint meta): the last checkpoint's if there is one, after
@@ -171,7 +171,7 @@ class Run:
         every rank read the same one: exe runs that check); else (state, [], 0, {})."""
         path = self.file(self.CHECKPOINT)
         found = self.resumed and os.path.isfile(path)
-        arrays, meta = utils.load_checkpoint(path) if found else (state, dict(epoch=-1, history=[]))
+        arrays, meta = files.load_checkpoint(path) if found else (state, dict(epoch=-1, history=[]))
         if set(arrays) != set(state) or any(arrays[k].shape != state[k].shape for k in state):
             raise UserError(f'{path} does not match this network (different flags?)')
         if self.world is not None and self.world.size > 1:
@@ -190,7 +190,7 @@ class Run:
         history = meta['history']
         # what a kill after the checkpoint may have left stale or half-written is rewritten from it
         if self.writer:
-            utils.atomic_write(self.file(self.HISTORY), lambda f: f.writelines(json.dumps(r) + '\n'
+            files.atomic_write(self.file(self.HISTORY), lambda f: f.writelines(json.dumps(r) + '\n'
                                                                               for r in history))
         self.log(f'resumed from epoch {meta["epoch"] + 1} of {epochs}')
         return arrays, history, meta['epoch'] + 1, meta

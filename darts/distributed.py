@@ -25,7 +25,8 @@ import time
 
 import numpy as np
 
-from errors import UserError
+from darts import tensors
+from darts.errors import UserError
 
 # --help of the training scripts
 LAUNCH_HELP = """several processes, GPUs or machines:
@@ -71,8 +72,8 @@ def select_place(device, custom_kernels=True):
     (--no_custom_kernels): Paddle's kernels only (fast_kernels)."""
     import paddle
     if not custom_kernels:
-        import fast_kernels
-        fast_kernels.disable()
+        from darts import kernels
+        kernels.disable()
     has_cuda = paddle.is_compiled_with_cuda()
     count = paddle.device.cuda.device_count() if has_cuda else 0
     if device == 'auto':
@@ -90,12 +91,13 @@ def select_place(device, custom_kernels=True):
     return paddle.CPUPlace()
 
 
-def setup(device, custom_kernels=True):
+def setup(device, custom_kernels=True, on_stall=None):
     """This rank's World: its place, and (with more than one rank) the communication context
-    that ring 0 of the programs' all-reduces runs on."""
+    that ring 0 of the programs' all-reduces runs on.  on_stall(line, code): how the stall
+    watchdog stops the process (lifecycle.stop_now)."""
     global current
     place = select_place(device, custom_kernels)
-    current = World(RANK, WORLD, place)
+    current = World(RANK, WORLD, place, on_stall)
     if WORLD > 1:
         current.connect()
     return current
@@ -104,8 +106,8 @@ def setup(device, custom_kernels=True):
 class World:
     """This process's rank among `size`, its place, and the host-side collectives."""
 
-    def __init__(self, rank=0, size=1, place=None):
-        self.rank, self.size, self.place = rank, size, place
+    def __init__(self, rank=0, size=1, place=None, on_stall=None):
+        self.rank, self.size, self.place, self.on_stall = rank, size, place, on_stall
         self.writer = rank == 0
         self.backend = None if size == 1 else ('nccl' if _is_gpu(place) else 'gloo')
         self.store, self._sum_program, self._shared = None, None, 0
@@ -190,13 +192,12 @@ class World:
         which each rank updates from its own share of the batches)."""
         if self.size == 1 or not names:
             return
-        import utils
-        arrays = utils.get_tensors(scope, names)
+        arrays = tensors.get_tensors(scope, names)
         flat = np.concatenate([arrays[n].reshape(-1) for n in names]).astype(np.float64)
         mean = (self.sum(exe, flat) / self.size).astype(np.float32)
         sizes = np.cumsum([arrays[n].size for n in names])[:-1]
-        utils.set_tensors(scope, self.place, {n: part.reshape(arrays[n].shape)
-                                              for n, part in zip(names, np.split(mean, sizes))})
+        tensors.set_tensors(scope, self.place, {n: part.reshape(arrays[n].shape)
+                                                for n, part in zip(names, np.split(mean, sizes))})
 
     def check_same(self, exe, what, values):
         """UserError unless every rank holds the same `values` (a few numbers, say a checkpoint's epoch
@@ -260,22 +261,21 @@ class World:
 
     def beat(self):
         """A collective (a step's figures, an evaluation's sums, a barrier) finished: the ranks are
-        not stuck.  The first one starts the watchdog."""
+        not stuck.  The first one starts the watchdog (when there is an on_stall to call)."""
         self._last_beat = time.time()
-        if self._watchdog is None:
+        if self._watchdog is None and self.on_stall is not None:
             self._watchdog = threading.Thread(target=self._watch, name='stall-watch', daemon=True)
             self._watchdog.start()
 
     def _watch(self):
-        import utils
         while True:
             time.sleep(min(10.0, STALL_SECONDS / 4))
             if time.time() - self._last_beat > STALL_SECONDS:
-                utils.stop_now(f'error: no step finished for {STALL_SECONDS:.0f} s: a process of this job is stuck '
-                               f'(PADDLE_DARTS_STALL_SECONDS sets the limit)', 2)
+                self.on_stall(f'error: no step finished for {STALL_SECONDS:.0f} s: a process of this job is stuck '
+                              f'(PADDLE_DARTS_STALL_SECONDS sets the limit)', 2)
 
 
-# the World of this process once setup() has made it (utils.run_main reports failures through it)
+# the World of this process once setup() has made it (lifecycle.run_main reports failures through it)
 current = None
 
 
@@ -320,9 +320,10 @@ def tell_console(line):
         pass
 
 
-def collective_failure(error):
+def collective_failure(error, resume_hint=''):
     """(one line, exit code) when `error` is how a collective fails once another rank has stopped,
-    else None (single process, or another error: a bug, to be shown in full)."""
+    else None (single process, or another error: a bug, to be shown in full); resume_hint ends the
+    line ('; continue with --resume RUN_DIR')."""
     if current is None or current.size == 1:
         return None
     stop = peer_stop(wait=2.0)
@@ -330,10 +331,8 @@ def collective_failure(error):
         return stop
     text = f'{type(error).__name__}: {error}'
     if any(s in text for s in ('std::exception', 'gloo', 'Gloo', 'onnection', 'losed', 'imed out', 'NCCL')):
-        import utils
-        where = f'; continue with --resume {utils.current_run[0].path}' if utils.current_run else ''
         return (f'error: another process of this job stopped during a collective operation ({text[:100]}); '
-                f'its log is in the launcher\'s --log_dir; the last checkpoint is kept{where}'), 2
+                f'its log is in the launcher\'s --log_dir; the last checkpoint is kept{resume_hint}'), 2
     return None
 
 

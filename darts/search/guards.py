@@ -22,8 +22,8 @@ import os
 import numpy as np
 
 import genotypes
-from errors import UserError
-from utils import softmax
+from darts.errors import UserError
+from darts.numeric import softmax
 
 SKIP = 'skip_connect'
 

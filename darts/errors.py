@@ -1,6 +1,6 @@
 """The errors a user can cause, in one place (no module needs another's to report one).
 
-Each is reported by utils.run_main as one line on stderr with exit status 2.
+Each is reported by lifecycle.run_main as one line on stderr with exit status 2.
 """
 
 

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from errors import UserError
+from darts.errors import UserError
 
 OPSET = 13
 TOLERANCE = 1e-4

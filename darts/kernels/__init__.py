@@ -19,8 +19,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = [os.path.join(HERE, 'kernels', name) for name in ('depthwise_conv.cc', 'pointwise_conv.cc')]
-HEADERS = [os.path.join(HERE, 'kernels', 'common.h')]
+SOURCES = [os.path.join(HERE, name) for name in ('depthwise_conv.cc', 'pointwise_conv.cc')]
+HEADERS = [os.path.join(HERE, 'common.h')]
 FLAGS = ['-O3', '-march=native', '-fopenmp']
 
 _state = dict(module=None, tried=False, enabled=None, status=None, forced_off=False)

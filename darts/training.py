@@ -9,15 +9,15 @@ import time
 
 import numpy as np
 
-import utils
-import fast_kernels
-import distributed
-import events
+from darts import files, lifecycle, numeric, progress, tensors
+from darts import kernels
+from darts import distributed
+from darts import events
 import genotypes
-import onnx_export
-import runfolder
-from optim import MOMENTUM, WEIGHTS
-from errors import UserError
+from darts import onnx_export
+from darts import runfolder
+from darts.optim import MOMENTUM, WEIGHTS
+from darts.errors import UserError
 
 # Flags a resumed run may change; everything else is taken from the run's args.json.
 RESUMABLE_OVERRIDES = ('epochs', 'device', 'no_custom_kernels', 'num_workers', 'report_freq', 'data', 'test_data', 'cache_dir',
@@ -32,7 +32,7 @@ def searched_costs(args):
     """A line with the costs train_search.py --budget stored in the genotype file, or None."""
     if not getattr(args, 'genotype_file', None):
         return None
-    saved = utils.read_json(args.genotype_file).get('costs')
+    saved = files.read_json(args.genotype_file).get('costs')
     if not isinstance(saved, dict) or 'params' not in saved:
         return None
     t = saved.get('target') or {}
@@ -55,8 +55,8 @@ def build_programs(genotype, args, image_size=32, num_classes=10, network=None, 
     """
     import paddle
     import model
-    from distributed import mean_across_ranks
-    from optim import clip_by_global_norm, sgd_momentum_step
+    from darts.distributed import mean_across_ranks
+    from darts.optim import clip_by_global_norm, sgd_momentum_step
     from operations import ParamSet, declare
     network = network or model.network_cifar
     auxiliary = not args.no_auxiliary
@@ -99,7 +99,7 @@ def build_programs(genotype, args, image_size=32, num_classes=10, network=None, 
     test = paddle.static.Program()
     # Paddle's own kernels in the test program: it is the one exported, and an inference
     # model must load anywhere, without this project's compiled operators.
-    with paddle.static.program_guard(test, paddle.static.Program()), fast_kernels.paddle_kernels():
+    with paddle.static.program_guard(test, paddle.static.Program()), kernels.paddle_kernels():
         tx, ty = images()
         test_logits, _ = network(ParamSet(layout, declare(WEIGHTS, [p]), 'running'), tx, auxiliary=False, **kw)
         test_loss = paddle.nn.functional.cross_entropy(test_logits, ty)
@@ -125,8 +125,8 @@ def evaluate(exe, progs, batches, num_classes, world=None):
             continue
         loss, logits = exe.run(progs['test'], feed={'x': x, 'y': y}, fetch_list=progs['test_fetch'])
         loss_sum += float(loss) * len(y)
-        top1 += utils.accuracy(logits, y, 1) * len(y)
-        top5 += utils.accuracy(logits, y, 5) * len(y)
+        top1 += numeric.accuracy(logits, y, 1) * len(y)
+        top5 += numeric.accuracy(logits, y, 5) * len(y)
         np.add.at(confusion, (y, logits.argmax(1)), 1)
         n += len(y)
     if world is not None:
@@ -208,9 +208,9 @@ class Training:
     def __init__(self, task, args):
         args = runfolder.start(args, 'train', RESUMABLE_OVERRIDES, task.parse)
         genotype = load_genotype(args)   # everything that can fail on bad input, before the folder is made
-        world = distributed.setup(args.device, not getattr(args, 'no_custom_kernels', False))
+        world = distributed.setup(args.device, not getattr(args, 'no_custom_kernels', False), on_stall=lifecycle.stop_now)
         world.check_batch(args.batch_size)
-        split = task.data(args, False, print if world.writer else utils.silent, (world.rank, world.size))
+        split = task.data(args, False, print if world.writer else lifecycle.silent, (world.rank, world.size))
         run = runfolder.Run.open(args, task.prefix, world)
         run.write_json('data.json', split.info)
         import paddle
@@ -226,7 +226,7 @@ class Training:
         searched = searched_costs(args)
         if searched:
             run.log(searched)
-        run.log(f'convolution kernels: {fast_kernels.status()}')
+        run.log(f'convolution kernels: {kernels.status()}')
         run.log(f'processes: {world.describe()}')
         self.task, self.args, self.genotype, self.split, self.progs, self.run_folder = \
             task, args, genotype, split, progs, run
@@ -238,14 +238,14 @@ class Training:
         self.best = meta.get('best_top1', 0.0)
         # the best epoch's tensors, kept in memory: every rank evaluates them at the end, when
         # reading best.npz back could race with the writer replacing it
-        self.best_arrays = utils.load_checkpoint(run.file('best.npz')) if self.history else None
+        self.best_arrays = files.load_checkpoint(run.file('best.npz')) if self.history else None
         self.events = events.Events(run.path, world.writer and not getattr(args, 'no_tensorboard', False),
                                     self.start_epoch, len(split.train))
 
     def run(self):
         import paddle
         with paddle.static.scope_guard(self.scope):
-            utils.set_tensors(self.scope, self.place, self.state)
+            tensors.set_tensors(self.scope, self.place, self.state)
             if self.start_epoch == 0:
                 self.run_folder.log('the first step also prepares the programs (Paddle does this once, it takes a while)')
             for epoch in range(self.start_epoch, self.args.epochs):
@@ -260,8 +260,8 @@ class Training:
         drop_prob = args.drop_path_prob * epoch / args.epochs
         feed_const = dict(lr=np.array([lr], 'float32'), drop_prob=np.array([drop_prob], 'float32'))
         world, batches = self.world, self.split.train
-        stats = utils.EpochStats(epoch, lambda local: world.sum(self.exe, local))
-        progress = utils.Progress(self.run_folder.log, len(batches), f'epoch {epoch + 1}/{args.epochs}',
+        stats = progress.EpochStats(epoch, lambda local: world.sum(self.exe, local))
+        meter = progress.Progress(self.run_folder.log, len(batches), f'epoch {epoch + 1}/{args.epochs}',
                                   args.report_freq,
                                   on_line=lambda n, rate: self.events.step(epoch, n - 1, loss=stats.loss,
                                                                            top1=stats.accuracy, images_per_sec=rate))
@@ -274,8 +274,8 @@ class Training:
             loss, logits, _ = self.exe.run(progs['train'], feed=dict(feed_const, x=x, y=y, drop_noise=noise),
                                            fetch_list=progs['train_fetch'])
             images = stats.add(float(loss), logits, y)
-            progress.update(images, lambda: f'loss {stats.loss:.4f} top1 {100 * stats.accuracy:.2f}%')
-        progress.close()
+            meter.update(images, lambda: f'loss {stats.loss:.4f} top1 {100 * stats.accuracy:.2f}%')
+        meter.close()
         stats.close()
         if not stats.images:
             raise UserError(f'epoch {epoch + 1} had no readable training images')
@@ -292,7 +292,7 @@ class Training:
                       train_acc=stats.accuracy, val_loss=test_loss, val_acc=top1, val_top5=top5,
                       images_per_sec=stats.images_per_sec, epoch_time=stats.elapsed())
         self.history.append(record)
-        arrays = utils.get_tensors(self.scope, list(self.state))
+        arrays = tensors.get_tensors(self.scope, list(self.state))
         if top1 > self.best or self.best_arrays is None:
             self.best = max(self.best, top1)
             self.best_arrays = arrays, dict(epoch=epoch, top1=top1, top5=top5, args=vars(args))
@@ -308,7 +308,7 @@ class Training:
         """The best checkpoint: its per-class accuracy and confusion matrix, the inference model, result.json."""
         run, split = self.run_folder, self.split
         best_arrays, best_meta = self.best_arrays
-        utils.set_tensors(self.scope, self.place, best_arrays)
+        tensors.set_tensors(self.scope, self.place, best_arrays)
         _, top1, _, confusion = evaluate(self.exe, self.progs, split.test, split.num_classes, self.world)
         for line in confusion_report(confusion, split.info['classes'], self.eval_split):
             run.log(line)
@@ -339,7 +339,7 @@ def export_inference(exe, progs, run_dir, info):
     os.makedirs(folder, exist_ok=True)
     prefix = os.path.join(folder, 'model')
     paddle.static.save_inference_model(prefix, [progs['test_x']], [progs['test_probs']], exe, program=progs['test'])
-    utils.write_json(os.path.join(folder, 'preprocess.json'), info)
+    files.write_json(os.path.join(folder, 'preprocess.json'), info)
     return prefix
 
 
@@ -404,7 +404,7 @@ def load_for_predict(path, meta):
     from reader import load_image
     if meta.get('resize') == 'center_crop':    # ImageNet evaluation: resize to size * 256/224, crop
         return load_image(path, False, meta['image_size'], None)
-    import datasets
+    from darts import datasets
     return datasets.decode_image(path, meta['image_size'], meta.get('channels', 3))
 
 
@@ -449,7 +449,7 @@ def eval_only(task, args):
     import paddle
     if not os.path.isfile(args.eval_only):
         raise UserError(f'--eval_only {args.eval_only}: no such checkpoint')
-    arrays, meta = utils.load_checkpoint(args.eval_only)
+    arrays, meta = files.load_checkpoint(args.eval_only)
     if 'args' not in meta:
         raise UserError(f'--eval_only {args.eval_only}: not a checkpoint of a training run '
                         f'(a search checkpoint? train its genotype first)')
@@ -462,7 +462,7 @@ def eval_only(task, args):
     progs = task.programs(genotype, saved, split.info)
     scope, exe = paddle.static.Scope(), paddle.static.Executor(place)
     with paddle.static.scope_guard(scope):
-        utils.set_tensors(scope, place, arrays)
+        tensors.set_tensors(scope, place, arrays)
         loss, top1, top5, confusion = evaluate(exe, progs, split.test, split.num_classes)
     print(f'test loss {loss:.4f} top1 {100 * top1:.2f}% top5 {100 * top5:.2f}% '
           f'(checkpoint of epoch {meta["epoch"] + 1})')

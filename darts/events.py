@@ -29,7 +29,7 @@ class Events:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
-                from errors import UserError
+                from darts.errors import UserError
                 raise UserError('TensorBoard event files need tensorboardX: pip install -r requirements.txt '
                                 '(or run with --no_tensorboard)') from None
             self.writer = SummaryWriter(os.path.join(run_dir, FOLDER), flush_secs=20,

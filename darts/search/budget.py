@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from errors import UserError
-from guards import SKIP
+from darts.errors import UserError
+from darts.search.guards import SKIP
 
 KINDS = ('params', 'madds')
 SUFFIX = {'': 1, 'K': 1e3, 'M': 1e6, 'G': 1e9}
@@ -130,11 +130,11 @@ def op_cost(op, c, h, stride):
     """(parameters, multiply-adds) of op alone on a [1, c, h, h] input at this stride, counted
     from its built program (Paddle's conv ops, so the shapes can be read)."""
     import paddle
-    import fast_kernels
+    from darts import kernels
     from model import program_multiply_adds
     from operations import Layout, Source, lookup
     program = paddle.static.Program()
-    with fast_kernels.paddle_kernels():
+    with kernels.paddle_kernels():
         def build(ps):
             x = paddle.static.data('x', [1, c, h, h], 'float32')
             lookup(op).edge(ps, 'op', Source(x), c, stride, affine=True)
@@ -186,7 +186,7 @@ class CostTable:
 
     def expected(self, arch):
         """{kind: E[C](alpha)} (numpy, float64) of {name: array} architecture parameters."""
-        from utils import softmax
+        from darts.numeric import softmax
         out = {}
         cols = self.choosable
         for kind in KINDS:

@@ -1,0 +1,1 @@
+"""The search's helpers beside the DARTS core: collapse guards, budgets, and comparing searched cells."""
