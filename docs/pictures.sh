@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the README's pictures from real runs: the README's first command (a search on
+# Regenerates the pictures of README.md and docs/visualize.md from real runs: the README's first command (a search on
 # the embedded digits), a short training of the cell it found, and visualize.py on both.
 # About 4 minutes on 2 cores; the run folders go to runs/pictures-*, the pictures to docs/.
 set -euo pipefail
