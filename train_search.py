@@ -14,7 +14,7 @@ stopped before its first checkpoint is continued by --resume from the beginning.
 
 Collapse: every epoch logs the derived cells' skip / parameter-free op counts and the
 alphas' entropy; the guards --max_skip, --auxiliary_skip, --beta_decay, --early_stop and
-the diagnostic --hessian_eigen_every are described in guards.py and the README.
+the diagnostic --hessian_eigen_every are described in darts/search/guards.py and docs/collapse.md.
 """
 import argparse
 import dataclasses
@@ -80,7 +80,7 @@ def parse_args(argv=None):
       help='PC-DARTS without the per-node edge weights softmax(beta)')
     a('--arch_warmup_epochs', type=int, default=0,
       help='train the weights only (no alpha/beta steps) for the first N epochs (PC-DARTS: 15)')
-    g = p.add_argument_group('collapse guards and diagnostics (all off by default; see the README)')
+    g = p.add_argument_group('collapse guards and diagnostics (all off by default; see docs/collapse.md)')
     g.add_argument('--max_skip', type=int, default=None, metavar='N',
                    help='P-DARTS: the derived normal cell keeps at most N skip connections (paper: 2); '
                         'genotype.json is the limited cell, genotype_raw.json the unlimited one')

@@ -36,7 +36,7 @@ LAUNCH_HELP = """several processes, GPUs or machines:
   process takes a contiguous 1/N of every batch); learning rates are not rescaled; batch-norm
   statistics are each process's own, and their running averages are averaged before every
   evaluation and checkpoint; only rank 0 writes the run folder (which every machine must see
-  for --resume).  See the README, "Several processes, GPUs or machines"."""
+  for --resume).  See docs/distributed.md."""
 
 RANK = int(os.environ.get('PADDLE_TRAINER_ID', '0'))
 WORLD = int(os.environ.get('PADDLE_TRAINERS_NUM', '1'))
