@@ -59,6 +59,7 @@ from operations import ParamSet, declare
 from darts.optim import (MOMENTUM, WEIGHTS, adam_step, clip_by_global_norm, global_norm,  # noqa: F401
                    sgd_momentum_step, virtual_step)
 from darts.tensors import get_tensors, set_tensors
+from darts.search.guards import top_eigenvalue
 
 R_SCALE = 0.01
 ADAM_EPS = 1e-8
@@ -337,7 +338,6 @@ def hessian_eigenvalue(exe, scope, place, progs, x, y, iterations=20, seed=0, st
     alphas (normal and reduce together), on the batch (x, y): Lanczos (guards.top_eigenvalue)
     on H v ~ (grad L_val(alpha + e v) - grad L_val(alpha - e v)) / (2 e), e = step, so
     2 * iterations forward-backward passes.  Returns (eigenvalue, unit eigenvector as {name: array})."""
-    from darts.search.guards import top_eigenvalue
     names = [n for n in progs.config.arch_shapes if n.startswith('alpha_')]
     base = get_tensors(scope, names)
     sizes = [base[n].size for n in names]

@@ -10,6 +10,7 @@ from collections import namedtuple
 import numpy as np
 
 from darts.errors import GenotypeError
+from darts.files import atomic_write
 
 Genotype = namedtuple('Genotype', 'normal normal_concat reduce reduce_concat')
 
@@ -209,7 +210,6 @@ def load(path, check_ops=True):
 def save(genotype, path, space=None, costs=None):
     """Write the genotype JSON atomically (files.atomic_write); costs (a dict: the target
     network's params / madds, train_search.py --budget) is stored beside it."""
-    from darts.files import atomic_write
     d = to_dict(genotype, space)
     if costs:
         d['costs'] = costs

@@ -18,8 +18,9 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from operations import (Layout, Source, batch_norm, conv, factorized_reduce, linear, lookup, reduction_layers,
-                        relu_conv_bn, stem)
+from darts import kernels
+from operations import (Layout, ParamSet, Source, batch_norm, conv, declare, factorized_reduce, linear, lookup,
+                        reduction_layers, relu_conv_bn, stem)
 
 STEM_MULTIPLIER = 3
 
@@ -160,8 +161,6 @@ def count_parameters(layout, exclude_prefix='auxiliary'):
 def count_multiply_adds(build, image_size, in_channels=3, **kw):
     """Multiply-adds of one image through the built network (no auxiliary head), as
     program_multiply_adds counts them."""
-    from darts import kernels
-    from operations import ParamSet, declare
     layout = layout_of(build, image_size, in_channels, auxiliary=False, **kw)
     program = paddle.static.Program()
     # Paddle's conv ops, whose shapes are read below (not the compiled ones)

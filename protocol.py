@@ -45,6 +45,9 @@ import genotypes
 from darts import cli, distributed, files, lifecycle
 from darts.errors import UserError
 from darts.search import budget, compare, guards
+from darts import datasets
+from visualize import line_panels
+from visualize import DPI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # search flags the retrain takes too (as well as the data flags)
@@ -237,7 +240,6 @@ def _checked(parse, flags, script):
 
 
 def _data_flag_names():
-    from darts import datasets
     return tuple(datasets._DEFAULTS)
 
 
@@ -692,7 +694,6 @@ def random_lines(rows, comparison, k):
 
 def seeds_png(rows, best, path):
     """Search-val and retrain accuracy, and skips, per search: points, one per search, not a series."""
-    from visualize import line_panels
     xs = list(range(1, len(rows) + 1))
     return line_panels([('top-1 % per search (in run order)',
                          [('search-val', xs, [100 * r['search_val_top1'] for r in rows]),
@@ -708,7 +709,6 @@ def comparison_png(summary, path):
     import matplotlib
     matplotlib.use('Agg')
     from matplotlib.figure import Figure
-    from visualize import DPI
     groups = {}
     for r in summary['runs'] + summary.get('random', {}).get('runs', []) + summary.get('baselines', []):
         groups.setdefault('baselines' if r['group'] == 'baseline' else r['group'], []).append(r)
@@ -737,7 +737,6 @@ def comparison_png(summary, path):
 
 def sweep_png(rows, path):
     """Retrain validation top-1 against the target network's parameters and multiply-adds."""
-    from visualize import line_panels
     panels = []
     for kind, unit in (('params', 'M parameters'), ('madds', 'M multiply-adds')):
         pts = sorted((r['target_costs'][kind] / 1e6, 100 * r['retrain_val_top1']) for r in rows if r['target_costs'])

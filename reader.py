@@ -7,10 +7,13 @@ is drawn from its own seed (run seed, epoch, batch index), so the data a step se
 does not depend on how many workers made it, and a resumed run sees the same data.
 """
 import contextlib
+import ctypes
+import gzip
 import hashlib
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import sys
 import tarfile
 import urllib.error
@@ -81,7 +84,6 @@ def _read_cifar_files(source, names):
 
 def _check_gzip_stream(path):
     """Read the gzip stream to its end (its CRC is checked there); DataError if it is damaged."""
-    import gzip
     try:
         with gzip.open(path, 'rb') as g:
             while g.read(1 << 22):
@@ -303,8 +305,6 @@ def worker_init(parent):
     just ends the worker (the handler inherited from Paddle would print a C++ 'FatalError:
     Termination signal' block; the parent blocks it, see lifecycle.stop_on_sigterm), and the worker
     is killed when its parent dies, however it dies (else it would wait on the pool's pipe for ever)."""
-    import ctypes
-    import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])

@@ -19,6 +19,7 @@ the diagnostic --hessian_eigen_every are described in darts/search/guards.py and
 import argparse
 import dataclasses
 import os
+import shutil
 import time
 
 from darts import process
@@ -30,6 +31,7 @@ from darts import cli, datasets, distributed, events, kernels, lifecycle, numeri
 from darts.errors import SearchSpaceError, UserError
 from darts.search import budget, guards
 from reader import ArrayBatches, search_split
+import visualize
 
 # Flags a resumed run may change; everything else is taken from the run's args.json.
 RESUMABLE_OVERRIDES = ('epochs', 'device', 'no_custom_kernels', 'num_workers', 'report_freq', 'data', 'test_data',
@@ -434,8 +436,6 @@ class Search:
 
     def write_events(self, record):
         """The epoch in TensorBoard: its numbers, the softmaxed alphas, the cells (when dot is there)."""
-        import shutil
-        import visualize
         if not self.events.enabled:
             return
         self.events.epoch(record)

@@ -18,9 +18,11 @@ import os
 import shutil
 import sys
 
+import numpy as np
+
 import genotypes
-from darts.errors import UserError
 from darts.cli import ArgumentParser
+from darts.errors import UserError
 from darts.lifecycle import run_main
 
 CELLS = ('normal', 'reduce')
@@ -315,7 +317,6 @@ def confusion_figure(confusion, title=None):
     and labelled with its count up to MAX_NUMBERED classes; recall m_ii / sum_k m_ik in a column at the
     right; the overall accuracy in the title.  Beyond LABEL_INCHES of room per class only every
     k-th class is named, so that names never overlap."""
-    import numpy as np
     import matplotlib
     matplotlib.use('Agg')
     from matplotlib.figure import Figure

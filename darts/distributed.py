@@ -27,6 +27,7 @@ import numpy as np
 
 from darts import tensors
 from darts.errors import UserError
+from darts import kernels
 
 # --help of the training scripts
 LAUNCH_HELP = """several processes, GPUs or machines:
@@ -72,7 +73,6 @@ def select_place(device, custom_kernels=True):
     (--no_custom_kernels): Paddle's kernels only (fast_kernels)."""
     import paddle
     if not custom_kernels:
-        from darts import kernels
         kernels.disable()
     has_cuda = paddle.is_compiled_with_cuda()
     count = paddle.device.cuda.device_count() if has_cuda else 0

@@ -14,6 +14,7 @@ import io
 import os
 
 import numpy as np
+from darts.errors import UserError
 
 FOLDER = 'tensorboard'
 
@@ -29,7 +30,6 @@ class Events:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
-                from darts.errors import UserError
                 raise UserError('TensorBoard event files need tensorboardX: pip install -r requirements.txt '
                                 '(or run with --no_tensorboard)') from None
             self.writer = SummaryWriter(os.path.join(run_dir, FOLDER), flush_secs=20,

@@ -3,6 +3,7 @@
 Shared by train.py (CIFAR-10, digits, MNIST, own images) and train_imagenet.py; each
 script keeps only its flags, its defaults and how it makes its batches (a Task).
 """
+import contextlib
 import json
 import os
 import time
@@ -18,6 +19,15 @@ from darts import onnx_export
 from darts import runfolder
 from darts.optim import MOMENTUM, WEIGHTS
 from darts.errors import UserError
+import paddle
+import model
+from darts.distributed import mean_across_ranks
+from darts.optim import clip_by_global_norm, sgd_momentum_step
+from operations import ParamSet, declare
+import visualize
+from reader import load_image
+from darts import datasets
+from reader import normalize
 
 # Flags a resumed run may change; everything else is taken from the run's args.json.
 RESUMABLE_OVERRIDES = ('epochs', 'device', 'no_custom_kernels', 'num_workers', 'report_freq', 'data', 'test_data', 'cache_dir',
@@ -53,11 +63,6 @@ def build_programs(genotype, args, image_size=32, num_classes=10, network=None, 
            --drop_path_prob 0).
     test:  logits with BN running statistics, no auxiliary head, no drop path.
     """
-    import paddle
-    import model
-    from darts.distributed import mean_across_ranks
-    from darts.optim import clip_by_global_norm, sgd_momentum_step
-    from operations import ParamSet, declare
     network = network or model.network_cifar
     auxiliary = not args.no_auxiliary
     kw = dict(genotype=genotype, c=args.init_channels, num_classes=num_classes, layers=args.layers)
@@ -213,8 +218,6 @@ class Training:
         split = task.data(args, False, print if world.writer else lifecycle.silent, (world.rank, world.size))
         run = runfolder.Run.open(args, task.prefix, world)
         run.write_json('data.json', split.info)
-        import paddle
-        import model
         paddle.enable_static()
         t0 = time.time()
         progs = task.programs(genotype, args, split.info)
@@ -243,7 +246,6 @@ class Training:
                                     self.start_epoch, len(split.train))
 
     def run(self):
-        import paddle
         with paddle.static.scope_guard(self.scope):
             tensors.set_tensors(self.scope, self.place, self.state)
             if self.start_epoch == 0:
@@ -254,7 +256,6 @@ class Training:
 
     def train_epoch(self, epoch):
         """One pass over the training batches, a weight step each; drop path's uniforms drawn on the host."""
-        import model
         args, progs = self.args, self.progs
         lr = self.task.lr_at(args, epoch)
         drop_prob = args.drop_path_prob * epoch / args.epochs
@@ -316,7 +317,6 @@ class Training:
                                 matrix=confusion.tolist())
         run.write_json('confusion.json', confusion_record)
         if self.events.enabled:
-            import visualize
             self.events.figure('confusion', visualize.confusion_figure(confusion_record), best_meta['epoch'] + 1)
         exported = export_inference(self.exe, self.progs, run.path, split.info) if run.writer else None
         if exported:
@@ -334,7 +334,6 @@ class Training:
 def export_inference(exe, progs, run_dir, info):
     """The test network at the current weights as a Paddle inference model (image -> class
     probabilities), with the preprocessing and class names it expects in preprocess.json."""
-    import paddle
     folder = os.path.join(run_dir, 'inference')
     os.makedirs(folder, exist_ok=True)
     prefix = os.path.join(folder, 'model')
@@ -345,7 +344,6 @@ def export_inference(exe, progs, run_dir, info):
 
 def first_images(batches, n=32):
     """Up to n images of the first non-empty batch, as the network takes them."""
-    import contextlib
     with contextlib.closing(batches.epoch(0)) as epoch:
         for x, y in epoch:
             if len(y):
@@ -401,10 +399,8 @@ def _read_preprocess(prefix):
 
 def load_for_predict(path, meta):
     """One image file as the network's uint8 CHW input, prepared as in training."""
-    from reader import load_image
     if meta.get('resize') == 'center_crop':    # ImageNet evaluation: resize to size * 256/224, crop
         return load_image(path, False, meta['image_size'], None)
-    from darts import datasets
     return datasets.decode_image(path, meta['image_size'], meta.get('channels', 3))
 
 
@@ -422,12 +418,10 @@ def predict(prefix, images, device='auto'):
             raise UserError(f'--predict {prefix}: no exported model there (a finished run writes '
                             f'RUN_DIR/inference/model)')
         meta = _read_preprocess(prefix)
-        import paddle
         paddle.enable_static()
         exe = paddle.static.Executor(distributed.select_place(device))
         program, feeds, fetches = paddle.static.load_inference_model(prefix, exe)
         classify = lambda x: exe.run(program, feed={feeds[0]: x}, fetch_list=fetches)[0]  # noqa: E731
-    from reader import normalize
     mean, std = np.array(meta['mean'], 'float32'), np.array(meta['std'], 'float32')
     results = []
     for path in images:
@@ -446,7 +440,6 @@ def predict(prefix, images, device='auto'):
 
 def eval_only(task, args):
     """Evaluate a checkpoint written by this script, with the network settings it was trained with."""
-    import paddle
     if not os.path.isfile(args.eval_only):
         raise UserError(f'--eval_only {args.eval_only}: no such checkpoint')
     arrays, meta = files.load_checkpoint(args.eval_only)

@@ -34,6 +34,9 @@ import numpy as np
 
 from darts.errors import UserError
 from darts.search.guards import SKIP
+from darts import kernels
+from darts.numeric import softmax
+import genotypes
 
 KINDS = ('params', 'madds')
 SUFFIX = {'': 1, 'K': 1e3, 'M': 1e6, 'G': 1e9}
@@ -130,7 +133,6 @@ def op_cost(op, c, h, stride):
     """(parameters, multiply-adds) of op alone on a [1, c, h, h] input at this stride, counted
     from its built program (Paddle's conv ops, so the shapes can be read)."""
     import paddle
-    from darts import kernels
     from model import program_multiply_adds
     from operations import Layout, Source, lookup
     program = paddle.static.Program()
@@ -186,7 +188,6 @@ class CostTable:
 
     def expected(self, arch):
         """{kind: E[C](alpha)} (numpy, float64) of {name: array} architecture parameters."""
-        from darts.numeric import softmax
         out = {}
         cols = self.choosable
         for kind in KINDS:
@@ -217,7 +218,6 @@ class CostTable:
 def cost_table(target, space):
     """The CostTable of space's ops in the target network (each distinct (op, width, size,
     stride) built once), its fixed part from one real count of the whole network."""
-    import genotypes
     from model_search import edge_index
     from operations import lookup
     target.check()
@@ -249,7 +249,6 @@ def cost_table(target, space):
 
 def probe_genotype(space):
     """A genotype of the space (each node: its first two inputs, the first choosable op)."""
-    import genotypes
     from operations import lookup
     op = next(o for o in space.ops if not lookup(o).zero)
     pairs = [(op, j) for i in range(space.nodes) for j in (0, 1)]
@@ -262,7 +261,6 @@ def draw_within(table, kind, window, rng, ops, nodes, exclude=(), max_draws=2000
     with rng) whose cost of this kind lies in window = (low, high) and is not in exclude; rejection
     sampling, so the cell is uniform over the space's cells inside the window.  None when
     max_draws cells gave none."""
-    import genotypes
     low, high = window
     for draws in range(1, max_draws + 1):
         g = genotypes.random_genotype(rng, ops, nodes)
