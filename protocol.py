@@ -41,6 +41,10 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import numpy as np
 
+from darts import process
+
+process.prepare()   # first: Paddle's logging quiet, malloc tuned, before paddle is imported
+
 import genotypes
 from darts import cli, distributed, files, lifecycle
 from darts.errors import UserError

@@ -304,7 +304,7 @@ class Search:
                     f'{args.arch_warmup_epochs + 1})')
         stats = progress.EpochStats(epoch, lambda local: self.world.sum(self.exe, local))
         steps = min(len(self.train_batches), len(self.val_batches))
-        meter = progress.Progress(run.log, steps, f'epoch {epoch + 1}/{args.epochs}', args.report_freq,
+        meter = progress.Progress.epoch(run.log, steps, f'epoch {epoch + 1}/{args.epochs}', args.report_freq,
                                   on_line=lambda n, rate: self.events.step(epoch, n - 1, loss=stats.loss,
                                                                            top1=stats.accuracy, images_per_sec=rate))
         for (tx, ty), (vx, vy) in zip(self.train_batches.epoch(epoch), self.val_batches.epoch(epoch)):

@@ -20,7 +20,12 @@ import sys
 
 import numpy as np
 
+from darts import process
+
+process.prepare()   # first: Paddle's logging quiet, malloc tuned, before paddle is imported
+
 import genotypes
+from darts import files
 from darts.cli import ArgumentParser
 from darts.errors import UserError
 from darts.lifecycle import run_main
@@ -270,11 +275,7 @@ LABEL_INCHES = 0.16  # the least room a class name needs along an axis (a 10-poi
 
 def read_confusion(path):
     """The confusion.json an evaluation run wrote, checked."""
-    try:
-        with open(path) as f:
-            confusion = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f'cannot read {path} ({e})') from None
+    confusion = files.read_json(path)
     check_confusion(confusion, path)
     return confusion
 

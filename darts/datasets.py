@@ -12,12 +12,12 @@ import hashlib
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
 import reader
+from darts.progress import Progress
 from reader import DataError
 
 FORMATS = ('cifar10', 'digits', 'mnist', 'fashion_mnist', 'folder', 'csv')
@@ -344,38 +344,6 @@ def _decode_task(task):
         return None, f'{type(e).__name__}: {e}'
 
 
-class Progress:
-    """Counts done items: a tqdm bar on a terminal, else a log line every PROGRESS_INTERVAL s and at the end."""
-
-    def __init__(self, total, log, verb='decoded'):
-        self.total, self.log, self.verb = total, log, verb
-        self.done, self.start, self.last = 0, time.time(), time.time()
-        self.bar = None
-        if sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, unit='img', desc=verb, file=sys.stderr, leave=False)
-            except ImportError:
-                pass
-
-    def line(self):
-        rate = self.done / max(time.time() - self.start, 1e-9)
-        return f'{self.verb} {self.done}/{self.total} images ({rate:.0f}/s)'
-
-    def update(self, n=1):
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif time.time() - self.last >= PROGRESS_INTERVAL:
-            self.last = time.time()
-            self.log(self.line())
-
-    def close(self, suffix=''):
-        if self.bar is not None:
-            self.bar.close()
-        self.log(self.line() + suffix)
-
-
 def _map(pool, workers, func, items):
     if pool is None:
         return map(func, items)
@@ -519,7 +487,9 @@ def _decode_into(paths, size, base, num_workers, log):
                 raise _CacheWriteError(e.strerror or str(e)) from None
             sink = _FileSink(f'{base}.npy.{os.getpid()}.tmp', len(readable), channels, size)
         kept = []
-        progress = Progress(len(readable), log)
+        progress = Progress(lambda line, file_only=False: None if file_only else log(line), len(readable),
+                            lambda k, rate: f'decoded {k}/{len(readable)} images ({rate:.0f}/s)', every=0,
+                            seconds=PROGRESS_INTERVAL, at_last=False, desc='decoded', unit='img', stream=sys.stderr)
         try:
             tasks = [(paths[row], size, channels) for row in readable]
             for row, (image, reason) in zip(readable, _map(pool, num_workers, _decode_task, tasks)):
@@ -537,7 +507,7 @@ def _decode_into(paths, size, base, num_workers, log):
         log(f'skipping unreadable image {path}: {reason}')
     kept = np.asarray(kept, np.int64)
     if base is None:
-        progress.close()
+        progress.close('')
         images = sink.images[:sink.count]
     else:
         record = dict(version=CACHE_VERSION, image_size=size, channels=channels, rows=len(paths),
@@ -550,7 +520,7 @@ def _decode_into(paths, size, base, num_workers, log):
             os.replace(tmp, base + '.json')  # written last: an entry with both files is complete
             progress.close(f' into cache {base}.npy')
         except OSError as e:
-            progress.close()
+            progress.close('')
             log(f'warning: could not finish the image cache {base}.npy ({e.strerror or e})')
         written = base + '.npy' if os.path.exists(base + '.npy') else sink.path
         images = np.load(written, mmap_mode='r')

@@ -48,13 +48,19 @@ def load_checkpoint(path):
     return arrays, meta
 
 
-def read_json(path):
-    """A JSON file the project wrote; unreadable is one line."""
+def read_json(path, what='', hint='', missing_ok=False):
+    """A JSON file the project wrote; unreadable is one UserError line, `WHAT: cannot read PATH (why)HINT`.
+    missing_ok: None for a file that is not there."""
     try:
         with open(path) as f:
             return json.load(f)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        error = 'no such file'
     except (OSError, ValueError) as e:
-        raise UserError(f'cannot read {path}: {e}') from None
+        error = f'{type(e).__name__}: {e}' if isinstance(e, ValueError) else (e.strerror or str(e))
+    raise UserError(f'{what + ": " if what else ""}cannot read {path} ({error}){hint}')
 
 
 def write_json(path, obj):

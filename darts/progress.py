@@ -53,41 +53,57 @@ class EpochStats:
 
 
 class Progress:
-    """Progress within an epoch.
+    """Progress through `total` steps (an epoch's batches, a data set's images).
 
-    On a terminal: a tqdm bar (steps, images/s, ETA) on stdout, and the periodic lines
-    go to log.txt only.  Otherwise (a pipe, a file, a batch job) the lines are printed
-    too.  A line is written every `every` steps, at least every `seconds` seconds, and
-    at the last step.
+    On a terminal (`stream` a tty): a tqdm bar; the periodic lines then go to log.txt only
+    (log(line, file_only=True)).  Otherwise (a pipe, a file, a batch job) the lines are printed.
+    A line is written every `every` steps (0: not by count), at least every `seconds` seconds,
+    and at the last step when at_last; close(suffix) ends the bar and, with a suffix, writes the
+    closing line.  text(steps, rate) is a line's text, rate the units (images) per second.
     """
 
-    def __init__(self, log, total, prefix, every, seconds=30.0, on_line=None):
-        self.log, self.total, self.prefix, self.every, self.seconds = log, total, prefix, every, seconds
-        self.on_line = on_line   # on_line(steps, images/s) with every line (TensorBoard's step curves)
-        self.steps, self.images, self.t0 = 0, 0, time.time()
+    def __init__(self, log, total, text, every=0, seconds=30.0, at_last=True, on_line=None, desc='',
+                 unit='step', stream=None):
+        self.log, self.total, self.text, self.every, self.seconds, self.at_last = log, total, text, every, seconds, at_last
+        self.on_line = on_line   # on_line(steps, rate) with every line (TensorBoard's step curves)
+        self.steps, self.units, self.t0 = 0, 0, time.time()
         self.last_line = self.t0
         self.bar = None
-        if sys.stdout.isatty():
+        stream = stream or sys.stdout
+        if stream.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=prefix, unit='step', leave=False, dynamic_ncols=True, file=sys.stdout)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, file=stream)
 
-    def update(self, images, message):
-        """One step of `images` images done; message() gives the text of a line."""
+    @classmethod
+    def epoch(cls, log, total, prefix, every, seconds=30.0, on_line=None):
+        """An epoch's steps: `prefix step k/total MESSAGE R img/s` (update(images, message))."""
+        return cls(log, total, lambda k, rate, message: f'{prefix} step {k}/{total} {message()} {rate:.1f} img/s',
+                   every, seconds, on_line=on_line, desc=prefix)
+
+    def rate(self):
+        return self.units / max(time.time() - self.t0, 1e-9)
+
+    def update(self, units=1, message=None):
+        """One step of `units` units (images) done; message() is the line's own part, if any."""
         self.steps += 1
-        self.images += images
-        now = time.time()
-        rate = self.images / max(now - self.t0, 1e-9)
+        self.units += units
+        now, rate = time.time(), self.rate()
         if self.bar is not None:
             self.bar.set_postfix_str(f'{rate:.1f} img/s', refresh=False)
             self.bar.update(1)
-        if self.steps % self.every == 0 or self.steps == self.total or now - self.last_line >= self.seconds:
+        due = (self.every and self.steps % self.every == 0) or (self.at_last and self.steps == self.total)
+        if due or now - self.last_line >= self.seconds:
             self.last_line = now
-            self.log(f'{self.prefix} step {self.steps}/{self.total} {message()} {rate:.1f} img/s',
-                     file_only=self.bar is not None)
+            self.log(self._text(rate, message), file_only=self.bar is not None)
             if self.on_line is not None:
                 self.on_line(self.steps, rate)
 
-    def close(self):
+    def _text(self, rate, message):
+        return self.text(self.steps, rate, message) if message is not None else self.text(self.steps, rate)
+
+    def close(self, suffix=None):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if suffix is not None:
+            self.log(self._text(self.rate(), None) + suffix)

@@ -48,12 +48,7 @@ def start(args, kind, resumable, parse):
 
 def load_run_args(run_dir):
     """The args.json a run wrote when it started."""
-    path = os.path.join(run_dir, 'args.json')
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f'--resume {run_dir}: cannot read {path} ({e}); is it a run folder?') from None
+    return files.read_json(os.path.join(run_dir, 'args.json'), f'--resume {run_dir}', '; is it a run folder?')
 
 
 def saved_args(args, saved, names, parse):

@@ -262,7 +262,7 @@ class Training:
         feed_const = dict(lr=np.array([lr], 'float32'), drop_prob=np.array([drop_prob], 'float32'))
         world, batches = self.world, self.split.train
         stats = progress.EpochStats(epoch, lambda local: world.sum(self.exe, local))
-        meter = progress.Progress(self.run_folder.log, len(batches), f'epoch {epoch + 1}/{args.epochs}',
+        meter = progress.Progress.epoch(self.run_folder.log, len(batches), f'epoch {epoch + 1}/{args.epochs}',
                                   args.report_freq,
                                   on_line=lambda n, rate: self.events.step(epoch, n - 1, loss=stats.loss,
                                                                            top1=stats.accuracy, images_per_sec=rate))
@@ -370,11 +370,7 @@ def convert_run(task, args):
     if not os.path.isfile(prefix + '.json'):
         raise UserError(f'--export_onnx {run_dir}: no inference model there '
                         f'(a finished training run writes RUN_DIR/inference/model.json)')
-    try:
-        with open(os.path.join(run_dir, 'args.json')) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f'--export_onnx {run_dir}: cannot read its args.json ({type(e).__name__}: {e})') from None
+    saved = files.read_json(os.path.join(run_dir, 'args.json'), f'--export_onnx {run_dir}')
     saved = runfolder.saved_args(args, saved, ('device', 'data', 'test_data', 'no_download', 'num_workers',
                                                'cache_dir'), task.parse)
     x = first_images(task.data(saved, True, print).test)

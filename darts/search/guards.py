@@ -16,13 +16,12 @@ Guards (each opt-in; train_search.py's flags):
                       gradient is added in architect.py's alpha update
   --early_stop RULE   DARTS+ (Liang et al. 2019): `EarlyStop`
 """
-import json
 import os
 
 import numpy as np
 
 import genotypes
-from darts.errors import UserError
+from darts import files
 from darts.numeric import softmax
 
 SKIP = 'skip_connect'
@@ -207,7 +206,7 @@ class EarlyStop:
 
         A stopped search is over unless continue_stopped: then its early_stop.json becomes
         early_stop_overridden.json, and a search continued once keeps the rule off for good."""
-        stopped = _read_json_if_there(run.file(cls.FILE))   # read before looking for OVERRIDDEN: the writer
+        stopped = files.read_json(run.file(cls.FILE, missing_ok=True))   # read before looking for OVERRIDDEN: the writer
         continued = os.path.isfile(run.file(cls.OVERRIDDEN))  # of a data-parallel job may rename it meanwhile
         if stopped is not None:
             if not continue_stopped:
@@ -225,16 +224,6 @@ class EarlyStop:
         """early_stop.json: why and where the search stopped, and (when the chosen epoch is the one
         before) the genotype it would have written instead."""
         run.write_json(self.FILE, dict(stop, collapsed_genotype=collapsed_genotype))
-
-
-def _read_json_if_there(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise UserError(f'cannot read {path}: {e}') from None
 
 
 def top_eigenvalue(hessian_vector, dim, iterations=20, seed=0):
