@@ -171,6 +171,7 @@ def test_hessian_eigenvalue_is_the_largest_of_the_explicit_hessian():
     assert abs(v @ ((h + h.T) / 2) @ v - eig[-1]) <= 0.05 * abs(eig[-1])       # and its eigenvector
 
 
+@pytest.mark.slow
 def test_a_guarded_search_records_diagnostics_and_stops_early(tmp_path):
     """Every guard on in one tiny search; with a single parametric op the ranking never changes, so
     stable:1 stops at the second epoch with architecture steps (the first is warm-up)."""

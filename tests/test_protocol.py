@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT, run_script
 
 FLAGS = ['--seeds', '2', '--dataset', 'digits', '--image_size', '16', '--init_channels', '4', '--layers', '2',
@@ -26,6 +28,7 @@ def test_bad_flags_are_one_line_and_nothing_is_written(tmp_path):
     assert r.returncode == 2 and 'search 1/4 (seed 0) failed' in r.stderr and not os.path.exists(out), r.stderr
 
 
+@pytest.mark.slow
 def test_protocol_runs_every_seed_resumes_after_a_kill_and_summarises(tmp_path):
     out = str(tmp_path / 'protocol')
     flags = [*FLAGS, '--random', '3', '--random_seed', '7']
@@ -89,6 +92,7 @@ def test_protocol_runs_every_seed_resumes_after_a_kill_and_summarises(tmp_path):
     assert r.returncode == 0 and r.stdout.count('done already') == 7, r.stdout
 
 
+@pytest.mark.slow
 def test_a_budget_sweep_searches_each_budget_and_plots_accuracy_against_cost(tmp_path):
     import paddle
     import budget
@@ -152,6 +156,7 @@ VARIANT_FLAGS = [*[f if f != '2' or FLAGS[k - 1] != '--seeds' else '1' for k, f 
                  '--variants', 'first=;second=--second_order --arch_learning_rate 1e-2']
 
 
+@pytest.mark.slow
 def test_variants_random_cells_at_equal_size_baselines_and_retrain_seeds_resume_and_summarise(tmp_path):
     import numpy as np
     import genotypes

@@ -218,6 +218,7 @@ def test_preset_pc_darts_sets_the_papers_settings_and_flags_still_win():
     assert not train_search.parse_args([]).first_order and train_search.parse_args([]).partial_channels == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flags', [
     # PC-DARTS, first order, MBConv ops, 3 nodes, one warm-up epoch
     ['--primitives', 'none,max_pool_3x3,skip_connect,sep_conv_3x3,mb_conv_3x3,fused_mb_conv_3x3', '--nodes', '3',
