@@ -61,7 +61,8 @@ def test_protocol_runs_every_seed_resumes_after_a_kill_and_summarises(tmp_path):
         args = json.load(open(os.path.join(out, f'retrain-{s}', 'args.json')))
         assert (args['seed'], args['epochs'], args['val_fraction'], args['image_size']) == (s, 1, 0.2, 16)
         log = open(os.path.join(out, f'retrain-{s}', 'log.txt')).read()
-        assert 'validation loss' in log and 'per-class accuracy on the validation split:' in log and 'test split:' not in log
+        assert 'validation loss' in log and 'per-class accuracy on the validation split:' in log \
+            and 'test split:' not in log
     best = max(summary['runs'], key=lambda r: r['retrain_val_top1'])
     assert summary['best_seed'] == best['seed']
     table = open(os.path.join(out, 'summary.md')).read()
@@ -233,7 +234,8 @@ def test_variants_random_cells_at_equal_size_baselines_and_retrain_seeds_resume_
     assert abs(groups['first']['vs_random']['detectable'] - 2.486 * noise['cell_mean_sd'] * np.sqrt(1 + 1 / 2)) < 1e-3
     table = open(os.path.join(out, 'summary.md')).read()
     assert 'noise floor: the same cell over 2 seeds varies by' in table and 'smallest difference 1 against 2' in table
-    assert '| first | 0' in table and '| second | 0' in table and '| DARTS_V2 |' in table and '(mean ± sd, 2 seeds)' in table
+    assert '| first | 0' in table and '| second | 0' in table and '| DARTS_V2 |' in table \
+        and '(mean ± sd, 2 seeds)' in table
     assert os.path.getsize(os.path.join(out, 'comparison.png')) > 1000
 
 

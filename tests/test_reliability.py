@@ -74,8 +74,8 @@ BAD_INVOCATIONS = [
     ('train.py', '--arch', 'NOPE'), ('train.py', '--genotype_file', '/nonexistent.json'),
     ('train.py', '--eval_only', '/nonexistent.npz'), ('train.py', '--predict', 'model-only'),
     ('train.py', '--val_fraction', '2'), ('train.py', '--resume', '/nonexistent'),
-    ('train_imagenet.py', '--data', '/nonexistent'), ('visualize.py', 'NOPE'), ('visualize.py', '--run', '/nonexistent'),
-    ('visualize.py',), ('protocol.py', '--seeds', '0'),
+    ('train_imagenet.py', '--data', '/nonexistent'), ('visualize.py', 'NOPE'),
+    ('visualize.py', '--run', '/nonexistent'), ('visualize.py',), ('protocol.py', '--seeds', '0'),
 ]
 
 

@@ -78,7 +78,8 @@ def test_genotype_with_a_registered_op_builds_the_evaluation_network(dygraph, cu
 
 
 def test_unknown_and_unusable_search_spaces_are_refused():
-    with pytest.raises(SearchSpaceError, match=r"unknown operation 'conv_9x9'; registered: none, max_pool_3x3.*mb_conv"):
+    with pytest.raises(SearchSpaceError,
+                       match=r"unknown operation 'conv_9x9'; registered: none, max_pool_3x3.*mb_conv"):
         SearchSpace(ops=('none', 'conv_9x9')).check()
     with pytest.raises(SearchSpaceError, match='other than none'):
         SearchSpace(ops=('none',)).check()

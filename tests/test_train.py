@@ -263,7 +263,8 @@ def test_a_search_run_is_refused_by_resume_and_eval_only(tmp_path):
     np.savez(run_dir / 'checkpoint.npz', __meta__=np.array(json.dumps({'epoch': 0, 'history': []})),
              weights=np.zeros(3, 'float32'))
     assert_one_line_error(run_script('train.py', '--resume', run_dir), 'is a search run', 'genotype.json')
-    assert_one_line_error(run_script('train.py', '--eval_only', run_dir / 'checkpoint.npz'), 'not a checkpoint of a training run')
+    assert_one_line_error(run_script('train.py', '--eval_only', run_dir / 'checkpoint.npz'),
+                          'not a checkpoint of a training run')
 
 
 @pytest.mark.slow
@@ -277,4 +278,5 @@ def test_predict_with_a_missing_or_malformed_preprocess_json(reference, tmp_path
         os.remove(model_dir / 'preprocess.json')
     else:
         (model_dir / 'preprocess.json').write_text(content)
-    assert_one_line_error(run_script('train.py', '--predict', model_dir / 'model', tmp_path / 'a.png'), 'preprocess.json')
+    assert_one_line_error(run_script('train.py', '--predict', model_dir / 'model', tmp_path / 'a.png'),
+                          'preprocess.json')

@@ -83,7 +83,8 @@ def test_the_search_writes_tensorboard_events_every_epoch(reference):
     for key in ('val_acc', 'train_loss', 'lr', 'images_per_sec', 'entropy_normal', 'moved_reduce'):
         assert [(e.step, e.value) for e in events.Scalars(f'epoch/{key}')] == \
             [(r['epoch'], pytest.approx(r[key], rel=1e-6)) for r in h]
-    assert [e.step for e in events.Scalars('step/loss')] == [2, 4, 5, 7, 9, 10, 12, 14, 15]   # every 2nd step, and the last
+    # every 2nd step, and the last
+    assert [e.step for e in events.Scalars('step/loss')] == [2, 4, 5, 7, 9, 10, 12, 14, 15]
     for tag in ('alphas', 'cell/normal', 'cell/reduce'):
         images = events.Images(tag)
         assert [im.step for im in images] == [1, 2, 3] and images[0].width > 100, tag
@@ -133,7 +134,8 @@ def test_resume_after_kills_reaches_the_same_history(reference, cifar_dir, tmp_p
     assert rc == 143 and took < 5 and out.rstrip().endswith(f'continue with --resume {run_dir}'), (rc, took, out)
     out, _, _, _ = _stop_when(resume, lambda s: 'genotype = ' in s)     # between epochs 1 and 2
     assert 'done' not in out and len(history(run_dir)) == 1
-    out, rc, took, pids = _stop_when(resume + ['--num_workers', '1'], lambda s: 'epoch 2/3 step 3/5' in s, signal.SIGTERM)
+    out, rc, took, pids = _stop_when(resume + ['--num_workers', '1'], lambda s: 'epoch 2/3 step 3/5' in s,
+                                     signal.SIGTERM)
     assert rc == 143 and took < 5, (rc, took)
     assert out.rstrip().endswith(f'\nterminated (SIGTERM): the last checkpoint is kept; continue with --resume '
                                  f'{run_dir}') and 'FatalError' not in out and 'Traceback' not in out, out
