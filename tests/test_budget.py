@@ -192,6 +192,7 @@ def test_a_budgeted_search_derives_a_cell_whose_trained_network_fits(cifar_dir, 
     assert 'the search costed this genotype at' in open(os.path.join(ev, 'log.txt')).read()
 
 
+@pytest.mark.slow
 def test_bad_budget_input_is_one_line_and_makes_no_run_folder(cifar_dir, tmp_path):
     cases = [(['--budget', 'flops=1M'], ['KIND one of']),
              (['--budget', 'params=1.2.3'], ['not a number']),

@@ -258,6 +258,7 @@ def _fake_search(run_dir, genotype):
         json.dump(dict(genotype=genotypes.to_dict(genotype)), f)
 
 
+@pytest.mark.slow
 def test_bad_variants_baselines_and_an_unreachable_match_are_one_line(tmp_path, monkeypatch, capsys):
     for bad, says in ((['--variants', 'a=--no_such_flag'], 'train_search.py (variant a) flags'),
                       (['--variants', 'a=;a=--first_order'], 'given twice'),

@@ -79,6 +79,7 @@ BAD_INVOCATIONS = [
 ]
 
 
+@pytest.mark.slow
 def test_bad_invocations_of_every_script_are_one_line_without_a_traceback(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -228,6 +228,7 @@ def test_batch_larger_than_split(cifar_dir, tmp_path):
     assert_one_line_error(r, '--batch_size 500', '100 train / 100 val')
 
 
+@pytest.mark.slow
 def test_existing_run_dir_is_not_overwritten(cifar_dir, tmp_path):
     run_dir = tmp_path / 'run'
     run_dir.mkdir()
