@@ -49,11 +49,14 @@ def _step(name):
     return _STEPS[name]
 
 
-@pytest.fixture(scope='module', params=['darts', 'pc_darts', 'paddle_kernels', 'guards'])
+@pytest.fixture(scope='module', params=['darts', pytest.param('pc_darts', marks=pytest.mark.slow),
+                                        pytest.param('paddle_kernels', marks=pytest.mark.slow),
+                                        pytest.param('guards', marks=pytest.mark.slow)])
 def step(request):
     return _step(request.param)
 
 
+@pytest.mark.slow
 def test_the_step_with_the_compiled_depthwise_op_equals_the_step_with_paddles_kernel():
     if kernels.module() is None:
         pytest.skip(kernels.status())
@@ -191,6 +194,7 @@ def penalty_gradient(penalty, state, names, h=1e-5):
     return out
 
 
+@pytest.mark.slow
 def test_the_budget_penalty_gradient_is_a_real_part_of_the_guarded_step():
     progs, state, batch, after = _step('guards')
     names = list(progs.config.arch_shapes)

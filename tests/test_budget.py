@@ -150,6 +150,7 @@ TINY = ['--init_channels', '4', '--layers', '2', '--batch_size', '20', '--epochs
 COSTLY = ['--primitives', 'none,sep_conv_3x3,sep_conv_5x5,dil_conv_5x5']
 
 
+@pytest.mark.slow
 def test_a_budgeted_search_derives_a_cell_whose_trained_network_fits(cifar_dir, tmp_path):
     plain = str(tmp_path / 'plain')
     r = run_script('train_search.py', '--data', cifar_dir, '--save', plain, *TINY, *COSTLY)
@@ -191,6 +192,7 @@ def test_a_budgeted_search_derives_a_cell_whose_trained_network_fits(cifar_dir, 
     assert 'the search costed this genotype at' in open(os.path.join(ev, 'log.txt')).read()
 
 
+@pytest.mark.slow
 def test_bad_budget_input_is_one_line_and_makes_no_run_folder(cifar_dir, tmp_path):
     cases = [(['--budget', 'flops=1M'], ['KIND one of']),
              (['--budget', 'params=1.2.3'], ['not a number']),

@@ -13,6 +13,9 @@ import test_architect as ta
 from architect import SearchConfig
 from model_search import SearchSpace
 
+# every test here runs Paddle's distributed launcher (two processes through gloo)
+pytestmark = pytest.mark.slow
+
 # small enough that two processes build and prepare all their programs in well under a minute:
 # both cell types, 2 nodes each
 SEARCH = dict(darts=SearchConfig(init_channels=4, layers=2, image_size=8, space=SearchSpace(nodes=2)),

@@ -15,6 +15,9 @@ import pytest
 
 from conftest import ROOT, run_script
 
+# every test here runs Paddle's distributed launcher (two processes through gloo)
+pytestmark = pytest.mark.slow
+
 # second order on the digits: 2 epochs of 12 steps at batch 64, a network of 2 cells of 2 nodes
 # (small programs: each start of a job builds and prepares them, about 20 s)
 FLAGS = ['--dataset', 'digits', '--image_size', '16', '--epochs', '2', '--layers', '2', '--init_channels', '4',

@@ -93,6 +93,7 @@ print(float(np.abs(dw.numpy()[:, :, 0, 0] - expected).max()), dw.numpy().tobytes
 """
 
 
+@pytest.mark.slow
 def test_pointwise_grad_weight_is_the_same_bits_whatever_the_thread_count(compiled):
     """The grad weight is summed over fixed slices of the batch (21 samples: 16 slices of 1 or
     2), the slices in order, so 1 and 2 threads give the same bits, and every sample counts."""

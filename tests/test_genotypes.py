@@ -98,7 +98,7 @@ def test_random_genotypes_are_valid_cells_of_the_space_and_reproducible():
                 for cell in (g.normal, g.reduce):
                     assert len(cell) == 2 * nodes
                     for i in range(nodes):
-                        (o1, j1), (o2, j2) = cell[2 * i], cell[2 * i + 1]
+                        (_, j1), (_, j2) = cell[2 * i], cell[2 * i + 1]
                         assert j1 != j2 and 0 <= j1 < i + 2 and 0 <= j2 < i + 2
                     seen.update(op for op, _ in cell)
                 assert list(g.normal_concat) == list(g.reduce_concat) == list(range(2, 2 + nodes))

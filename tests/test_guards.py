@@ -113,7 +113,7 @@ def test_auxiliary_skip_is_an_extra_identity_weight_outside_the_softmax(dygraph)
     rng = np.random.default_rng(0)
     plain_w = plain_layout.unflatten(plain_layout.initial_weights(rng))
     aux_w = {n: plain_w[n.replace('.aux_skip', '.skip_connect')] for n in aux_layout.names}
-    flat = lambda layout, w: paddle.to_tensor(np.concatenate([w[n].reshape(-1) for n in layout.names]))  # noqa
+    flat = lambda layout, w: paddle.to_tensor(np.concatenate([w[n].reshape(-1) for n in layout.names]))  # noqa: E731
     alphas = {k: rng.uniform(-0.5, 0.5, (5, 2)).astype('float32') for k in ('alpha_normal', 'alpha_reduce')}
     p_skip = {k: 1 / (1 + np.exp(v[:, 0] - v[:, 1])) for k, v in alphas.items()}      # softmax(alpha)_skip
     shifted = {k: np.stack([np.zeros(5), np.log((p + a) / (1 - p - a))], 1).astype('float32')
@@ -171,6 +171,7 @@ def test_hessian_eigenvalue_is_the_largest_of_the_explicit_hessian():
     assert abs(v @ ((h + h.T) / 2) @ v - eig[-1]) <= 0.05 * abs(eig[-1])       # and its eigenvector
 
 
+@pytest.mark.slow
 def test_a_guarded_search_records_diagnostics_and_stops_early(tmp_path):
     """Every guard on in one tiny search; with a single parametric op the ranking never changes, so
     stable:1 stops at the second epoch with architecture steps (the first is warm-up)."""
@@ -240,7 +241,8 @@ def test_how_far_the_alphas_moved_and_the_warning_when_they_barely_did():
     assert 'moved 0.004 from uniform' in text and 'for its last 2 epochs' in text
     assert 'warning: the architecture weights have barely moved' in text
     swapped = genotypes.to_dict(changed._replace(normal=[changed.normal[1], changed.normal[0]] + changed.normal[2:]))
-    assert guards.stable_epochs(history + [dict(history[-1], genotype=swapped)]) == 3   # a node's pair order is not the cell
+    # a node's pair order is not the cell
+    assert guards.stable_epochs(history + [dict(history[-1], genotype=swapped)]) == 3
     history[-1].update(moved_normal=0.05, moved_reduce=0.07, genotype=g_start)
     text = guards.how_far(history)
     assert 'warning' not in text and 'changed in the last epoch' in text

@@ -34,8 +34,8 @@ def _eager_cell_outputs(drop_prob, seed=0):
     """A small DARTS_PADDLE cell (reduction, with a strided skip) run eagerly at drop_prob."""
     paddle.enable_static()
     g = genotypes.DARTS_PADDLE
-    layout = Layout.record(lambda ps: model.eval_cell(ps, 'c', g, paddle.zeros([1, 8, 8, 8]), paddle.zeros([1, 8, 8, 8]),
-                                                      8, True, False))
+    layout = Layout.record(lambda ps: model.eval_cell(ps, 'c', g, paddle.zeros([1, 8, 8, 8]),
+                                                      paddle.zeros([1, 8, 8, 8]), 8, True, False))
     paddle.disable_static()
     try:
         ps = ParamSet(layout, paddle.to_tensor(layout.initial_weights(np.random.default_rng(seed))))

@@ -184,9 +184,10 @@ PERMUTED = tuple(PRIMITIVES[i] for i in (5, 3, 0, 7, 1, 4, 6, 2))   # skip befor
 
 @pytest.mark.parametrize('space', [
     SearchSpace(),
-    SearchSpace(ops=PERMUTED),
-    SearchSpace(ops=tuple(op for op in PERMUTED if op != 'none'), nodes=3),
-    SearchSpace(ops=('skip_connect', 'sep_conv_3x3', 'max_pool_3x3', 'mb_conv_3x3', 'fused_mb_conv_3x3'), nodes=2),
+    pytest.param(SearchSpace(ops=PERMUTED), marks=pytest.mark.slow),
+    pytest.param(SearchSpace(ops=tuple(op for op in PERMUTED if op != 'none'), nodes=3), marks=pytest.mark.slow),
+    pytest.param(SearchSpace(ops=('skip_connect', 'sep_conv_3x3', 'max_pool_3x3', 'mb_conv_3x3', 'fused_mb_conv_3x3'),
+                             nodes=2), marks=pytest.mark.slow),
 ], ids=['paper', 'permuted', 'no-none-3-nodes', 'mbconv'])
 def test_wide_and_generic_paths_are_the_mixed_op_network(dygraph, space):
     wide, generic, plain = _compare(space)
@@ -197,6 +198,7 @@ def test_wide_and_generic_paths_are_the_mixed_op_network(dygraph, space):
         assert all(np.abs(g[:, col]).max() > 0 for g in wide[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('k,edge_norm', [(4, True), (2, False), (1, True)])
 def test_pc_darts_network_is_partial_channel_edges_with_edge_normalisation(dygraph, k, edge_norm):
     space = SearchSpace(partial_channels=k, edge_normalization=edge_norm, nodes=3)

@@ -126,6 +126,7 @@ def _new_images(folder, classes, per_class, seed, make):
     return paths, truth
 
 
+@pytest.mark.slow
 def test_class_folders_with_mixed_sizes_formats_and_a_grayscale_image(tmp_path):
     classes = ['bad', 'good', 'scratch']
     write_class_folders(str(tmp_path / 'parts'), classes, 40, seed=0, gray_one=True)
@@ -157,6 +158,7 @@ def test_train_val_tree(tmp_path):
         assert np.abs(means[0] - means[1]).max() > 20
 
 
+@pytest.mark.slow
 def test_csv_with_string_labels_and_a_test_csv(tmp_path):
     classes = ['female', 'male']
     rng = np.random.default_rng(3)
@@ -182,6 +184,7 @@ def test_csv_with_string_labels_and_a_test_csv(tmp_path):
 FASHION = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
 
 
+@pytest.mark.slow
 def test_one_channel_idx_files_at_28_px(tmp_path):
     rng = np.random.default_rng(4)
     folder = tmp_path / 'fashion'

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT, run_script
 
 FLAGS = ['--seeds', '2', '--dataset', 'digits', '--image_size', '16', '--init_channels', '4', '--layers', '2',
@@ -26,6 +28,7 @@ def test_bad_flags_are_one_line_and_nothing_is_written(tmp_path):
     assert r.returncode == 2 and 'search 1/4 (seed 0) failed' in r.stderr and not os.path.exists(out), r.stderr
 
 
+@pytest.mark.slow
 def test_protocol_runs_every_seed_resumes_after_a_kill_and_summarises(tmp_path):
     out = str(tmp_path / 'protocol')
     flags = [*FLAGS, '--random', '3', '--random_seed', '7']
@@ -58,7 +61,8 @@ def test_protocol_runs_every_seed_resumes_after_a_kill_and_summarises(tmp_path):
         args = json.load(open(os.path.join(out, f'retrain-{s}', 'args.json')))
         assert (args['seed'], args['epochs'], args['val_fraction'], args['image_size']) == (s, 1, 0.2, 16)
         log = open(os.path.join(out, f'retrain-{s}', 'log.txt')).read()
-        assert 'validation loss' in log and 'per-class accuracy on the validation split:' in log and 'test split:' not in log
+        assert 'validation loss' in log and 'per-class accuracy on the validation split:' in log \
+            and 'test split:' not in log
     best = max(summary['runs'], key=lambda r: r['retrain_val_top1'])
     assert summary['best_seed'] == best['seed']
     table = open(os.path.join(out, 'summary.md')).read()
@@ -89,6 +93,7 @@ def test_protocol_runs_every_seed_resumes_after_a_kill_and_summarises(tmp_path):
     assert r.returncode == 0 and r.stdout.count('done already') == 7, r.stdout
 
 
+@pytest.mark.slow
 def test_a_budget_sweep_searches_each_budget_and_plots_accuracy_against_cost(tmp_path):
     import paddle
     from darts.search import budget
@@ -152,6 +157,7 @@ VARIANT_FLAGS = [*[f if f != '2' or FLAGS[k - 1] != '--seeds' else '1' for k, f 
                  '--variants', 'first=;second=--second_order --arch_learning_rate 1e-2']
 
 
+@pytest.mark.slow
 def test_variants_random_cells_at_equal_size_baselines_and_retrain_seeds_resume_and_summarise(tmp_path):
     import numpy as np
     import genotypes
@@ -228,7 +234,8 @@ def test_variants_random_cells_at_equal_size_baselines_and_retrain_seeds_resume_
     assert abs(groups['first']['vs_random']['detectable'] - 2.486 * noise['cell_mean_sd'] * np.sqrt(1 + 1 / 2)) < 1e-3
     table = open(os.path.join(out, 'summary.md')).read()
     assert 'noise floor: the same cell over 2 seeds varies by' in table and 'smallest difference 1 against 2' in table
-    assert '| first | 0' in table and '| second | 0' in table and '| DARTS_V2 |' in table and '(mean ± sd, 2 seeds)' in table
+    assert '| first | 0' in table and '| second | 0' in table and '| DARTS_V2 |' in table \
+        and '(mean ± sd, 2 seeds)' in table
     assert os.path.getsize(os.path.join(out, 'comparison.png')) > 1000
 
 
@@ -251,6 +258,7 @@ def _fake_search(run_dir, genotype):
         json.dump(dict(genotype=genotypes.to_dict(genotype)), f)
 
 
+@pytest.mark.slow
 def test_bad_variants_baselines_and_an_unreachable_match_are_one_line(tmp_path, monkeypatch, capsys):
     for bad, says in ((['--variants', 'a=--no_such_flag'], 'train_search.py (variant a) flags'),
                       (['--variants', 'a=;a=--first_order'], 'given twice'),

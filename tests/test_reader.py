@@ -41,7 +41,8 @@ def test_augmentation_crops_flips_and_normalises():
                     for dy in range(9) for dx in range(9) for win in [padded[i, :, dy:dy + 32, dx:dx + 32]])
         assert found
     n = reader.normalize(x, reader.CIFAR_MEAN, reader.CIFAR_STD)
-    np.testing.assert_allclose(n[0, 1, 2, 3], (x[0, 1, 2, 3] / 255 - reader.CIFAR_MEAN[1]) / reader.CIFAR_STD[1], rtol=1e-5)
+    np.testing.assert_allclose(n[0, 1, 2, 3], (x[0, 1, 2, 3] / 255 - reader.CIFAR_MEAN[1]) / reader.CIFAR_STD[1],
+                               rtol=1e-5)
 
 
 def test_worker_processes_give_the_same_batches():

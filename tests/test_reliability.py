@@ -74,11 +74,12 @@ BAD_INVOCATIONS = [
     ('train.py', '--arch', 'NOPE'), ('train.py', '--genotype_file', '/nonexistent.json'),
     ('train.py', '--eval_only', '/nonexistent.npz'), ('train.py', '--predict', 'model-only'),
     ('train.py', '--val_fraction', '2'), ('train.py', '--resume', '/nonexistent'),
-    ('train_imagenet.py', '--data', '/nonexistent'), ('visualize.py', 'NOPE'), ('visualize.py', '--run', '/nonexistent'),
-    ('visualize.py',), ('protocol.py', '--seeds', '0'),
+    ('train_imagenet.py', '--data', '/nonexistent'), ('visualize.py', 'NOPE'),
+    ('visualize.py', '--run', '/nonexistent'), ('visualize.py',), ('protocol.py', '--seeds', '0'),
 ]
 
 
+@pytest.mark.slow
 def test_bad_invocations_of_every_script_are_one_line_without_a_traceback(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 

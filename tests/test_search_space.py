@@ -78,7 +78,8 @@ def test_genotype_with_a_registered_op_builds_the_evaluation_network(dygraph, cu
 
 
 def test_unknown_and_unusable_search_spaces_are_refused():
-    with pytest.raises(SearchSpaceError, match=r"unknown operation 'conv_9x9'; registered: none, max_pool_3x3.*mb_conv"):
+    with pytest.raises(SearchSpaceError,
+                       match=r"unknown operation 'conv_9x9'; registered: none, max_pool_3x3.*mb_conv"):
         SearchSpace(ops=('none', 'conv_9x9')).check()
     with pytest.raises(SearchSpaceError, match='other than none'):
         SearchSpace(ops=('none',)).check()
@@ -218,6 +219,7 @@ def test_preset_pc_darts_sets_the_papers_settings_and_flags_still_win():
     assert not train_search.parse_args([]).first_order and train_search.parse_args([]).partial_channels == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flags', [
     # PC-DARTS, first order, MBConv ops, 3 nodes, one warm-up epoch
     ['--primitives', 'none,max_pool_3x3,skip_connect,sep_conv_3x3,mb_conv_3x3,fused_mb_conv_3x3', '--nodes', '3',

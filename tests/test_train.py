@@ -39,6 +39,7 @@ def reference(cifar_dir, tmp_path_factory):
     return run_dir, calls
 
 
+@pytest.mark.slow
 def test_built_once_learns_and_logs(reference):
     run_dir, calls = reference
     assert calls == [1]
@@ -50,6 +51,7 @@ def test_built_once_learns_and_logs(reference):
     assert os.path.isfile(os.path.join(run_dir, 'best.npz'))
 
 
+@pytest.mark.slow
 def test_training_writes_tensorboard_events_every_epoch_and_the_confusion_matrix(reference):
     from conftest import read_events
     run_dir, _ = reference
@@ -63,6 +65,7 @@ def test_training_writes_tensorboard_events_every_epoch_and_the_confusion_matrix
 
 
 
+@pytest.mark.slow
 def test_visualize_draws_every_picture_of_the_training_run(reference, tmp_path):
     import visualize
     from conftest import draw_run_pictures
@@ -72,6 +75,7 @@ def test_visualize_draws_every_picture_of_the_training_run(reference, tmp_path):
     confusion = visualize.read_confusion(os.path.join(run_dir, 'confusion.json'))
     assert f'accuracy {100 * best["val_acc"]:.1f}%' in visualize.confusion_figure(confusion)._suptitle.get_text()
 
+@pytest.mark.slow
 def test_eval_only_reproduces_the_logged_accuracy(reference):
     run_dir, _ = reference
     best = max(history(run_dir), key=lambda r: r['val_acc'])
@@ -80,6 +84,7 @@ def test_eval_only_reproduces_the_logged_accuracy(reference):
     assert f'top1 {100 * best["val_acc"]:.2f}%' in r.stdout and f'top5 {100 * best["val_top5"]:.2f}%' in r.stdout
 
 
+@pytest.mark.slow
 def test_resume_continues_with_the_same_schedule(reference, cifar_dir, tmp_path):
     ref_dir, _ = reference
     run_dir = str(tmp_path / 'run')
@@ -189,6 +194,7 @@ def test_missing_data(tmp_path):
     assert r.returncode == 2 and 'no CIFAR-10 in' in r.stderr
 
 
+@pytest.mark.slow
 def test_exported_model_classifies_image_files_like_the_test_program(reference, cifar_dir, tmp_path):
     from PIL import Image
     import reader
@@ -212,6 +218,7 @@ def test_exported_model_classifies_image_files_like_the_test_program(reference, 
     assert [row.split('\t')[:2] for row in onnx.stdout.strip().splitlines()] == [row[:2] for row in rows]
 
 
+@pytest.mark.slow
 def test_the_onnx_model_equals_paddle_inference_and_the_test_program(reference, cifar_dir):
     import reader
     import train
@@ -226,6 +233,7 @@ def test_the_onnx_model_equals_paddle_inference_and_the_test_program(reference, 
     np.testing.assert_allclose(by_onnx, by_program, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_export_onnx_converts_a_run_and_a_failure_is_one_line(reference, tmp_path):
     import shutil
     run_dir, _ = reference
@@ -255,9 +263,11 @@ def test_a_search_run_is_refused_by_resume_and_eval_only(tmp_path):
     np.savez(run_dir / 'checkpoint.npz', __meta__=np.array(json.dumps({'epoch': 0, 'history': []})),
              weights=np.zeros(3, 'float32'))
     assert_one_line_error(run_script('train.py', '--resume', run_dir), 'is a search run', 'genotype.json')
-    assert_one_line_error(run_script('train.py', '--eval_only', run_dir / 'checkpoint.npz'), 'not a checkpoint of a training run')
+    assert_one_line_error(run_script('train.py', '--eval_only', run_dir / 'checkpoint.npz'),
+                          'not a checkpoint of a training run')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('content', [None, '{"image_size": 32', '{"mean": [0.5]}'])
 def test_predict_with_a_missing_or_malformed_preprocess_json(reference, tmp_path, content):
     import shutil
@@ -268,4 +278,5 @@ def test_predict_with_a_missing_or_malformed_preprocess_json(reference, tmp_path
         os.remove(model_dir / 'preprocess.json')
     else:
         (model_dir / 'preprocess.json').write_text(content)
-    assert_one_line_error(run_script('train.py', '--predict', model_dir / 'model', tmp_path / 'a.png'), 'preprocess.json')
+    assert_one_line_error(run_script('train.py', '--predict', model_dir / 'model', tmp_path / 'a.png'),
+                          'preprocess.json')

@@ -29,6 +29,7 @@ def _write_images(root, split, per_class, seed, list_file=False):
             f.write('\n'.join(lines) + '\n')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('layout', ['folders', 'list_files'])
 def test_learns_in_both_layouts_and_skips_a_corrupt_image(tmp_path, layout):
     root = tmp_path / 'imagenet'

@@ -43,6 +43,7 @@ def reference(cifar_dir, tmp_path_factory):
     return run_dir, calls
 
 
+@pytest.mark.slow
 def test_programs_are_built_once_and_never_change(reference):
     run_dir, calls = reference
     assert len(calls) == 1                      # 3 epochs x 5 steps, one build
@@ -56,6 +57,7 @@ def architect_ops(p):
     return architect.count_ops(p)
 
 
+@pytest.mark.slow
 def test_search_learns_and_writes_its_run_folder(reference):
     run_dir, _ = reference
     h = history(run_dir)
@@ -73,6 +75,7 @@ def test_search_learns_and_writes_its_run_folder(reference):
     assert args['layers'] == 3 and args['first_order'] is False
 
 
+@pytest.mark.slow
 def test_the_search_writes_tensorboard_events_every_epoch(reference):
     from conftest import read_events
     run_dir, _ = reference
@@ -80,13 +83,15 @@ def test_the_search_writes_tensorboard_events_every_epoch(reference):
     for key in ('val_acc', 'train_loss', 'lr', 'images_per_sec', 'entropy_normal', 'moved_reduce'):
         assert [(e.step, e.value) for e in events.Scalars(f'epoch/{key}')] == \
             [(r['epoch'], pytest.approx(r[key], rel=1e-6)) for r in h]
-    assert [e.step for e in events.Scalars('step/loss')] == [2, 4, 5, 7, 9, 10, 12, 14, 15]   # every 2nd step, and the last
+    # every 2nd step, and the last
+    assert [e.step for e in events.Scalars('step/loss')] == [2, 4, 5, 7, 9, 10, 12, 14, 15]
     for tag in ('alphas', 'cell/normal', 'cell/reduce'):
         images = events.Images(tag)
         assert [im.step for im in images] == [1, 2, 3] and images[0].width > 100, tag
 
 
 
+@pytest.mark.slow
 def test_visualize_draws_every_picture_of_the_search(reference, tmp_path):
     from conftest import draw_run_pictures
     run_dir, _ = reference
@@ -113,6 +118,7 @@ def _stop_when(cmd, ready, sig=signal.SIGKILL):
     return seen + rest, proc.returncode, time.time() - t0, [proc.pid, *map(int, children)]
 
 
+@pytest.mark.slow
 def test_resume_after_kills_reaches_the_same_history(reference, cifar_dir, tmp_path):
     """Stopped by SIGTERM while the first step prepares the programs, resumed (from the start),
     killed (SIGKILL) right after epoch 1's checkpoint, resumed, stopped by SIGTERM in the middle of
@@ -128,7 +134,8 @@ def test_resume_after_kills_reaches_the_same_history(reference, cifar_dir, tmp_p
     assert rc == 143 and took < 5 and out.rstrip().endswith(f'continue with --resume {run_dir}'), (rc, took, out)
     out, _, _, _ = _stop_when(resume, lambda s: 'genotype = ' in s)     # between epochs 1 and 2
     assert 'done' not in out and len(history(run_dir)) == 1
-    out, rc, took, pids = _stop_when(resume + ['--num_workers', '1'], lambda s: 'epoch 2/3 step 3/5' in s, signal.SIGTERM)
+    out, rc, took, pids = _stop_when(resume + ['--num_workers', '1'], lambda s: 'epoch 2/3 step 3/5' in s,
+                                     signal.SIGTERM)
     assert rc == 143 and took < 5, (rc, took)
     assert out.rstrip().endswith(f'\nterminated (SIGTERM): the last checkpoint is kept; continue with --resume '
                                  f'{run_dir}') and 'FatalError' not in out and 'Traceback' not in out, out
@@ -220,6 +227,7 @@ def test_batch_larger_than_split(cifar_dir, tmp_path):
     assert_one_line_error(r, '--batch_size 500', '100 train / 100 val')
 
 
+@pytest.mark.slow
 def test_existing_run_dir_is_not_overwritten(cifar_dir, tmp_path):
     run_dir = tmp_path / 'run'
     run_dir.mkdir()
@@ -240,6 +248,7 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
     assert_one_line_error(r, 'is it a run folder')
 
 
+@pytest.mark.slow
 def test_a_failed_start_leaves_no_folder_and_a_folder_without_checkpoint_resumes(cifar_dir, tmp_path):
     r = run_script('train_search.py', '--data', tmp_path / 'nothing', '--save', tmp_path / 'bad', '--no_download')
     assert_one_line_error(r, 'no CIFAR-10 in')
@@ -259,6 +268,7 @@ def test_a_failed_start_leaves_no_folder_and_a_folder_without_checkpoint_resumes
     assert [x['epoch'] for x in history(str(run_dir))] == [1]
 
 
+@pytest.mark.slow
 def test_resume_rewrites_what_a_late_kill_left_stale(reference, tmp_path):
     """Killed after the last checkpoint but before genotype.json (and during a history append):
     --resume rewrites both from the checkpoint instead of reporting a stale genotype."""

@@ -233,11 +233,13 @@ def test_alphas_figure_shades_both_cells_on_one_scale_and_labels_every_weight():
     rng = np.random.default_rng(1)
     ops, nodes = ['none', 'max_pool_3x3', 'sep_conv_3x3'], 2
     record = dict(epoch=4, **{f'alpha_{c}': (w / w.sum(1, keepdims=True)).round(4).tolist()
-                              for c, w in (('normal', rng.uniform(1, 2, (5, 3))), ('reduce', rng.uniform(0, 9, (5, 3))))})
+                              for c, w in (('normal', rng.uniform(1, 2, (5, 3))),
+                                           ('reduce', rng.uniform(0, 9, (5, 3))))})
     fig = visualize.alphas_figure(record, ops, nodes)
     top = max(max(max(row) for row in record[k]) for k in ('alpha_normal', 'alpha_reduce'))
     for ax, cell in zip(fig.axes[:2], visualize.CELLS):
         np.testing.assert_allclose(ax.images[0].get_array(), record['alpha_' + cell])
         assert (ax.images[0].norm.vmin, ax.images[0].norm.vmax) == (0, top)   # one colour means one weight
-        assert sorted(t.get_text() for t in ax.texts) == sorted(f'{w:.2f}' for row in record['alpha_' + cell] for w in row)
+        assert sorted(t.get_text() for t in ax.texts) == \
+            sorted(f'{w:.2f}' for row in record['alpha_' + cell] for w in row)
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ['2 <- 0', '2 <- 1', '3 <- 0', '3 <- 1', '3 <- 2']
