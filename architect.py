@@ -56,7 +56,7 @@ from darts import distributed
 from darts.distributed import mean_across_ranks
 from model_search import SearchSpace, cross_entropy, network_layout, search_network
 from operations import ParamSet, declare
-from darts.optim import (MOMENTUM, WEIGHTS, adam_step, clip_by_global_norm, global_norm,  # noqa: F401
+from darts.optim import (MOMENTUM, WEIGHTS, adam_step, clip_by_global_norm, global_norm,
                    sgd_momentum_step, virtual_step)
 from darts.tensors import get_tensors, set_tensors
 from darts.search.guards import top_eigenvalue
@@ -170,55 +170,79 @@ def schedule_values(cfg, aux_skip=1.0, beta_decay=0.0, budget_weights=None, arch
 
 
 def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
-    """Build every program of a search step, and the eval program, once."""
-    space = cfg.space.check(cfg.init_channels)
-    layout = network_layout(cfg.init_channels, cfg.num_classes, cfg.layers, cfg.image_size, cfg.in_channels, space)
-    p, size, world = layout.size, cfg.image_size, cfg.world_size
-    shapes = cfg.arch_shapes
-    names = list(shapes)
-    programs, feeds, fetch = {}, {}, {}
+    """Build every program of a search step, and the eval program, once: the alpha step's programs
+    (second or first order), the weight step, evaluation and (RobustDARTS) the Hessian's."""
+    build = _ProgramBuilder(cfg)
+    if cfg.second_order:
+        build.second_order_alpha_step()
+    else:
+        build.first_order_alpha_step()
+    build.weight_step()
+    return SearchPrograms(cfg, build.layout, build.programs, build.feeds, build.fetch, build.eval_program(),
+                          build.hessian_program() if cfg.hessian_eigen else None)
 
-    def new_program(name, feed_names):
-        programs[name] = paddle.static.Program()
-        feeds[name] = feed_names
-        return paddle.static.program_guard(programs[name], paddle.static.Program())
 
-    def data(kind):
+class _ProgramBuilder:
+    """The pieces the search programs are made of: the network's loss at a weight vector, the
+    architecture parameters, persistable results, the budget penalty's gradient and Adam."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.space = cfg.space.check(cfg.init_channels)
+        self.layout = network_layout(cfg.init_channels, cfg.num_classes, cfg.layers, cfg.image_size,
+                                     cfg.in_channels, self.space)
+        self.p, self.world = self.layout.size, cfg.world_size
+        self.shapes = cfg.arch_shapes
+        self.names = list(self.shapes)
+        self.programs, self.feeds, self.fetch = {}, {}, {}
+
+    def new_program(self, name, feed_names):
+        self.programs[name] = paddle.static.Program()
+        self.feeds[name] = feed_names
+        return paddle.static.program_guard(self.programs[name], paddle.static.Program())
+
+    def data(self, kind):
+        size = self.cfg.image_size
         if kind.endswith('x'):
-            return paddle.static.data(kind, [-1, cfg.in_channels, size, size], 'float32')
+            return paddle.static.data(kind, [-1, self.cfg.in_channels, size, size], 'float32')
         if kind.endswith('y'):
             return paddle.static.data(kind, [-1], 'int64')
         return paddle.static.data(kind, [1], 'float32')
 
-    def loss_at(flat, alphas, x, y, bn_stats='update', bn_prefix=''):
-        ps = ParamSet(layout, flat, bn_stats, bn_prefix)
-        arch = dict(zip(names, alphas))
-        if space.auxiliary_skip:
+    def loss_at(self, flat, alphas, x, y, bn_stats='update', bn_prefix=''):
+        """(L(w, alpha) on (x, y), logits): the search network over the flat weight vector w."""
+        cfg = self.cfg
+        ps = ParamSet(self.layout, flat, bn_stats, bn_prefix)
+        arch = dict(zip(self.names, alphas))
+        if self.space.auxiliary_skip:
             arch['aux_skip'] = declare(AUX_SKIP, [1])
-        logits = search_network(ps, x, arch, cfg.init_channels, cfg.num_classes, cfg.layers, space)
+        logits = search_network(ps, x, arch, cfg.init_channels, cfg.num_classes, cfg.layers, self.space)
         return cross_entropy(logits, y), logits
 
-    def alphas(trainable):
+    def alphas(self, trainable):
         """The architecture parameters, in arch_shapes order."""
-        return [declare(n, shapes[n], trainable) for n in names]
+        return [declare(n, self.shapes[n], trainable) for n in self.names]
 
-    def store(value, name, shape):
+    def store(self, value, name, shape):
         paddle.assign(value, output=declare(name, shape))
 
-    def penalty_gradients(a):
+    def penalty_gradients(self, a):
         """grad_alpha of the budget penalty (None without a budget).  Built before the program's
         loss and its backward pass: Paddle's second backward pass would otherwise walk into the
         first one's ops and fail on them."""
+        cfg = self.cfg
         if cfg.budget is None:
             return None
         weights = declare(BUDGET_WEIGHTS, [len(cfg.budget.budgets)])
-        return paddle.static.gradients(budget.penalty_value(cfg.budget, dict(zip(names, a)), weights), a)
+        return paddle.static.gradients(budget.penalty_value(cfg.budget, dict(zip(self.names, a)), weights), a)
 
-    def adam_update(alpha_grad, penalty_grad=None):
-        """alpha <- Adam(alpha, alpha_grad [+ penalty_grad]); the gradient is also kept for inspection."""
+    def adam_update(self, alpha_grad, penalty_grad=None):
+        """alpha <- Adam(alpha, alpha_grad [+ penalty_grad] [+ beta-DARTS' term]); the gradient is also
+        kept for inspection."""
+        cfg, shapes, names = self.cfg, self.shapes, self.names
         if penalty_grad is not None:
             alpha_grad = [gi if gp is None else gi + gp for gi, gp in zip(alpha_grad, penalty_grad)]
-        a = alphas(False)
+        a = self.alphas(False)
         t = declare(ADAM_T, [1])
         t_new = t + 1.0
         lr = declare(ARCH_LR, [1]) if cfg.arch_lr_annealed else cfg.arch_learning_rate
@@ -229,23 +253,27 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
         for ai, gi, name in zip(a, alpha_grad, names):
             m, v = declare(name + '.adam_m', shapes[name]), declare(name + '.adam_v', shapes[name])
             a_new, m_new, v_new = adam_step(ai, gi, m, v, t_new, lr, cfg.arch_betas, ADAM_EPS, cfg.arch_weight_decay)
-            store(gi, f'arch/grad_{name}', shapes[name])
+            self.store(gi, f'arch/grad_{name}', shapes[name])
             paddle.assign(m_new, output=m)
             paddle.assign(v_new, output=v)
             paddle.assign(a_new, output=ai)
         paddle.assign(t_new, output=t)
 
-    if cfg.second_order:
-        with new_program('unrolled_step', ['train_x', 'train_y', 'lr']):
+    def second_order_alpha_step(self):
+        """Four programs: w' (unrolled_step); dalpha, dw' and w+- (unrolled_grad); grad_alpha L_train
+        at w+ (hessian_plus); at w-, the finite difference and Adam (alpha_update)."""
+        cfg, p, world, shapes, names = self.cfg, self.p, self.world, self.shapes, self.names
+        data, store = self.data, self.store
+        with self.new_program('unrolled_step', ['train_x', 'train_y', 'lr']):
             w, lr = declare(WEIGHTS, [p], trainable=True), data('lr')
-            loss, _ = loss_at(w, alphas(False), data('train_x'), data('train_y'))
+            loss, _ = self.loss_at(w, self.alphas(False), data('train_x'), data('train_y'))
             (g,) = mean_across_ranks(paddle.static.gradients(loss, [w]), world)
             store(virtual_step(w, g, declare(MOMENTUM, [p]), lr, cfg.momentum, cfg.weight_decay),
                   'arch/w_prime', [p])
 
-        with new_program('unrolled_grad', ['val_x', 'val_y']):
-            w_prime, a = declare('arch/w_prime', [p], trainable=True), alphas(True)
-            loss, _ = loss_at(w_prime, a, data('val_x'), data('val_y'), bn_prefix=UNROLLED_BN_PREFIX)
+        with self.new_program('unrolled_grad', ['val_x', 'val_y']):
+            w_prime, a = declare('arch/w_prime', [p], trainable=True), self.alphas(True)
+            loss, _ = self.loss_at(w_prime, a, data('val_x'), data('val_y'), bn_prefix=UNROLLED_BN_PREFIX)
             *dalpha, dw = mean_across_ranks(paddle.static.gradients(loss, a + [w_prime]), world)
             r = cfg.r_scale / global_norm([dw])
             w = declare(WEIGHTS, [p])
@@ -254,18 +282,18 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
             store(r, 'arch/r', [1])
             for d, name in zip(dalpha, names):
                 store(d, f'arch/dalpha_{name}', shapes[name])
-            fetch['unrolled_grad', 'val_loss'] = loss
+            self.fetch['unrolled_grad', 'val_loss'] = loss
 
-        with new_program('hessian_plus', ['train_x', 'train_y']):
-            a = alphas(True)
-            loss, _ = loss_at(declare('arch/w_plus', [p]), a, data('train_x'), data('train_y'))
+        with self.new_program('hessian_plus', ['train_x', 'train_y']):
+            a = self.alphas(True)
+            loss, _ = self.loss_at(declare('arch/w_plus', [p]), a, data('train_x'), data('train_y'))
             for g, name in zip(mean_across_ranks(paddle.static.gradients(loss, a), world), names):
                 store(g, f'arch/g_plus_{name}', shapes[name])
 
-        with new_program('alpha_update', ['train_x', 'train_y', 'lr']):
-            a, lr = alphas(True), data('lr')
-            penalty_grad = penalty_gradients(a)
-            loss, _ = loss_at(declare('arch/w_minus', [p]), a, data('train_x'), data('train_y'))
+        with self.new_program('alpha_update', ['train_x', 'train_y', 'lr']):
+            a, lr = self.alphas(True), data('lr')
+            penalty_grad = self.penalty_gradients(a)
+            loss, _ = self.loss_at(declare('arch/w_minus', [p]), a, data('train_x'), data('train_y'))
             g_minus = mean_across_ranks(paddle.static.gradients(loss, a), world)
             r = declare('arch/r', [1])
             alpha_grad = []
@@ -273,40 +301,52 @@ def build_search_programs(cfg: SearchConfig) -> SearchPrograms:
                 hessian = (declare(f'arch/g_plus_{name}', shapes[name]) - gm) / (2.0 * r)
                 store(hessian, f'arch/hessian_{name}', shapes[name])
                 alpha_grad.append(declare(f'arch/dalpha_{name}', shapes[name]) - lr * hessian)
-            adam_update(alpha_grad, penalty_grad)
-    else:
-        with new_program('alpha_update', ['val_x', 'val_y']):
-            a = alphas(True)
-            penalty_grad = penalty_gradients(a)
-            loss, _ = loss_at(declare(WEIGHTS, [p]), a, data('val_x'), data('val_y'))
-            adam_update(mean_across_ranks(paddle.static.gradients(loss, a), world), penalty_grad)
-            fetch['alpha_update', 'val_loss'] = loss
+            self.adam_update(alpha_grad, penalty_grad)
 
-    with new_program('weight_step', ['train_x', 'train_y', 'lr']):
-        w, v, lr = declare(WEIGHTS, [p], trainable=True), declare(MOMENTUM, [p]), data('lr')
-        loss, logits = loss_at(w, alphas(False), data('train_x'), data('train_y'))
-        g = clip_by_global_norm(mean_across_ranks(paddle.static.gradients(loss, [w]), world)[0], cfg.grad_clip)
-        w_new, v_new = sgd_momentum_step(w, g, v, lr, cfg.momentum, cfg.weight_decay)
-        paddle.assign(v_new, output=v)
-        paddle.assign(w_new, output=w)
-        fetch['weight_step', 'train_loss'] = loss
-        fetch['weight_step', 'train_logits'] = logits
+    def first_order_alpha_step(self):
+        """One program: grad_alpha L_val(w, alpha) and Adam (alpha_update)."""
+        with self.new_program('alpha_update', ['val_x', 'val_y']):
+            a = self.alphas(True)
+            penalty_grad = self.penalty_gradients(a)
+            loss, _ = self.loss_at(declare(WEIGHTS, [self.p]), a, self.data('val_x'), self.data('val_y'))
+            self.adam_update(mean_across_ranks(paddle.static.gradients(loss, a), self.world), penalty_grad)
+            self.fetch['alpha_update', 'val_loss'] = loss
 
-    eval_program = paddle.static.Program()
-    with paddle.static.program_guard(eval_program, paddle.static.Program()):
-        loss, logits = loss_at(declare(WEIGHTS, [p]), alphas(False), data('x'), data('y'), bn_stats='running')
-        fetch['eval', 'loss'], fetch['eval', 'logits'] = loss, logits
-    hessian_program = None
-    if cfg.hessian_eigen:
-        hessian_program = paddle.static.Program()
-        with paddle.static.program_guard(hessian_program, paddle.static.Program()):
-            # the alphas from EIG_PREFIX (set per direction), PC-DARTS' betas as they are
-            at = [declare(EIG_PREFIX + n, shapes[n], True) if n.startswith('alpha_') else declare(n, shapes[n])
-                  for n in names]
-            loss, _ = loss_at(declare(WEIGHTS, [p]), at, data('x'), data('y'), bn_prefix=UNROLLED_BN_PREFIX)
-            wrt = [a for a, n in zip(at, names) if n.startswith('alpha_')]
-            fetch['hessian', 'grads'] = paddle.static.gradients(loss, wrt)
-    return SearchPrograms(cfg, layout, programs, feeds, fetch, eval_program, hessian_program)
+    def weight_step(self):
+        """SGD with momentum on L_train(w, alpha), the gradient clipped by its global norm."""
+        cfg, p = self.cfg, self.p
+        with self.new_program('weight_step', ['train_x', 'train_y', 'lr']):
+            w, v, lr = declare(WEIGHTS, [p], trainable=True), declare(MOMENTUM, [p]), self.data('lr')
+            loss, logits = self.loss_at(w, self.alphas(False), self.data('train_x'), self.data('train_y'))
+            g = clip_by_global_norm(mean_across_ranks(paddle.static.gradients(loss, [w]), self.world)[0],
+                                    cfg.grad_clip)
+            w_new, v_new = sgd_momentum_step(w, g, v, lr, cfg.momentum, cfg.weight_decay)
+            paddle.assign(v_new, output=v)
+            paddle.assign(w_new, output=w)
+            self.fetch['weight_step', 'train_loss'] = loss
+            self.fetch['weight_step', 'train_logits'] = logits
+
+    def eval_program(self):
+        """L(w, alpha) and logits with BN's running statistics."""
+        program = paddle.static.Program()
+        with paddle.static.program_guard(program, paddle.static.Program()):
+            loss, logits = self.loss_at(declare(WEIGHTS, [self.p]), self.alphas(False), self.data('x'),
+                                        self.data('y'), bn_stats='running')
+            self.fetch['eval', 'loss'], self.fetch['eval', 'logits'] = loss, logits
+        return program
+
+    def hessian_program(self):
+        """grad_alpha L_val at the alphas EIG_PREFIX + name (set per direction; PC-DARTS' betas as
+        they are): the Hessian-vector products of RobustDARTS' eigenvalue."""
+        program = paddle.static.Program()
+        with paddle.static.program_guard(program, paddle.static.Program()):
+            at = [declare(EIG_PREFIX + n, self.shapes[n], True) if n.startswith('alpha_')
+                  else declare(n, self.shapes[n]) for n in self.names]
+            loss, _ = self.loss_at(declare(WEIGHTS, [self.p]), at, self.data('x'), self.data('y'),
+                                   bn_prefix=UNROLLED_BN_PREFIX)
+            wrt = [a for a, n in zip(at, self.names) if n.startswith('alpha_')]
+            self.fetch['hessian', 'grads'] = paddle.static.gradients(loss, wrt)
+        return program
 
 
 def count_ops(program):

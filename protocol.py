@@ -240,7 +240,7 @@ def _checked(parse, flags, script):
     except SystemExit:
         message = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else 'bad flags'
         print(f'protocol.py: {script} flags: {message.split("error: ", 1)[-1]}', file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
 
 
 def _data_flag_names():

@@ -42,7 +42,7 @@ def _unpickle_batch(raw, where):
         d = pickle.loads(raw, encoding='bytes')
         data = np.asarray(d[b'data'], dtype=np.uint8)
         labels = np.asarray(d[b'labels'], dtype=np.int64)
-    except Exception as e:  # truncated or not a CIFAR batch: say where, not a traceback
+    except Exception as e:  # noqa: BLE001 - truncated or not a CIFAR batch: say where, not a traceback
         raise DataError(f'{where} is not a readable CIFAR-10 batch ({type(e).__name__}: {e})') from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
         raise DataError(f'{where}: expected N x 3072 images and N labels, got {data.shape} and {labels.shape}')

@@ -9,10 +9,11 @@ digits, MNIST / Fashion-MNIST, or your own images (class folders or a CSV file).
     python train.py --predict runs/eval-X/inference/model.onnx a.png      # the same, by ONNX Runtime
 
 Writes RUN_DIR/{args.json, data.json, log.txt, checkpoint.npz, best.npz, history.jsonl,
-confusion.json, result.json, inference/{model.json, model.pdiparams, model.onnx, preprocess.json}}.  With --val_fraction F the run trains on the rest
-of the training images and is evaluated on those F (a validation split for choosing between
-cells, as protocol.py does); the test set is then left alone.  A folder whose run stopped before its first checkpoint
-is continued by --resume from the beginning, with its saved flags.
+confusion.json, result.json, inference/{model.json, model.pdiparams, model.onnx, preprocess.json}}.
+With --val_fraction F the run trains on the rest of the training images and is evaluated on those F
+(a validation split for choosing between cells, as protocol.py does); the test set is then left alone.
+A folder whose run stopped before its first checkpoint is continued by --resume from the beginning,
+with its saved flags.
 """
 import argparse
 import os

@@ -100,7 +100,8 @@ def parse_args(argv=None):
                    help='the finite-difference step of --hessian_eigen_every (the curvature at this scale)')
     g.add_argument('--hessian_eigen_every', type=int, default=0, metavar='N',
                    help='RobustDARTS: every N epochs, the dominant eigenvalue of the Hessian of L_val w.r.t. '
-                        'alpha (Lanczos on finite-difference Hessian-vector products: 40 passes on one search-val batch; 0: never)')
+                        'alpha (Lanczos on finite-difference Hessian-vector products: 40 passes on one search-val '
+                        'batch; 0: never)')
     b = p.add_argument_group('search under a budget (budget.py; costs are the target network\'s, the one train.py '
                              'or train_imagenet.py will train)')
     b.add_argument('--budget', action='append', default=None, metavar='KIND=N',
@@ -111,7 +112,8 @@ def parse_args(argv=None):
                    help='lambda of the penalty lambda * max(0, E[cost] / budget - 1) per budget, on in the epochs '
                         'that start with the derived cell over that budget')
     b.add_argument('--target_network', choices=['auto', 'cifar', 'imagenet'], default='auto',
-                   help='auto: the ImageNet network (train_imagenet.py) for 224 px and up, else NetworkCIFAR (train.py)')
+                   help='auto: the ImageNet network (train_imagenet.py) for 224 px and up, '
+                        'else NetworkCIFAR (train.py)')
     b.add_argument('--target_channels', type=int, default=None, help='C of the target network (CIFAR 36, ImageNet 48)')
     b.add_argument('--target_layers', type=int, default=None, help='its cells (CIFAR 20, ImageNet 14)')
     b.add_argument('--target_image_size', type=int, default=None, help='its input size (default: the data\'s)')

@@ -329,7 +329,8 @@ def confusion_figure(confusion, title=None):
     side = min(max(0.42 * n, 3.5), 12.0)      # inches of the grid
     step = max(1, int(np.ceil(LABEL_INCHES * n / side)))
     fig = Figure(figsize=(side + 3.2, side + 2.6), dpi=DPI, layout='constrained')
-    grid, column = fig.subplots(1, 2, sharey=True, gridspec_kw=dict(width_ratios=[10, 1.6 if n <= MAX_NUMBERED else 0.6]))
+    grid, column = fig.subplots(1, 2, sharey=True,
+                                gridspec_kw=dict(width_ratios=[10, 1.6 if n <= MAX_NUMBERED else 0.6]))
     image = grid.imshow(share, cmap='Blues', vmin=0, vmax=1, aspect='auto', interpolation='nearest')
     column.imshow(recall[:, None], cmap='Greens', vmin=0, vmax=1, aspect='auto', interpolation='nearest')
     names = [_short(c) for c in confusion['classes']]
@@ -365,9 +366,8 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('genotype', nargs='?', help=f'a named genotype: {", ".join(genotypes.NAMED)}')
     p.add_argument('--genotype_file', help='a genotype JSON written by train_search.py')
-    p.add_argument('--run', help='a run folder: draws curves.png, and cells.gif and collapse.png (search run; budget.png '
-                                 'with --budget) '
-                                 'and confusion.png (when it has confusion.json) into it')
+    p.add_argument('--run', help='a run folder: draws curves.png, and cells.gif and collapse.png (search run; '
+                                 'budget.png with --budget) and confusion.png (when it has confusion.json) into it')
     p.add_argument('--format', default='png', choices=['png', 'pdf', 'svg'])
     p.add_argument('--out', default=None,
                    help='output path stem for cells (default: <genotype>_normal / <genotype>_reduce), '

@@ -126,7 +126,8 @@ def main():
     report = dict(config=dict(what=args.what, order='first' if args.first_order else 'second',
                               batch_size=args.batch_size, init_channels=args.init_channels, layers=args.layers,
                               image_size=args.image_size, cores=os.cpu_count()),
-                  results=results, speedup=results[0]['seconds_per_step_median'] / results[1]['seconds_per_step_median'])
+                  results=results,
+                   speedup=results[0]['seconds_per_step_median'] / results[1]['seconds_per_step_median'])
     print_report(report, args.out)
 
 

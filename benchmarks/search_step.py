@@ -81,7 +81,7 @@ def measure(args, second_order):
     progs, exe, scope, build = ready_programs(cfg, place)
     batch = random_batch(args.batch_size, args.image_size)
     times = []
-    for i in range(args.warmup + args.steps):
+    for _ in range(args.warmup + args.steps):
         t = time.time()
         run_search_step(exe, progs, batch, 0.025)
         times.append(time.time() - t)
@@ -109,7 +109,8 @@ def main():
     p.add_argument('--nodes', type=int, default=4)
     p.add_argument('--partial_channels', type=int, default=1, help='PC-DARTS K (with edge normalisation when > 1)')
     p.add_argument('--generic', action='store_true', help='every op on the generic per-edge path (no wide builders)')
-    p.add_argument('--no_custom_kernels', action='store_true', help="Paddle's depthwise and 1x1 convolutions (fast_kernels off)")
+    p.add_argument('--no_custom_kernels', action='store_true',
+                   help="Paddle's depthwise and 1x1 convolutions (the compiled kernels off)")
     p.add_argument('--auxiliary_skip', action='store_true', help='DARTS-: the auxiliary skip on every edge')
     p.add_argument('--beta_decay', action='store_true', help='beta-DARTS: the regularisation in the alpha step')
     p.add_argument('--hessian_eigen', action='store_true', help='also time one Hessian eigenvalue estimate')

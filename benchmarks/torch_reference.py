@@ -43,8 +43,10 @@ class FactorizedReduce(nn.Module):
 
 def sep(c, k, stride):
     p = k // 2
-    return nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, k, stride, p, groups=c, bias=False), nn.Conv2d(c, c, 1, bias=False), bn(c),
-                         nn.ReLU(), nn.Conv2d(c, c, k, 1, p, groups=c, bias=False), nn.Conv2d(c, c, 1, bias=False), bn(c))
+    return nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, k, stride, p, groups=c, bias=False),
+                         nn.Conv2d(c, c, 1, bias=False), bn(c),
+                         nn.ReLU(), nn.Conv2d(c, c, k, 1, p, groups=c, bias=False),
+                         nn.Conv2d(c, c, 1, bias=False), bn(c))
 
 
 def dil(c, k, stride):
@@ -90,7 +92,7 @@ class Cell(nn.Module):
 
     def forward(self, s0, s1, weights):
         states, e = [self.pre0(s0), self.pre1(s1)], 0
-        for i in range(4):
+        for _ in range(4):
             states.append(sum(self.edges[e + j](h, weights[e + j]) for j, h in enumerate(states)))
             e += len(states) - 1
         return torch.cat(states[-4:], 1)

@@ -113,8 +113,8 @@ def main():
     if args._child:
         print(json.dumps(train_step(args)))
         return
-    cmd = [sys.executable, __file__, '--_child'] + [f'--{k}={getattr(args, k)}' for k in
-                                                    ('arch', 'network', 'init_channels', 'layers', 'batch_size', 'steps', 'warmup')]
+    flags = ('arch', 'network', 'init_channels', 'layers', 'batch_size', 'steps', 'warmup')
+    cmd = [sys.executable, __file__, '--_child'] + [f'--{k}={getattr(args, k)}' for k in flags]
     step = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     report = dict(config=dict(arch=args.arch, network=args.network, init_channels=args.init_channels,
                               layers=args.layers, batch_size=args.batch_size, threads=os.cpu_count()),

@@ -24,7 +24,8 @@ FORMATS = ('cifar10', 'digits', 'mnist', 'fashion_mnist', 'folder', 'csv')
 DEFAULT_IMAGE_SIZE = 64
 MIN_IMAGE_SIZE = 16
 NATIVE_SIZE = {'cifar10': 32, 'digits': 32, 'mnist': 28, 'fashion_mnist': 28}
-DEFAULT_CACHE_DIR = os.environ.get('PADDLE_DARTS_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'paddle-darts'))
+DEFAULT_CACHE_DIR = os.environ.get('PADDLE_DARTS_CACHE',
+                                   os.path.join(os.path.expanduser('~'), '.cache', 'paddle-darts'))
 CACHE_VERSION = 'paddle-darts-images-v1'
 HOLDOUT_SEED = 0
 PROGRESS_INTERVAL = 10.0  # seconds between progress lines when stderr is not a terminal
@@ -97,7 +98,8 @@ def add_arguments(parser, default_dataset='cifar10'):
                              'with the IDX files (plain or .gz); folder: the root folder; csv: the CSV file '
                              '(default: ./data)')
     parser.add_argument('--data_url', default=reader.CIFAR_URL, help='where to download CIFAR-10 from')
-    parser.add_argument('--data_md5', default=reader.CIFAR_MD5, help='MD5 of the CIFAR-10 archive ("" to skip the check)')
+    parser.add_argument('--data_md5', default=reader.CIFAR_MD5,
+                        help='MD5 of the CIFAR-10 archive ("" to skip the check)')
     parser.add_argument('--no_download', action='store_true', help='do not download CIFAR-10 when it is missing')
     parser.add_argument('--test_data', default=None,
                         help='folder / csv: the test split, in the same format as --data (a root with class '
@@ -209,7 +211,8 @@ def _load_mnist_like(name, classes):
         vx, vy = read_idx_images(paths[2]), read_idx_labels(paths[3])
         for images, labels, ip, lp in ((tx, ty, paths[0], paths[1]), (vx, vy, paths[2], paths[3])):
             if len(images) != len(labels):
-                raise DataError(f'{ip} has {len(images)} images but {lp} has {len(labels)} labels: expected equal counts')
+                raise DataError(f'{ip} has {len(images)} images but {lp} has {len(labels)} labels: '
+                                f'expected equal counts')
             if len(labels) and labels.max() >= len(classes):
                 raise DataError(f'{lp}: label {labels.max()} outside 0..{len(classes) - 1}')
         if size is not None and size != tx.shape[2]:

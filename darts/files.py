@@ -43,7 +43,7 @@ def load_checkpoint(path):
         with np.load(path) as z:
             meta = json.loads(str(z['__meta__']))
             arrays = {k: z[k] for k in z.files if k != '__meta__'}
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any unreadable file (zip, pickle, JSON) is one line
         raise UserError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e})') from None
     return arrays, meta
 

@@ -42,7 +42,7 @@ def run_main(run, argv, parse):
             return conclude(f'error: {message}{where}', 2)
         except KeyboardInterrupt:
             return conclude(_stop_line('interrupted'), 130)
-        except Exception as e:  # noqa: BLE001 - a collective that failed because another rank stopped?
+        except Exception as e:  # a collective that failed because another rank stopped? (else re-raised)
             failure = distributed.collective_failure(
                 e, f'; continue with --resume {current_run[0].path}' if current_run else '')
             if failure is None:

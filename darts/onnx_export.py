@@ -82,7 +82,8 @@ def convert(prefix):
                 f.write(model)
             options = ort.SessionOptions()
             options.log_severity_level = 3
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC   # portable: no fused kernels
+            # portable: no fused kernels
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             options.optimized_model_filepath = out + '.tmp'
             ort.InferenceSession(raw, options, providers=['CPUExecutionProvider'])
         os.replace(out + '.tmp', out)
@@ -114,7 +115,8 @@ def export(prefix, x):
         diff = float(np.abs(run(session(out), x) - paddle_probabilities(prefix, x)).max())
     except Exception as e:  # noqa: BLE001 - ONNX Runtime refusing the model is a failed export too
         os.remove(out)
-        message = str(e) if isinstance(e, ConversionError) else f'ONNX Runtime cannot run {out} ({type(e).__name__}: {str(e)[:200]})'
+        message = (str(e) if isinstance(e, ConversionError)
+                   else f'ONNX Runtime cannot run {out} ({type(e).__name__}: {str(e)[:200]})')
         raise ConversionError(f'{message}; removed, the Paddle model is kept') from None
     if not diff <= TOLERANCE:
         os.remove(out)

@@ -64,7 +64,8 @@ class Progress:
 
     def __init__(self, log, total, text, every=0, seconds=30.0, at_last=True, on_line=None, desc='',
                  unit='step', stream=None):
-        self.log, self.total, self.text, self.every, self.seconds, self.at_last = log, total, text, every, seconds, at_last
+        self.log, self.total, self.text = log, total, text
+        self.every, self.seconds, self.at_last = every, seconds, at_last
         self.on_line = on_line   # on_line(steps, rate) with every line (TensorBoard's step curves)
         self.steps, self.units, self.t0 = 0, 0, time.time()
         self.last_line = self.t0

@@ -30,8 +30,8 @@ from darts import datasets
 from reader import normalize
 
 # Flags a resumed run may change; everything else is taken from the run's args.json.
-RESUMABLE_OVERRIDES = ('epochs', 'device', 'no_custom_kernels', 'num_workers', 'report_freq', 'data', 'test_data', 'cache_dir',
-                       'no_tensorboard')
+RESUMABLE_OVERRIDES = ('epochs', 'device', 'no_custom_kernels', 'num_workers', 'report_freq', 'data', 'test_data',
+                       'cache_dir', 'no_tensorboard')
 
 
 def load_genotype(args):
@@ -109,8 +109,9 @@ def build_programs(genotype, args, image_size=32, num_classes=10, network=None, 
         test_logits, _ = network(ParamSet(layout, declare(WEIGHTS, [p]), 'running'), tx, auxiliary=False, **kw)
         test_loss = paddle.nn.functional.cross_entropy(test_logits, ty)
         test_probs = paddle.nn.functional.softmax(test_logits, axis=-1)
-    return dict(layout=layout, train=train, test=test, train_fetch=[loss, logits, total], drop_sites=drop.sites if drop else 0,
-                test_fetch=[test_loss, test_logits], test_x=tx, test_probs=test_probs)
+    return dict(layout=layout, train=train, test=test, train_fetch=[loss, logits, total],
+                drop_sites=drop.sites if drop else 0, test_fetch=[test_loss, test_logits], test_x=tx,
+                test_probs=test_probs)
 
 
 def initial_state(layout, seed):
@@ -213,7 +214,8 @@ class Training:
     def __init__(self, task, args):
         args = runfolder.start(args, 'train', RESUMABLE_OVERRIDES, task.parse)
         genotype = load_genotype(args)   # everything that can fail on bad input, before the folder is made
-        world = distributed.setup(args.device, not getattr(args, 'no_custom_kernels', False), on_stall=lifecycle.stop_now)
+        world = distributed.setup(args.device, not getattr(args, 'no_custom_kernels', False),
+                                  on_stall=lifecycle.stop_now)
         world.check_batch(args.batch_size)
         split = task.data(args, False, print if world.writer else lifecycle.silent, (world.rank, world.size))
         run = runfolder.Run.open(args, task.prefix, world)
@@ -249,7 +251,8 @@ class Training:
         with paddle.static.scope_guard(self.scope):
             tensors.set_tensors(self.scope, self.place, self.state)
             if self.start_epoch == 0:
-                self.run_folder.log('the first step also prepares the programs (Paddle does this once, it takes a while)')
+                self.run_folder.log('the first step also prepares the programs '
+                                    '(Paddle does this once, it takes a while)')
             for epoch in range(self.start_epoch, self.args.epochs):
                 self.end_of_epoch(epoch, self.train_epoch(epoch))
             return self.finish()

@@ -206,7 +206,8 @@ class EarlyStop:
 
         A stopped search is over unless continue_stopped: then its early_stop.json becomes
         early_stop_overridden.json, and a search continued once keeps the rule off for good."""
-        stopped = files.read_json(run.file(cls.FILE, missing_ok=True))   # read before looking for OVERRIDDEN: the writer
+        # read before looking for OVERRIDDEN: the writer
+        stopped = files.read_json(run.file(cls.FILE), missing_ok=True)
         continued = os.path.isfile(run.file(cls.OVERRIDDEN))  # of a data-parallel job may rename it meanwhile
         if stopped is not None:
             if not continue_stopped:
