@@ -81,7 +81,8 @@ def test_pointwise_forward_and_both_gradients_equal_paddles_kernel(dygraph, comp
 
 
 THREAD_SPLIT = """
-import numpy as np, paddle, fast_kernels
+import numpy as np, paddle
+from darts import kernels
 rng = np.random.default_rng(0)
 x = paddle.to_tensor(rng.standard_normal((21, 8, 6, 6)).astype('float32'), stop_gradient=False)
 w = paddle.to_tensor(rng.standard_normal((4, 8, 1, 1)).astype('float32'), stop_gradient=False)
@@ -132,7 +133,7 @@ def test_operations_use_the_compiled_ops_on_cpu_and_paddles_within_paddle_kernel
 
 
 def _status_in_subprocess(env):
-    code = 'import fast_kernels; print(kernels.status())'
+    code = "from darts import kernels; print(kernels.status())"
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
                        env=dict(os.environ, **env), timeout=600)
     assert r.returncode == 0, r.stderr
