@@ -53,7 +53,7 @@ def parse_args(argv=None):
       help='evaluate on a stratified hold-out of F of the training images instead of the test set (0: test set)')
     a('--device', default='auto', choices=['auto', 'gpu', 'cpu'])
     a('--no_custom_kernels', action='store_true',
-      help="Paddle's own depthwise and 1x1 convolutions instead of the compiled ones (CPU; see kernels.py)")
+      help="Paddle's own depthwise and 1x1 convolutions instead of the compiled ones (CPU; see darts/kernels/)")
     a('--seed', type=int, default=0)
     a('--num_workers', type=int, default=min(2, os.cpu_count() or 1),
       help='processes that decode images and make batches (0: none)')

@@ -45,7 +45,7 @@ def parse_args(argv=None):
     a('--image_size', type=int, default=224, help='training crop; validation resizes to size*256/224 first')
     a('--device', default='auto', choices=['auto', 'gpu', 'cpu'])
     a('--no_custom_kernels', action='store_true',
-      help="Paddle's own depthwise and 1x1 convolutions instead of the compiled ones (CPU; see kernels.py)")
+      help="Paddle's own depthwise and 1x1 convolutions instead of the compiled ones (CPU; see darts/kernels/)")
     a('--seed', type=int, default=0)
     a('--num_workers', type=int, default=min(4, os.cpu_count() or 1))
     a('--report_freq', type=int, default=100)

@@ -119,7 +119,7 @@ def parse_args(argv=None):
     b.add_argument('--target_image_size', type=int, default=None, help='its input size (default: the data\'s)')
     a('--device', default='auto', choices=['auto', 'gpu', 'cpu'], help='auto: the GPU when there is one')
     a('--no_custom_kernels', action='store_true',
-      help="Paddle's own depthwise and 1x1 convolutions instead of the compiled ones (CPU; see kernels.py)")
+      help="Paddle's own depthwise and 1x1 convolutions instead of the compiled ones (CPU; see darts/kernels/)")
     a('--seed', type=int, default=2)
     a('--num_workers', type=int, default=min(2, os.cpu_count() or 1),
       help='processes that decode images and make batches (0: none)')

@@ -61,9 +61,10 @@ def main():
     p.add_argument('--repeats', type=int, default=20)
     args = p.parse_args()
     import numpy as np
-    from darts import tensors
+    from darts import process
+    process.prepare()   # before paddle is imported
     import paddle
-    from darts import kernels
+    from darts import kernels, tensors
     paddle.enable_static()
     if kernels.module() is None:
         sys.exit(f'depthwise_kernel.py: no compiled op: {kernels.status()}')

@@ -25,8 +25,10 @@ from timing import median_seconds  # noqa: E402
 def export(arch, init_channels, layers, folder):
     """train.py's inference model and its ONNX twin for the network, in folder; their prefix."""
     import numpy as np
-    from darts import tensors
+    from darts import process
+    process.prepare()   # before paddle is imported
     import paddle
+    from darts import tensors
     import genotypes
     from darts import onnx_export
     import train

@@ -72,8 +72,11 @@ class Progress:
         self.bar = None
         stream = stream or sys.stdout
         if stream.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, file=stream)
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, file=stream)
+            except ImportError:   # optional: lines instead of a bar
+                pass
 
     @classmethod
     def epoch(cls, log, total, prefix, every, seconds=30.0, on_line=None):

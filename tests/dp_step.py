@@ -13,10 +13,13 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
+from darts import process  # noqa: E402
 
+process.prepare()   # before paddle is imported, as the commands do
 
-from darts import distributed  # noqa: E402
 import paddle  # noqa: E402
+
+from darts import distributed, lifecycle  # noqa: E402
 
 import test_architect as ta  # noqa: E402
 from test_distributed import SEARCH, train_step_inputs  # noqa: E402
@@ -58,7 +61,7 @@ def train_step(world, exe):
 
 def main(out):
     paddle.enable_static()
-    world = distributed.setup('cpu')
+    world = distributed.setup('cpu', on_stall=lifecycle.stop_now)
     exe = paddle.static.Executor(world.place)
     saved = {}
     for kind, cfg in SEARCH.items():
