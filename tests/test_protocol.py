@@ -17,6 +17,20 @@ FLAGS = ['--seeds', '2', '--dataset', 'digits', '--image_size', '16', '--init_ch
          '--retrain_batch_size', '32', '--val_fraction', '0.2', '--retrain_flags', '--drop_path_prob 0']
 
 
+def kill_when(cmd, path, never, timeout=900):
+    """Start cmd (a protocol) in its own process group, and SIGKILL the group once path exists."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while not os.path.isfile(path) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert os.path.isfile(path), never
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+
+
 def test_bad_flags_are_one_line_and_nothing_is_written(tmp_path):
     out = str(tmp_path / 'p')
     for bad, says in ((['--no_such_flag'], 'train_search.py flags'), (['--seed', '3'], 'set by the protocol'),
@@ -33,17 +47,7 @@ def test_protocol_runs_every_seed_resumes_after_a_kill_and_summarises(tmp_path):
     out = str(tmp_path / 'protocol')
     flags = [*FLAGS, '--random', '3', '--random_seed', '7']
     cmd = [sys.executable, os.path.join(ROOT, 'protocol.py'), *flags, '--save', out]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    first = os.path.join(out, 'search-0', 'result.json')
-    try:
-        deadline = time.time() + 600
-        while not os.path.isfile(first) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        assert os.path.isfile(first), 'the first search never finished'
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_when(cmd, os.path.join(out, 'search-0', 'result.json'), 'the first search never finished', timeout=600)
     log_before = open(os.path.join(out, 'search-0', 'log.txt')).read()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -167,17 +171,8 @@ def test_variants_random_cells_at_equal_size_baselines_and_retrain_seeds_resume_
     flags = [*VARIANT_FLAGS, '--random', '2', '--random_match', 'params', '--random_seed', '3',
              '--baselines', f'DARTS_V2,{mine}', '--retrain_seeds', '2', '--jobs', '2']
     cmd = [sys.executable, os.path.join(ROOT, 'protocol.py'), *flags, '--save', out]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    second_round = os.path.join(out, 'retrain-first-0-r1', 'args.json')
-    try:
-        deadline = time.time() + 900
-        while not os.path.isfile(second_round) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        assert os.path.isfile(second_round), 'the second round of retrains never started'
-        os.killpg(proc.pid, signal.SIGKILL)   # the protocol and the two runs it has going
-    finally:
-        proc.wait()
+    # the protocol and the two runs it has going
+    kill_when(cmd, os.path.join(out, 'retrain-first-0-r1', 'args.json'), 'the second round never started')
     deadline = time.time() + 30
     while [p for p in os.listdir('/proc') if p.isdigit() and _cmdline_has(p, out)] and time.time() < deadline:
         time.sleep(0.2)
