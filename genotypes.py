@@ -4,7 +4,10 @@ A Genotype lists, for the normal and the reduction cell, two (op, input) pairs p
 intermediate node.  Inputs 0 and 1 are the cell inputs c_{k-2} and c_{k-1}; input
 2 + i is intermediate node i.
 """
+import ast
 import json
+import os
+import re
 from collections import namedtuple
 
 import numpy as np
@@ -214,3 +217,154 @@ def save(genotype, path, space=None, costs=None):
     if costs:
         d['costs'] = costs
     atomic_write(path, lambda f: f.write(json.dumps(d) + '\n'))
+
+
+# ---------------------------------------------------------------- a genotype given on the command line
+
+_TEXT_START = re.compile(r'Genotype\s*\(')
+_LOG_PREFIX = re.compile(r'genotype(\s*\([^()=]*\))?\s*=\s*')   # 'genotype = ', 'genotype (unlimited) = '
+_LONGEST_RANGE = 64          # range(a, b) in a concat: a few node indices, never a huge list
+_WHAT = {ast.Call: 'a call', ast.Attribute: 'an attribute access', ast.Name: 'a name', ast.Lambda: 'a lambda',
+         ast.Subscript: 'a subscript', ast.Starred: 'a starred expression', ast.Dict: 'a dict', ast.Set: 'a set',
+         ast.ListComp: 'a comprehension', ast.SetComp: 'a comprehension', ast.DictComp: 'a comprehension',
+         ast.GeneratorExp: 'a comprehension', ast.BinOp: 'an operator', ast.UnaryOp: 'an operator',
+         ast.BoolOp: 'an operator', ast.Compare: 'a comparison', ast.IfExp: 'a conditional expression',
+         ast.JoinedStr: 'an f-string', ast.NamedExpr: 'an assignment expression', ast.Await: 'an await',
+         ast.Yield: 'a yield', ast.YieldFrom: 'a yield'}
+_ONLY = ('only Genotype(normal=[...], normal_concat=..., reduce=[...], reduce_concat=...) made of lists, tuples, '
+         'strings, integers and range(a, b) is read')
+
+
+def _kind(spec):
+    """Which of the accepted forms spec is: 'name', 'text', 'file', or None."""
+    if not isinstance(spec, str):
+        return None
+    if spec in NAMED:
+        return 'name'
+    s = spec.strip()
+    if _TEXT_START.match(s) or _LOG_PREFIX.match(s):
+        return 'text'
+    if os.path.isfile(spec):
+        return 'file'
+    return None
+
+
+def _forms():
+    return (f'give a genotype name ({", ".join(NAMED)}), a genotype JSON file, or the Genotype(...) text '
+            f'the search log prints')
+
+
+def _short(text, limit=60):
+    """text on one line (whitespace runs as one space), cut to limit characters."""
+    one = ' '.join(str(text).split())
+    return one if len(one) <= limit else one[:limit - 3] + '...'
+
+
+class _Refused(Exception):
+    def __init__(self, what, node):
+        super().__init__(what)
+        self.what, self.node = what, node
+
+
+def _value(node):
+    """The literal a node of the genotype text stands for, built without evaluating anything:
+    lists and tuples (both as lists), str and int constants, range(int, int) (as a list)."""
+    if isinstance(node, ast.Constant):
+        v = node.value
+        if isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)):
+            return v
+        raise _Refused(f'the constant {v!r} (only strings and integers)', node)
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_value(e) for e in node.elts]
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == 'range'
+            and not node.keywords and len(node.args) == 2
+            and all(isinstance(a, ast.Constant) and type(a.value) is int for a in node.args)):
+        lo, hi = node.args[0].value, node.args[1].value
+        if hi - lo > _LONGEST_RANGE:
+            raise _Refused(f'range({lo}, {hi}), longer than {_LONGEST_RANGE}', node)
+        return list(range(lo, hi))
+    what = _WHAT.get(type(node), f'a {type(node).__name__} expression')
+    if isinstance(node, ast.Call):
+        what = 'a call other than range(int, int)'
+    raise _Refused(what, node)
+
+
+def _genotype_fields(tree):
+    """The four fields of the single Genotype(...) call that tree (an ast.Expression) must be."""
+    call = tree.body
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == 'Genotype'):
+        raise _Refused(f'{_WHAT.get(type(call), "an expression")} where the Genotype(...) call should be', call)
+    if len(call.args) > len(Genotype._fields):
+        raise _Refused(f'{len(call.args)} positional arguments (Genotype has {len(Genotype._fields)} fields)', call)
+    fields = {}
+    for name, arg in zip(Genotype._fields, call.args):
+        fields[name] = _value(arg)
+    for kw in call.keywords:
+        if kw.arg is None:
+            raise _Refused('a ** argument', kw.value)
+        if kw.arg not in Genotype._fields:
+            raise _Refused(f'the argument {kw.arg}= (Genotype has {", ".join(Genotype._fields)})', kw.value)
+        if kw.arg in fields:
+            raise _Refused(f'{kw.arg} given twice', kw.value)
+        fields[kw.arg] = _value(kw.value)
+    return fields
+
+
+def parse_text(text, check_ops=True):
+    """The genotype in text as the search log prints it, `Genotype(normal=[('sep_conv_3x3', 0), ...],
+    normal_concat=range(2, 6), reduce=[...], reduce_concat=[2, 3, 4, 5])`, optionally after
+    'genotype = '.  The text is parsed, never evaluated: only that one call, lists, tuples, strings,
+    integers and range(a, b) are admitted; anything else is a one-line GenotypeError saying what was
+    refused.  Then checked as `load` checks a file (concat lists are lists; check_ops as there)."""
+    if not isinstance(text, str):
+        raise GenotypeError(f'genotype text must be a string, got {type(text).__name__}')
+    source = text.strip()
+    prefix = _LOG_PREFIX.match(source)
+    if prefix:
+        source = source[prefix.end():]
+    try:
+        tree = ast.parse(source, mode='eval')
+    except (SyntaxError, ValueError) as e:     # ValueError: a null byte
+        where = f' (line {e.lineno}, column {e.offset})' if isinstance(e, SyntaxError) and e.lineno else ''
+        reason = _short(e.msg if isinstance(e, SyntaxError) else e, 80)
+        raise GenotypeError(f'genotype text is not a Genotype(...) expression: {reason}{where}') from None
+    try:
+        fields = _genotype_fields(tree)
+    except _Refused as r:
+        segment = ast.get_source_segment(source, r.node) or ''
+        at = f'`{_short(segment)}` at line {r.node.lineno}, column {r.node.col_offset + 1}'
+        raise GenotypeError(f'genotype text: refused {r.what}, {at}; {_ONLY}') from None
+    try:
+        return from_dict(fields, check_ops)
+    except GenotypeError as e:
+        raise GenotypeError(f'genotype text: {e}') from None
+
+
+def resolve(spec, check_ops=True):
+    """The genotype spec names: a name in NAMED, the Genotype(...) text the search log prints
+    (parse_text; also after 'genotype = '), or a genotype JSON file (load).  Anything else is a
+    one-line GenotypeError naming the three forms.  to_dict(resolve(spec)) records what it was."""
+    kind = _kind(spec)
+    if kind == 'name':
+        return NAMED[spec]
+    if kind == 'text':
+        return parse_text(spec, check_ops)
+    if kind == 'file':
+        return load(spec, check_ops)
+    shown = repr(_short(spec)) if isinstance(spec, str) else type(spec).__name__
+    if isinstance(spec, str) and spec.strip().endswith('.json'):
+        shown += ' (no such file)'
+    raise GenotypeError(f'unknown genotype {shown}: {_forms()}')
+
+
+def describe_source(spec):
+    """Where resolve(spec) takes its genotype from, in a few words for a log or a record:
+    'named genotype DARTS_V2', 'genotype file /abs/g.json', 'genotype text'."""
+    kind = _kind(spec)
+    if kind == 'name':
+        return f'named genotype {spec}'
+    if kind == 'file':
+        return f'genotype file {os.path.abspath(spec)}'
+    if kind == 'text':
+        return 'genotype text'
+    raise GenotypeError(f'unknown genotype {_short(spec)!r}: {_forms()}')

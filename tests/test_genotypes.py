@@ -105,3 +105,80 @@ def test_random_genotypes_are_valid_cells_of_the_space_and_reproducible():
             assert seen == set(ops) - {'none'}   # every op but none is drawn, none never
     draws = [genotypes.random_genotype(np.random.default_rng([2, k])) for k in range(3)]
     assert draws[0] != draws[1] != draws[2]
+
+
+def test_name_file_and_printed_text_resolve_to_the_same_genotype(tmp_path):
+    printed = str(genotypes.DARTS_V2)
+    path = str(tmp_path / 'g.json')
+    genotypes.save(genotypes.DARTS_V2, path)
+    specs = ['DARTS_V2', path, printed, 'genotype = ' + printed,
+             # the original DARTS prints range(2, 6); a copied log line may wrap and carry spaces
+             '  ' + printed.replace('[2, 3, 4, 5]', 'range(2, 6)').replace(', (', ',\n    (') + '\n',
+             printed.replace('Genotype(normal=', 'Genotype(\n  normal =  ')]
+    for spec in specs:
+        g = genotypes.resolve(spec)
+        assert g == genotypes.DARTS_V2, spec
+        assert isinstance(g.normal_concat, list) and isinstance(g.normal[0], tuple)
+        assert genotypes.from_dict(genotypes.to_dict(g)) == g   # what a run records reads back the same
+    assert genotypes.describe_source('DARTS_V2') == 'named genotype DARTS_V2'
+    assert genotypes.describe_source(path).startswith('genotype file ')
+    assert genotypes.describe_source(printed) == 'genotype text'
+    positional = genotypes.resolve(f'Genotype({genotypes.DARTS_V1.normal}, [2, 3, 4, 5], '
+                                   f'{tuple(genotypes.DARTS_V1.reduce)}, (2, 3, 4, 5))')
+    assert positional == genotypes.DARTS_V1
+
+
+REST = "normal_concat=[2, 3, 4, 5], reduce=[('skip_connect', 0)] , reduce_concat=[2])"
+
+
+@pytest.mark.parametrize('text, refused', [
+    ("Genotype(normal=__import__('os').system('touch {marker}'), " + REST, 'refused a call'),
+    ("genotype = Genotype(normal=[(str(open('{marker}', 'w')), 0)], " + REST, 'refused a call'),
+    ("Genotype(normal=os.system, " + REST, 'refused an attribute access'),
+    ("Genotype(normal=DARTS_V2.normal, " + REST, 'refused an attribute access'),
+    ("Genotype(normal=normal, " + REST, 'refused a name'),
+    ("Genotype(normal=[(op, 0) for op in ['sep_conv_3x3'] * 8], " + REST, 'refused a comprehension'),
+    ("Genotype(normal=(lambda: [])(), " + REST, 'refused a call'),
+    ("Genotype(normal=[('sep_conv_3x3', 0)][0:8], " + REST, 'refused a subscript'),
+    ("Genotype(normal=[('sep_conv_3x3', 0)] * 8, " + REST, 'refused an operator'),
+    ("Genotype(normal=[], normal_concat=range(0, 10000000000), reduce=[], reduce_concat=[])", 'longer than'),
+    ("__import__('os').system('touch {marker}')", 'unknown genotype'),   # not one of the forms at all
+    ("Genotype(normal=[], **{{'reduce': []}})", r'refused a \*\* argument'),
+    ("Genotype(normal=[], cells=[])", 'refused the argument cells='),
+])
+def test_genotype_text_is_parsed_never_evaluated(tmp_path, text, refused):
+    marker = tmp_path / 'MARKER'
+    spec = text.format(marker=marker)
+    with pytest.raises(genotypes.GenotypeError, match=refused) as err:
+        genotypes.resolve(spec)
+    assert len(str(err.value).splitlines()) == 1, str(err.value)
+    assert not marker.exists()
+    if not spec.startswith('__'):
+        return
+    with pytest.raises(genotypes.GenotypeError, match='refused a call.*where the Genotype') as err:
+        genotypes.parse_text(spec)      # given as text anyway: refused, not run
+    assert len(str(err.value).splitlines()) == 1 and not marker.exists()
+
+
+def test_genotype_text_that_is_malformed_or_outside_the_space_is_one_line():
+    printed = str(genotypes.DARTS_V2)
+    for text, message in [(printed[:-1], r'not a Genotype\(\.\.\.\) expression: .*never closed'),
+                          (printed.replace("'skip_connect', 0", "'skip_connect', 4", 1),
+                           r'normal\[5\]: node 2 can take inputs 0..3, got 4'),
+                          (printed.replace("'skip_connect'", "'conv_9x9'", 1), 'unknown op'),
+                          (printed.split(', reduce=')[0] + ')', 'missing reduce, reduce_concat')]:
+        with pytest.raises(genotypes.GenotypeError, match=message) as err:
+            genotypes.parse_text(text)
+        assert len(str(err.value).splitlines()) == 1 and str(err.value).startswith('genotype text')
+
+
+def test_an_unknown_spec_names_the_three_forms(tmp_path):
+    for spec in ('RESNET', str(tmp_path / 'missing.json'), ''):
+        with pytest.raises(genotypes.GenotypeError) as err:
+            genotypes.resolve(spec)
+        message = str(err.value)
+        assert len(message.splitlines()) == 1
+        assert 'DARTS_V1, DARTS_V2, DARTS_PADDLE' in message and 'JSON file' in message and 'Genotype(' in message
+    with pytest.raises(genotypes.GenotypeError, match='not JSON'):     # an existing file is read as one
+        (tmp_path / 'g.txt').write_text('Genotype')
+        genotypes.resolve(str(tmp_path / 'g.txt'))
