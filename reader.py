@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import gzip
 import hashlib
+import io
 import multiprocessing as mp
 import os
 import pickle
@@ -37,14 +38,77 @@ CIFAR_STD = np.array([0.2470, 0.2435, 0.2616], 'float32')
 
 # ---------------------------------------------------------------- CIFAR-10 on disk
 
+def _latin1_encode(text, encoding):
+    """_codecs.encode as Python 3 pickles bytes at protocols 0-2: (str, 'latin1') only."""
+    if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
+        raise pickle.UnpicklingError('_codecs.encode is admitted only to rebuild bytes from latin-1 text')
+    return text.encode('latin-1')
+
+
+def _empty_bytes(*args):
+    """bytes() as Python 3 pickles b'' at protocols 0-2: no arguments only."""
+    if args:
+        raise pickle.UnpicklingError('bytes is admitted only without arguments (b\'\')')
+    return b''
+
+
+def _admitted_globals():
+    """(module, name) -> object: all a CIFAR-10 batch's pickle may name.  The numpy functions are
+    taken from numpy's own reductions, so the same objects serve numpy 1 (numpy.core) and 2
+    (numpy._core) whichever wrote the file, without importing numpy.core."""
+    rebuild = np.zeros(1).__reduce__()[0]            # multiarray._reconstruct: any ndarray, protocols 0-4
+    from_buffer = np.zeros(1).__reduce_ex__(5)[0]    # numeric._frombuffer: an ndarray at protocol 5
+    scalar = np.int64(1).__reduce__()[0]             # multiarray.scalar: a numpy number (np.int64 labels)
+    admitted = {}
+    for core in ('numpy.core', 'numpy._core'):
+        admitted[core + '.multiarray', '_reconstruct'] = rebuild
+        admitted[core + '.multiarray', 'scalar'] = scalar
+        admitted[core + '.numeric', '_frombuffer'] = from_buffer
+    admitted['numpy', 'ndarray'] = np.ndarray        # the class _reconstruct is asked to make
+    admitted['numpy', 'dtype'] = np.dtype            # the arrays' and numbers' element types
+    admitted['_codecs', 'encode'] = _latin1_encode   # bytes from Python 3 at protocols 0-2
+    for builtins in ('builtins', '__builtin__'):     # b'' from Python 3 at protocols 0-2
+        admitted[builtins, 'bytes'] = _empty_bytes
+    return admitted
+
+
+_CIFAR_GLOBALS = _admitted_globals()
+
+
+def _printable(text, limit=80):
+    text = text if text.isprintable() else text.encode('unicode_escape').decode('ascii')
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch and nothing else: find_class hands out only the numpy
+    reconstructors in _CIFAR_GLOBALS, so no other callable a doctored file names can run."""
+
+    def __init__(self, raw, where):
+        super().__init__(io.BytesIO(raw), encoding='bytes')   # keys stay bytes: b'data', b'labels'
+        self.where = where
+
+    def find_class(self, module, name):
+        found = _CIFAR_GLOBALS.get((module, name))
+        if found is None:
+            raise DataError(f'{self.where}: refused to unpickle {_printable(module)}.{_printable(name)} (a CIFAR-10 '
+                            f'batch holds only dicts, lists, bytes, strings, numbers and numpy arrays)')
+        return found
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError('a CIFAR-10 batch has no persistent ids')
+
+
 def _unpickle_batch(raw, where):
     try:
-        d = pickle.loads(raw, encoding='bytes')
+        d = _BatchUnpickler(raw, where).load()
         data = np.asarray(d[b'data'], dtype=np.uint8)
         labels = np.asarray(d[b'labels'], dtype=np.int64)
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001 - truncated or not a CIFAR batch: say where, not a traceback
         raise DataError(f'{where} is not a readable CIFAR-10 batch ({type(e).__name__}: {e})') from None
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data) or not len(data):
         raise DataError(f'{where}: expected N x 3072 images and N labels, got {data.shape} and {labels.shape}')
     if labels.min() < 0 or labels.max() > 9:
         raise DataError(f'{where}: labels outside 0..9')

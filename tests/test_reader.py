@@ -1,13 +1,16 @@
 import hashlib
 import http.server
 import os
+import pickle
+import struct
+import tarfile
 import threading
 
 import numpy as np
 import pytest
 
 import reader
-from conftest import run_script, write_cifar
+from conftest import assert_one_line_error, make_images, run_script, write_cifar
 
 
 def test_folder_and_archive_read_the_same(tmp_path):
@@ -135,3 +138,113 @@ def test_imagenet_lists_refuse_negative_and_gapped_labels(tmp_path):
                    tmp_path / 'run', '--num_workers', '0')
     assert r.returncode == 2 and 'val_list.txt' in r.stderr and 'label 2' in r.stderr, r.stderr
     assert not os.path.exists(tmp_path / 'run')
+
+
+def _py2_str(b):
+    """A Python 2 str in a protocol-2 pickle (SHORT_BINSTRING / BINSTRING): bytes under encoding='bytes'."""
+    return b'U' + bytes([len(b)]) + b if len(b) < 256 else b'T' + struct.pack('<I', len(b)) + b
+
+
+def _py2_int(i):
+    return b'K' + bytes([i]) if i < 256 else b'M' + struct.pack('<H', i)
+
+
+def py2_cifar_batch_bytes(images, labels, name):
+    """A batch as the official archive holds it: Python 2's cPickle, protocol 2, of {'data': uint8
+    N x 3072 array, 'labels': list of int, 'batch_label': str, 'filenames': list of str}, with
+    numpy 1's global names (numpy.core.multiarray._reconstruct, numpy.ndarray, numpy.dtype)."""
+    n = len(images)
+    array = [b'cnumpy.core.multiarray\n_reconstruct\n', b'cnumpy\nndarray\n', _py2_int(0), b'\x85', _py2_str(b'b'),
+             b'\x87R(', _py2_int(1), _py2_int(n), _py2_int(3072), b'\x86',                     # version, shape
+             b'cnumpy\ndtype\n', _py2_str(b'u1'), _py2_int(0), _py2_int(1), b'\x87R(', _py2_int(3), _py2_str(b'|'),
+             b'NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xff', _py2_int(0), b'tb',                        # dtype state
+             b'\x89', _py2_str(images.reshape(n, -1).tobytes()), b'tb']                         # C order, data
+    return b''.join([b'\x80\x02}(', _py2_str(b'data'), *array,
+                     _py2_str(b'labels'), b'](', *[_py2_int(int(v)) for v in labels], b'e',
+                     _py2_str(b'batch_label'), _py2_str(name.encode()),
+                     _py2_str(b'filenames'), b'](', *[_py2_str(f'{i}.png'.encode()) for i in range(n)], b'eu.'])
+
+
+def test_batches_as_python_2_and_every_python_3_protocol_write_them_load(tmp_path):
+    x, y = make_images(12, 5)
+    assert pickle.loads(py2_cifar_batch_bytes(x, y, 'b'), encoding='bytes')[b'labels'] == list(y)   # well formed
+    written = {'python 2': py2_cifar_batch_bytes(x, y, 'training batch 1')}
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):   # np.int64 labels, an empty str: numpy scalars, b''
+        d = {b'batch_label': b'', b'labels': list(np.asarray(y)), b'data': x.reshape(12, -1), b'filenames': [b'']}
+        written[f'protocol {protocol}'] = pickle.dumps(d, protocol=protocol)
+    for how, raw in written.items():
+        images, labels = reader._unpickle_batch(raw, how)
+        np.testing.assert_array_equal(images, x, err_msg=how)
+        np.testing.assert_array_equal(labels, y, err_msg=how)
+
+
+class _RunsCode:
+    """Unpickling this runs command (what a doctored batch would do with plain pickle.loads)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+class _WritesFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, 'w')
+
+
+def _doctored_folder(root, marker, payload=_RunsCode, archive=False):
+    """A valid CIFAR-10 folder (or archive) whose data_batch_1 carries payload(marker) beside real data."""
+    folder = write_cifar(root)
+    path = os.path.join(folder, 'data_batch_1')
+    d = pickle.loads(open(path, 'rb').read(), encoding='bytes')
+    d[b'batch_label'] = payload(f'touch {marker}' if payload is _RunsCode else str(marker))
+    open(path, 'wb').write(pickle.dumps(d, protocol=2))
+    if not archive:
+        return folder
+    with tarfile.open(os.path.join(root, 'cifar-10-python.tar.gz'), 'w:gz') as tar:
+        tar.add(folder, arcname='cifar-10-batches-py')
+    for name in os.listdir(folder):
+        os.remove(os.path.join(folder, name))
+    os.rmdir(folder)
+    return root
+
+
+@pytest.mark.parametrize('payload, refused', [(_RunsCode, os.system.__module__ + '.system'),
+                                              (_WritesFile, 'io.open')])
+@pytest.mark.parametrize('archive', [False, True])
+def test_a_batch_that_would_run_code_is_refused(tmp_path, payload, refused, archive):
+    marker = tmp_path / 'MARKER'
+    _doctored_folder(str(tmp_path / 'c'), marker, payload, archive)
+    with pytest.raises(reader.DataError) as err:
+        reader.load_cifar10(str(tmp_path / 'c'), download=False)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1, message
+    assert 'data_batch_1: refused to unpickle ' + refused + ' (a CIFAR-10 batch holds only' in message, message
+    assert not marker.exists()
+
+
+def test_the_admitted_reconstructors_take_only_what_a_batch_needs():
+    # bytes at protocol 2 are _codecs.encode(text, 'latin1'): another codec is refused, and so is bytes(n)
+    codec = b'\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00xX\x04\x00\x00\x00zlib\x86R.'
+    alloc = b'\x80\x02c__builtin__\nbytes\nJ\x00\x00\x00\x40\x85R.'
+    for raw in (codec, alloc):
+        with pytest.raises(reader.DataError, match='not a readable CIFAR-10 batch .UnpicklingError: .* admitted only'):
+            reader._unpickle_batch(raw, 'b')
+    # a name from STACK_GLOBAL can hold a newline: the message stays one line
+    raw = b'\x80\x04\x8c\x04os\nx\x94\x8c\x06system\x94\x93.'
+    with pytest.raises(reader.DataError, match=r'refused to unpickle os\\nx\.system') as err:
+        reader._unpickle_batch(raw, 'b')
+    assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_doctored_batch_is_one_line_from_the_command(tmp_path):
+    marker = tmp_path / 'MARKER'
+    _doctored_folder(str(tmp_path / 'c'), marker)
+    r = run_script('train_search.py', '--data', tmp_path / 'c', '--save', tmp_path / 'run', '--no_download')
+    assert_one_line_error(r, 'data_batch_1: refused to unpickle', '.system')
+    assert not marker.exists()
