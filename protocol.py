@@ -25,7 +25,6 @@ test data.  Then OUT/summary.json, OUT/summary.md (tables, the groups side by si
 floor) and OUT/summary.png, OUT/comparison.png.  Interrupted, the same command continues:
 finished runs are kept, an unfinished one is resumed from its checkpoint.
 """
-import argparse
 import contextlib
 import io
 import json
@@ -64,9 +63,16 @@ RESERVED = ('random', 'baseline')   # folder prefixes of the other groups
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                             allow_abbrev=False,  # --seed is a search flag, not short for --seeds
-                             epilog='Any other flag is a train_search.py flag (see python train_search.py --help).')
+    p = cli.ArgumentParser(description=__doc__,
+                           epilog='Any other flag is a train_search.py flag (see python train_search.py --help).')
+    add_arguments(p)
+    args, search_flags = p.parse_known_args(argv)
+    check_args(p, args)
+    plan(p, args, search_flags)
+    return args
+
+
+def add_arguments(p):
     a = p.add_argument
     a('--seeds', default='4', help='how many searches (seeds 0..N-1), or the seeds as a comma list')
     a('--save', default=None, help='the protocol folder (default runs/protocol-DATE-TIME); re-run to continue')
@@ -102,7 +108,10 @@ def parse_args(argv=None):
       help='a sweep: every seed searched once per budget (train_search.py --budget B; KIND=N, '
            'params=1M+madds=200M for both), then summary.md and budget_sweep.png: retrain accuracy against '
            'the target network\'s parameters and multiply-adds')
-    args, search_flags = p.parse_known_args(argv)
+
+
+def check_args(p, args):
+    """The protocol's own flags in range, each failure one line; args.seed_list."""
     try:
         args.seed_list = ([int(s) for s in args.seeds.split(',')] if ',' in args.seeds
                           else list(range(int(args.seeds))))
@@ -123,6 +132,11 @@ def parse_args(argv=None):
         p.error('--random_match: give the number of random cells with --random N')
     if distributed.WORLD > 1 and not args.save:
         p.error(f'--save: name the protocol folder when running {distributed.WORLD} processes (they share it)')
+
+
+def plan(p, args, search_flags):
+    """What the runs will be: the variants' search flags (each checked by train_search.py's parser), the
+    search space the random cells are drawn from, the baselines, and the retrain flags (checked by train.py's)."""
     owned = OWNED + (('budget',) if args.budgets else ())
     args.budget_list = _budgets(args.budgets, p) if args.budgets else [None]
     for flag in search_flags:
@@ -155,7 +169,6 @@ def parse_args(argv=None):
         '--init_channels', str(args.retrain_init_channels), '--batch_size', str(args.retrain_batch_size),
         '--val_fraction', str(args.val_fraction), *args.data_flags, *shlex.split(args.retrain_flags)]
     args.retrain_args = _checked(train.parse_args, ['--genotype_file', 'x.json', *args.retrain_flag_list], 'train.py')
-    return args
 
 
 def _budgets(text, p):

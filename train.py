@@ -15,63 +15,31 @@ With --val_fraction F the run trains on the rest of the training images and is e
 A folder whose run stopped before its first checkpoint is continued by --resume from the beginning,
 with its saved flags.
 """
-import argparse
-import os
 
 from darts import process
 
 process.prepare()   # first: Paddle's logging quiet, malloc tuned, before paddle is imported
 
-import genotypes
 from darts import cli, datasets, distributed, lifecycle, numeric, training
 from darts.errors import UserError
 from reader import ArrayBatches
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                             epilog=distributed.LAUNCH_HELP)
-    a = p.add_argument
-    a('--arch', default='DARTS_PADDLE', help=f'a named genotype: {", ".join(genotypes.NAMED)}')
-    a('--genotype_file', default=None, help='a genotype JSON written by train_search.py (overrides --arch)')
+    p = cli.ArgumentParser(description=__doc__, epilog=distributed.LAUNCH_HELP)
+    training.add_arguments(p, drop_path_prob=0.2)
     datasets.add_arguments(p)
-    a('--epochs', type=int, default=600)
-    a('--batch_size', type=int, default=96, help='the global batch, whatever the number of processes')
-    a('--learning_rate', type=float, default=0.025)
-    a('--learning_rate_min', type=float, default=0.0)
-    a('--momentum', type=float, default=0.9)
-    a('--weight_decay', type=float, default=3e-4)
-    a('--grad_clip', type=float, default=5.0)
-    a('--init_channels', type=int, default=36)
-    a('--layers', type=int, default=20)
-    a('--no_auxiliary', action='store_true', help='train without the auxiliary head')
-    a('--auxiliary_weight', type=float, default=0.4)
-    a('--cutout_length', type=int, default=None,
-      help='side of the cutout square (0: no cutout; default: half the image side, the paper\'s 16 at 32 px)')
-    a('--drop_path_prob', type=float, default=0.2, help='reached linearly at the last epoch')
-    a('--val_fraction', type=float, default=0.0, metavar='F',
-      help='evaluate on a stratified hold-out of F of the training images instead of the test set (0: test set)')
-    a('--device', default='auto', choices=['auto', 'gpu', 'cpu'])
-    a('--no_custom_kernels', action='store_true',
-      help="Paddle's own depthwise and 1x1 convolutions instead of the compiled ones (CPU; see darts/kernels/)")
-    a('--seed', type=int, default=0)
-    a('--num_workers', type=int, default=min(2, os.cpu_count() or 1),
-      help='processes that decode images and make batches (0: none)')
-    a('--report_freq', type=int, default=50, help='a progress line every N steps (and at least every 30 s)')
-    a('--no_tensorboard', action='store_true', help='write no TensorBoard event files (RUN_DIR/tensorboard)')
-    a('--save', default=None, help='run folder (default runs/eval-DATE-TIME); must not exist')
-    a('--resume', default=None, metavar='RUN_DIR',
-      help='continue the run in RUN_DIR from its last checkpoint (from the start if it has none yet)')
-    a('--eval_only', default=None, metavar='CHECKPOINT', help='evaluate a checkpoint (best.npz) on the test set')
-    a('--export_onnx', default=None, metavar='RUN_DIR',
-      help="convert a finished run's inference model to RUN_DIR/inference/model.onnx, checked against Paddle "
-           "on its test images (a finished run writes it already)")
-    a('--predict', nargs='+', default=None, metavar=('MODEL', 'IMAGE'),
-      help='classify image files with an exported model (RUN_DIR/inference/model, or model.onnx by ONNX Runtime)')
+    cli.add_training_arguments(p, epochs=600, batch_size=96, learning_rate=0.025, weight_decay=3e-4,
+                               init_channels=36, layers=20, learning_rate_min=0.0)
+    p.add_argument('--cutout_length', type=int, default=None,
+                   help='side of the cutout square (0: no cutout; default: half the image side, the paper\'s 16 '
+                        'at 32 px)')
+    p.add_argument('--val_fraction', type=float, default=0.0, metavar='F',
+                   help='evaluate on a stratified hold-out of F of the training images instead of the test set '
+                        '(0: test set)')
+    cli.add_run_arguments(p, 'eval', seed=0)
     args = p.parse_args(argv)
-    for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'report_freq'):
-        if getattr(args, name) < 1:
-            p.error(f'--{name} must be at least 1')
+    cli.check_at_least(p, args, ('epochs', 'batch_size', 'init_channels', 'layers', 'report_freq'))
     if not 0 <= args.val_fraction < 1:
         p.error('--val_fraction must be at least 0 and below 1')
     return args
@@ -87,7 +55,7 @@ def array_data(args, for_eval, say, shard=(0, 1)):
     (rank, ranks): that rank's share of every batch."""
     data = datasets.load(args, args.num_workers, say)
     train_x, train_y, eval_x, eval_y, eval_split = data.train_x, data.train_y, data.test_x, data.test_y, 'test'
-    fraction = getattr(args, 'val_fraction', 0.0)
+    fraction = args.val_fraction
     if fraction > 0 and not for_eval:  # choose cells on held-out training images, never on the test set
         tr, va = datasets.holdout_split(data.train_y, fraction)
         train_x, train_y, eval_x, eval_y, eval_split = data.train_x[tr], data.train_y[tr], \

@@ -8,14 +8,12 @@ val_list.txt with lines `relative/path label`.  Images are decoded and augmented
 Paper settings: C=48, 14 cells, auxiliary 0.4, label smoothing 0.1, 250 epochs,
 batch 128, lr 0.1 decayed by 0.97 per epoch, momentum 0.9, wd 3e-5, clip 5.
 """
-import argparse
 import os
 
 from darts import process
 
 process.prepare()   # first: Paddle's logging quiet, malloc tuned, before paddle is imported
 
-import genotypes
 import model
 from darts import cli, distributed, lifecycle, training
 from darts.errors import UserError
@@ -23,44 +21,19 @@ from reader import IMAGENET_MEAN, IMAGENET_STD, FileBatches, scan_imagenet
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                             epilog=distributed.LAUNCH_HELP)
-    a = p.add_argument
-    a('--arch', default='DARTS_PADDLE', help=f'a named genotype: {", ".join(genotypes.NAMED)}')
-    a('--genotype_file', default=None, help='a genotype JSON written by train_search.py (overrides --arch)')
-    a('--data', default='./data/imagenet')
-    a('--epochs', type=int, default=250)
-    a('--batch_size', type=int, default=128, help='the global batch, whatever the number of processes')
-    a('--learning_rate', type=float, default=0.1)
-    a('--decay_rate', type=float, default=0.97, help='lr of epoch e = learning_rate * decay_rate ** e')
-    a('--momentum', type=float, default=0.9)
-    a('--weight_decay', type=float, default=3e-5)
-    a('--grad_clip', type=float, default=5.0)
-    a('--init_channels', type=int, default=48)
-    a('--layers', type=int, default=14)
-    a('--no_auxiliary', action='store_true')
-    a('--auxiliary_weight', type=float, default=0.4)
-    a('--label_smoothing', type=float, default=0.1)
-    a('--drop_path_prob', type=float, default=0.0)
-    a('--image_size', type=int, default=224, help='training crop; validation resizes to size*256/224 first')
-    a('--device', default='auto', choices=['auto', 'gpu', 'cpu'])
-    a('--no_custom_kernels', action='store_true',
-      help="Paddle's own depthwise and 1x1 convolutions instead of the compiled ones (CPU; see darts/kernels/)")
-    a('--seed', type=int, default=0)
-    a('--num_workers', type=int, default=min(4, os.cpu_count() or 1))
-    a('--report_freq', type=int, default=100)
-    a('--no_tensorboard', action='store_true', help='write no TensorBoard event files (RUN_DIR/tensorboard)')
-    a('--save', default=None, help='run folder (default runs/imagenet-DATE-TIME); must not exist')
-    a('--resume', default=None, metavar='RUN_DIR',
-      help='continue the run in RUN_DIR from its last checkpoint (from the start if it has none yet)')
-    a('--export_onnx', default=None, metavar='RUN_DIR',
-      help="convert a finished run's inference model to RUN_DIR/inference/model.onnx, checked against Paddle "
-           "on its test images (a finished run writes it already)")
-    a('--eval_only', default=None, metavar='CHECKPOINT')
+    p = cli.ArgumentParser(description=__doc__, epilog=distributed.LAUNCH_HELP)
+    training.add_arguments(p, drop_path_prob=0.0)
+    p.add_argument('--data', default='./data/imagenet',
+                   help='train/ and val/ class folders, or train_list.txt and val_list.txt')
+    cli.add_training_arguments(p, epochs=250, batch_size=128, learning_rate=0.1, weight_decay=3e-5,
+                               init_channels=48, layers=14)
+    p.add_argument('--decay_rate', type=float, default=0.97, help='lr of epoch e = learning_rate * decay_rate ** e')
+    p.add_argument('--label_smoothing', type=float, default=0.1, help='eps of the label-smoothed training loss')
+    p.add_argument('--image_size', type=int, default=224, help='training crop; validation resizes to size*256/224 '
+                                                               'first')
+    cli.add_run_arguments(p, 'imagenet', seed=0, num_workers=4, report_freq=100)
     args = p.parse_args(argv)
-    for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'report_freq', 'image_size'):
-        if getattr(args, name) < 1:
-            p.error(f'--{name} must be at least 1')
+    cli.check_at_least(p, args, ('epochs', 'batch_size', 'init_channels', 'layers', 'report_freq', 'image_size'))
     return args
 
 

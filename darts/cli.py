@@ -1,11 +1,76 @@
-"""The command-line parsers of the scripts."""
+"""The command-line parsers of the scripts: one-line errors, defaults in --help, no abbreviations,
+and the flags every run has, declared once."""
 import argparse
+import os
 import sys
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and every flag's default after its help (unless the help
+    already says what the default is)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if action.default is argparse.SUPPRESS or 'default' in text.lower() or not action.option_strings:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return text
+        if action.default is None:
+            return text
+        return f'{text} (default: %(default)s)' if text else 'default: %(default)s'
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (the usage block is in --help)."""
+    """argparse with a one-line error (the usage block is in --help), the defaults in --help,
+    and no abbreviated flags (--epoch is not taken for --epochs)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('formatter_class', HelpFormatter)
+        kwargs.setdefault('allow_abbrev', False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         print(f'{self.prog}: error: {message} (see --help)', file=sys.stderr)
         raise SystemExit(2)
+
+
+def add_training_arguments(p, epochs, batch_size, learning_rate, weight_decay, init_channels, layers,
+                           learning_rate_min=None):
+    """The network's size and the weights' optimizer (SGD with momentum, global-norm clip)."""
+    a = p.add_argument
+    a('--epochs', type=int, default=epochs, help='epochs to run')
+    a('--batch_size', type=int, default=batch_size, help='the global batch, whatever the number of processes')
+    a('--init_channels', type=int, default=init_channels, help='C, the channels of the first cells')
+    a('--layers', type=int, default=layers, help='cells in the network')
+    a('--learning_rate', type=float, default=learning_rate, help="the weights' initial learning rate")
+    if learning_rate_min is not None:
+        a('--learning_rate_min', type=float, default=learning_rate_min,
+          help='where the cosine schedule ends at the last epoch')
+    a('--momentum', type=float, default=0.9, help='SGD momentum')
+    a('--weight_decay', type=float, default=weight_decay, help='L2 weight decay of the weights')
+    a('--grad_clip', type=float, default=5.0, help="the weights' gradient is clipped to this global norm")
+
+
+def add_run_arguments(p, prefix, seed, num_workers=2, report_freq=50):
+    """The flags of a run's life: device, kernels, seed, data workers, progress, the run folder."""
+    a = p.add_argument
+    a('--device', default='auto', choices=['auto', 'gpu', 'cpu'], help='auto: the GPU when there is one')
+    a('--no_custom_kernels', action='store_true',
+      help="Paddle's own depthwise and 1x1 convolutions instead of the compiled ones (CPU; see darts/kernels/)")
+    a('--seed', type=int, default=seed, help='seeds the weights, the data order and the augmentation')
+    a('--num_workers', type=int, default=min(num_workers, os.cpu_count() or 1),
+      help='processes that decode images and make batches (0: none)')
+    a('--report_freq', type=int, default=report_freq, help='a progress line every N steps (and at least every 30 s)')
+    a('--no_tensorboard', action='store_true', help='write no TensorBoard event files (RUN_DIR/tensorboard)')
+    a('--save', default=None, help=f'the run folder, which must not hold anything yet (default: '
+                                   f'runs/{prefix}-DATE-TIME)')
+    a('--resume', default=None, metavar='RUN_DIR',
+      help='continue the run in RUN_DIR from its last checkpoint (from the start if it has none yet)')
+
+
+def check_at_least(p, args, names, low=1):
+    """--name must be at least low, for each of names whose value is set (not None)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < low:
+            p.error(f'--{name} must be at least {low}')

@@ -111,3 +111,22 @@ class Progress:
             self.bar = None
         if suffix is not None:
             self.log(self._text(self.rate(), None) + suffix)
+
+
+class EpochMeter:
+    """An epoch's training steps: their running figures (EpochStats) and progress lines (Progress)."""
+
+    def __init__(self, stats, lines, loss_label='loss'):
+        self.stats, self.lines, self.loss_label = stats, lines, loss_label
+
+    def step(self, loss, logits, labels):
+        """One step's mean loss and logits of this rank's share of the batch."""
+        stats = self.stats
+        images = stats.add(loss, logits, labels)
+        self.lines.update(images, lambda: f'{self.loss_label} {stats.loss:.4f} top1 {100 * stats.accuracy:.2f}%')
+
+    def close(self):
+        """The steps are over; returns the epoch's figures."""
+        self.lines.close()
+        self.stats.close()
+        return self.stats

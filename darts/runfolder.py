@@ -69,12 +69,15 @@ def saved_args(args, saved, names, parse):
 
 
 def check_save(save):
-    """One line now, before any data is read, for a --save that can never be a run folder: a file,
-    a path under a file, or a folder that cannot be written (the rest is found by Run.open)."""
+    """One line now, before any data is read or a program built, for a --save that cannot be a new
+    run folder: a file, a folder that holds something, a path under a file, or a folder that cannot
+    be written (a race with another process is found by Run.open)."""
     if save is None:
         return
     if os.path.exists(save) and not os.path.isdir(save):
         raise UserError(f'--save {save}: that is a file, not a folder')
+    if os.path.isdir(save) and os.listdir(save):
+        raise UserError(f'{save} already exists; continue it with --resume {save}, or pick another --save')
     parent = os.path.dirname(os.path.abspath(save))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)

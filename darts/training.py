@@ -6,32 +6,35 @@ script keeps only its flags, its defaults and how it makes its batches (a Task).
 import contextlib
 import json
 import os
-import time
 
 import numpy as np
-
-from darts import files, lifecycle, numeric, progress, tensors
-from darts import kernels
-from darts import distributed
-from darts import events
-import genotypes
-from darts import onnx_export
-from darts import runfolder
-from darts.optim import MOMENTUM, WEIGHTS
-from darts.errors import UserError
 import paddle
-import model
-from darts.distributed import mean_across_ranks
-from darts.optim import clip_by_global_norm, sgd_momentum_step
-from operations import ParamSet, declare
-import visualize
-from reader import load_image
-from darts import datasets
-from reader import normalize
 
-# Flags a resumed run may change; everything else is taken from the run's args.json.
-RESUMABLE_OVERRIDES = ('epochs', 'device', 'no_custom_kernels', 'num_workers', 'report_freq', 'data', 'test_data',
-                       'cache_dir', 'no_tensorboard')
+import genotypes
+import model
+import visualize
+from darts import datasets, files, kernels, loop, onnx_export, runfolder, tensors
+from darts.distributed import mean_across_ranks, select_place
+from darts.errors import UserError
+from darts.optim import MOMENTUM, WEIGHTS, clip_by_global_norm, sgd_momentum_step
+from operations import ParamSet, declare
+from reader import load_image, normalize
+
+def add_arguments(p, drop_path_prob):
+    """The flags train.py and train_imagenet.py share beyond the run's: the genotype, the auxiliary head,
+    drop path, and the other things the commands do (evaluate, export, classify)."""
+    a = p.add_argument
+    a('--arch', default='DARTS_PADDLE', help=f'a named genotype: {", ".join(genotypes.NAMED)}')
+    a('--genotype_file', default=None, help='a genotype JSON written by train_search.py (overrides --arch)')
+    a('--no_auxiliary', action='store_true', help='train without the auxiliary head')
+    a('--auxiliary_weight', type=float, default=0.4, help="the auxiliary head's share of the training loss")
+    a('--drop_path_prob', type=float, default=drop_path_prob, help='reached linearly at the last epoch')
+    a('--eval_only', default=None, metavar='CHECKPOINT', help='evaluate a checkpoint (best.npz) on the test set')
+    a('--export_onnx', default=None, metavar='RUN_DIR',
+      help="convert a finished run's inference model to RUN_DIR/inference/model.onnx, checked against Paddle "
+           "on its test images (a finished run writes it already)")
+    a('--predict', nargs='+', default=None, metavar=('MODEL', 'IMAGE'),
+      help='classify image files with an exported model (RUN_DIR/inference/model, or model.onnx by ONNX Runtime)')
 
 
 def load_genotype(args):
@@ -40,7 +43,7 @@ def load_genotype(args):
 
 def searched_costs(args):
     """A line with the costs train_search.py --budget stored in the genotype file, or None."""
-    if not getattr(args, 'genotype_file', None):
+    if not args.genotype_file:
         return None
     saved = files.read_json(args.genotype_file).get('costs')
     if not isinstance(saved, dict) or 'params' not in saved:
@@ -121,26 +124,11 @@ def initial_state(layout, seed):
 
 
 def evaluate(exe, progs, batches, num_classes, world=None):
-    """(loss, top-1, top-5, confusion) over every test batch; confusion[i, j] counts the
-    images of class i predicted as class j.  world (distributed.World): the batches are this
-    rank's shares, and the sums are added up over the ranks."""
-    loss_sum, top1, top5, n = 0.0, 0.0, 0.0, 0
-    confusion = np.zeros((num_classes, num_classes), np.int64)
-    for x, y in batches.epoch(0):
-        if not len(y):   # a last batch smaller than the ranks leaves some of them nothing
-            continue
-        loss, logits = exe.run(progs['test'], feed={'x': x, 'y': y}, fetch_list=progs['test_fetch'])
-        loss_sum += float(loss) * len(y)
-        top1 += numeric.accuracy(logits, y, 1) * len(y)
-        top5 += numeric.accuracy(logits, y, 5) * len(y)
-        np.add.at(confusion, (y, logits.argmax(1)), 1)
-        n += len(y)
-    if world is not None:
-        totals = world.sum(exe, np.concatenate([[loss_sum, top1, top5, n], confusion.reshape(-1)]))
-        (loss_sum, top1, top5, n), confusion = totals[:4], totals[4:].reshape(confusion.shape).astype(np.int64)
-    if not n:
-        raise UserError('the test split has no readable images')
-    return loss_sum / n, top1 / n, top5 / n, confusion
+    """(loss, top-1, top-5, confusion) of the test program over every batch (darts.loop.evaluate);
+    world (distributed.World): the batches are this rank's shares, the sums added over the ranks."""
+    def run_batch(x, y):
+        return exe.run(progs['test'], feed={'x': x, 'y': y}, fetch_list=progs['test_fetch'])
+    return loop.evaluate(run_batch, batches, num_classes, None if world is None else lambda v: world.sum(exe, v))
 
 
 def confusion_report(confusion, classes, split='test'):
@@ -197,78 +185,70 @@ def fit(task, args):
     """Train from scratch (or --resume): set up, then epoch after epoch (the training steps, then
     the end of the epoch: evaluate, keep the best, persist), then the best checkpoint's confusion
     matrix, export and result.  --predict and --eval_only are the other two things it does."""
-    if getattr(args, 'predict', None):
+    if args.predict:
         if len(args.predict) < 2:
             raise UserError('--predict takes the model (RUN_DIR/inference/model) and at least one image')
         return predict(args.predict[0], args.predict[1:], args.device)
-    if getattr(args, 'export_onnx', None):
+    if args.export_onnx:
         return convert_run(task, args)
     if args.eval_only:
         return eval_only(task, args)
     return Training(task, args).run()
 
 
-class Training:
-    """One training run: what its epochs share (flags, data, programs, run folder, executor)."""
+class Training(loop.RunLoop):
+    """One training run of a genotype from scratch (the lifecycle: darts.loop.RunLoop)."""
+
+    kind = 'train'
 
     def __init__(self, task, args):
-        args = runfolder.start(args, 'train', RESUMABLE_OVERRIDES, task.parse)
-        genotype = load_genotype(args)   # everything that can fail on bad input, before the folder is made
-        world = distributed.setup(args.device, not getattr(args, 'no_custom_kernels', False),
-                                  on_stall=lifecycle.stop_now)
-        world.check_batch(args.batch_size)
-        split = task.data(args, False, print if world.writer else lifecycle.silent, (world.rank, world.size))
-        run = runfolder.Run.open(args, task.prefix, world)
-        run.write_json('data.json', split.info)
-        paddle.enable_static()
-        t0 = time.time()
-        progs = task.programs(genotype, args, split.info)
-        run.log(f'run folder {run.path}; genotype {genotype}')
-        run.log(f'data: {split.info["describe"]}')
-        self.parameters = model.count_parameters(progs['layout'])
-        run.log(f'{self.parameters / 1e6:.3f}M parameters (auxiliary head excluded); '
-                f'programs built in {time.time() - t0:.1f}s')
-        searched = searched_costs(args)
-        if searched:
-            run.log(searched)
-        run.log(f'convolution kernels: {kernels.status()}')
-        run.log(f'processes: {world.describe()}')
-        self.task, self.args, self.genotype, self.split, self.progs, self.run_folder = \
-            task, args, genotype, split, progs, run
-        self.eval_split = split.info.get('eval_split', 'test')
-        self.world, self.place = world, world.place
-        self.scope, self.exe = paddle.static.Scope(), paddle.static.Executor(world.place)
-        self.state, self.history, self.start_epoch, meta = run.restore(initial_state(progs['layout'], args.seed),
-                                                                       args.epochs, self.exe)
+        self.task, self.prefix, self.parse = task, task.prefix, task.parse
+        super().__init__(args)
+
+    # ------------------------------------------------------------- set-up
+
+    def check_input(self):
+        self.genotype = load_genotype(self.args)
+
+    def load_data(self, say):
+        self.split = self.task.data(self.args, False, say, (self.world.rank, self.world.size))
+        self.eval_split = self.split.info.get('eval_split', 'test')
+
+    def build_programs(self):
+        self.progs = self.task.programs(self.genotype, self.args, self.split.info)
+        self.parameters = model.count_parameters(self.progs['layout'])
+
+    def data_info(self):
+        return self.split.info
+
+    def describe(self, build_seconds):
+        searched = searched_costs(self.args)
+        return [f'run folder {self.run_folder.path}; genotype {self.genotype}',
+                f'data: {self.split.info["describe"]}',
+                f'{describe_count(self.parameters)} parameters (auxiliary head excluded); '
+                f'programs built in {build_seconds:.1f}s'] + ([searched] if searched else [])
+
+    def initial_state(self):
+        return initial_state(self.progs['layout'], self.args.seed)
+
+    def restored(self, meta):
         self.best = meta.get('best_top1', 0.0)
         # the best epoch's tensors, kept in memory: every rank evaluates them at the end, when
         # reading best.npz back could race with the writer replacing it
-        self.best_arrays = files.load_checkpoint(run.file('best.npz')) if self.history else None
-        self.events = events.Events(run.path, world.writer and not getattr(args, 'no_tensorboard', False),
-                                    self.start_epoch, len(split.train))
+        self.best_arrays = files.load_checkpoint(self.run_folder.file('best.npz')) if self.history else None
 
-    def run(self):
-        with paddle.static.scope_guard(self.scope):
-            tensors.set_tensors(self.scope, self.place, self.state)
-            if self.start_epoch == 0:
-                self.run_folder.log('the first step also prepares the programs '
-                                    '(Paddle does this once, it takes a while)')
-            for epoch in range(self.start_epoch, self.args.epochs):
-                self.end_of_epoch(epoch, self.train_epoch(epoch))
-            return self.finish()
+    def steps_per_epoch(self):
+        return len(self.split.train)
+
+    # ------------------------------------------------------------- an epoch
 
     def train_epoch(self, epoch):
         """One pass over the training batches, a weight step each; drop path's uniforms drawn on the host."""
-        args, progs = self.args, self.progs
+        args, progs, world, batches = self.args, self.progs, self.world, self.split.train
         lr = self.task.lr_at(args, epoch)
         drop_prob = args.drop_path_prob * epoch / args.epochs
         feed_const = dict(lr=np.array([lr], 'float32'), drop_prob=np.array([drop_prob], 'float32'))
-        world, batches = self.world, self.split.train
-        stats = progress.EpochStats(epoch, lambda local: world.sum(self.exe, local))
-        meter = progress.Progress.epoch(self.run_folder.log, len(batches), f'epoch {epoch + 1}/{args.epochs}',
-                                  args.report_freq,
-                                  on_line=lambda n, rate: self.events.step(epoch, n - 1, loss=stats.loss,
-                                                                           top1=stats.accuracy, images_per_sec=rate))
+        meter = self.epoch_meter(epoch, len(batches))
         for step, (x, y) in enumerate(batches.epoch(epoch)):
             if batches.may_drop_images and world.size > 1 and world.sum(self.exe, [len(y) == 0]) > 0:
                 continue   # a rank's share had no readable image: every rank skips the step
@@ -277,10 +257,8 @@ class Training:
             noise = noise[:, world.shard(args.batch_size)][:, :len(y)]
             loss, logits, _ = self.exe.run(progs['train'], feed=dict(feed_const, x=x, y=y, drop_noise=noise),
                                            fetch_list=progs['train_fetch'])
-            images = stats.add(float(loss), logits, y)
-            meter.update(images, lambda: f'loss {stats.loss:.4f} top1 {100 * stats.accuracy:.2f}%')
-        meter.close()
-        stats.close()
+            meter.step(float(loss), logits, y)
+        stats = meter.close()
         if not stats.images:
             raise UserError(f'epoch {epoch + 1} had no readable training images')
         return dict(lr=lr, drop_prob=drop_prob, stats=stats)
@@ -288,27 +266,28 @@ class Training:
     def end_of_epoch(self, epoch, train):
         """Evaluate, keep the best checkpoint, persist the epoch, log it."""
         args, run, stats = self.args, self.run_folder, train['stats']
-        # the ranks' BN running statistics averaged, so what is evaluated and saved is the same on every rank
-        self.world.average_tensors(self.exe, self.scope, list(self.progs['layout'].buffers))
+        self.average_buffers(self.progs['layout'].buffers)
         test_loss, top1, top5, _ = evaluate(self.exe, self.progs, self.split.test, self.split.num_classes,
                                             self.world)
         record = dict(epoch=epoch + 1, lr=train['lr'], drop_prob=train['drop_prob'], train_loss=stats.loss,
                       train_acc=stats.accuracy, val_loss=test_loss, val_acc=top1, val_top5=top5,
                       images_per_sec=stats.images_per_sec, epoch_time=stats.elapsed())
         self.history.append(record)
-        arrays = tensors.get_tensors(self.scope, list(self.state))
+        arrays = self.current_tensors()
         if top1 > self.best or self.best_arrays is None:
             self.best = max(self.best, top1)
             self.best_arrays = arrays, dict(epoch=epoch, top1=top1, top5=top5, args=vars(args))
             run.save_checkpoint(*self.best_arrays, 'best.npz')
-        run.end_epoch(arrays, self.history, best_top1=self.best, args=vars(args))
+        self.persist(arrays, best_top1=self.best, args=vars(args))
         self.events.epoch(record)
         run.log(f'epoch {epoch + 1}/{args.epochs} lr {train["lr"]:.5f} drop_path {train["drop_prob"]:.3f} train loss '
                 f'{stats.loss:.4f} top1 {100 * stats.accuracy:.2f}% | {self.eval_split} loss {test_loss:.4f} '
                 f'top1 {100 * top1:.2f}% top5 {100 * top5:.2f}% (best {100 * self.best:.2f}%) | '
                 f'{stats.images_per_sec:.1f} img/s, {record["epoch_time"]:.1f}s')
 
-    def finish(self):
+    # ------------------------------------------------------------- finish
+
+    def result(self):
         """The best checkpoint: its per-class accuracy and confusion matrix, the inference model, result.json."""
         run, split = self.run_folder, self.split
         best_arrays, best_meta = self.best_arrays
@@ -329,9 +308,11 @@ class Training:
             parameters=self.parameters, epochs=self.args.epochs, genotype=genotypes.to_dict(self.genotype)))
         run.log(f'done: best {self.eval_split} top-1 {100 * self.best:.2f}% (checkpoint {run.file("best.npz")}); '
                 f'inference model {exported}; classify images with: python train.py --predict {exported} IMAGE...')
-        self.events.close()
-        self.world.wait_for_writer('training finished')   # no rank ends before result.json is there
-        return run.path
+
+
+def describe_count(n):
+    """A parameter count as a log shows it: exact below a million, else in millions."""
+    return f'{n:,}' if n < 1_000_000 else f'{n / 1e6:.3f}M'
 
 
 def export_inference(exe, progs, run_dir, info):
@@ -418,7 +399,7 @@ def predict(prefix, images, device='auto'):
                             f'RUN_DIR/inference/model)')
         meta = _read_preprocess(prefix)
         paddle.enable_static()
-        exe = paddle.static.Executor(distributed.select_place(device))
+        exe = paddle.static.Executor(select_place(device))
         program, feeds, fetches = paddle.static.load_inference_model(prefix, exe)
         classify = lambda x: exe.run(program, feed={feeds[0]: x}, fetch_list=fetches)[0]  # noqa: E731
     mean, std = np.array(meta['mean'], 'float32'), np.array(meta['std'], 'float32')
@@ -449,7 +430,7 @@ def eval_only(task, args):
                                                   'cache_dir'), task.parse)
     genotype = load_genotype(saved)
     split = task.data(saved, True, print)
-    place = distributed.select_place(saved.device, not getattr(saved, 'no_custom_kernels', False))
+    place = select_place(saved.device, not saved.no_custom_kernels)
     paddle.enable_static()
     progs = task.programs(genotype, saved, split.info)
     scope, exe = paddle.static.Scope(), paddle.static.Executor(place)

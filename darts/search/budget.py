@@ -28,7 +28,7 @@ on alpha (and beta) alone: its exact gradient adds to the alpha gradient in both
 """
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -389,3 +389,68 @@ def epoch_weights(penalty, derived_cost):
     pushing after the derived cell fits, until it holds only parameter-free ops; gated by the
     derived cell, it pushes only while that cell is over."""
     return [penalty.weight if derived_cost[k] > b else 0.0 for k, b in penalty.budgets.items()]
+
+
+def add_arguments(p):
+    """The flags of a search under a budget."""
+    b = p.add_argument_group('search under a budget (darts/search/budget.py; costs are the target network\'s, the '
+                             'one train.py or train_imagenet.py will train)')
+    b.add_argument('--budget', action='append', default=None, metavar='KIND=N',
+                   help='params=3.3M and/or madds=600M (K, M, G suffixes; repeat for both): a penalty on the '
+                        'expected cost in the alpha loss, and genotype.json the derived cell made to fit '
+                        '(genotype_unbudgeted.json: the plain one); default: no budget')
+    b.add_argument('--budget_weight', type=float, default=1.0, metavar='LAMBDA',
+                   help='lambda of the penalty lambda * max(0, E[cost] / budget - 1) per budget, on in the epochs '
+                        'that start with the derived cell over that budget')
+    b.add_argument('--target_network', choices=['auto', 'cifar', 'imagenet'], default='auto',
+                   help='auto: the ImageNet network (train_imagenet.py) for 224 px and up, '
+                        'else NetworkCIFAR (train.py)')
+    b.add_argument('--target_channels', type=int, default=None,
+                   help='C of the target network (default: CIFAR 36, ImageNet 48)')
+    b.add_argument('--target_layers', type=int, default=None, help='its cells (default: CIFAR 20, ImageNet 14)')
+    b.add_argument('--target_image_size', type=int, default=None, help='its input size (default: the data\'s)')
+
+
+def penalty_for(target, space, budgets, weight):
+    """The target network's cost table and the penalty; a target the networks cannot be built
+    at, or a budget no cell of the space can meet, is one line."""
+    try:   # cost_table checks the target first: a BudgetError is one line as it is
+        table = cost_table(target, space)
+    except (ValueError, AssertionError, RuntimeError) as e:   # a target the networks cannot be built at
+        raise UserError(f'--target_*: the {target.describe()} cannot be built: '
+                        f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+    check_feasible(table, budgets)
+    return Penalty(table, budgets, weight)
+
+
+def fit_epoch(penalty, target, genotype, weights, arch, max_skip, lambdas):
+    """(the derived cell made to fit the budgets, the epoch record's budget entries);
+    weights: {'normal', 'reduce'} edge weights, lambdas: the epoch's penalty weights."""
+    table, budgets = penalty.table, penalty.budgets
+    fitted, fits = fit(genotype, weights, table, budgets, max_skip)
+    changed = sum(a != b for a, b in zip(genotype.normal + genotype.reduce, fitted.normal + fitted.reduce))
+    entries = dict(budget=dict(budgets=budgets, target=asdict(target), expected=table.expected(arch),
+                               unbudgeted=table.genotype_cost(genotype), cost=table.genotype_cost(fitted), fits=fits,
+                               pairs_replaced=int(changed), penalty=penalty_numpy(penalty, arch), weights=lambdas),
+                   genotype_unbudgeted=genotypes.to_dict(genotype), genotype_budgeted=genotypes.to_dict(fitted))
+    return fitted, entries
+
+
+def describe_costs(costs):
+    return ', '.join(f'{human(costs[k])} {k}' for k in KINDS if k in costs)
+
+
+def describe_budgets(budgets):
+    return ', '.join(f'{k} <= {human(v)}' for k, v in budgets.items())
+
+
+def epoch_line(b):
+    """An epoch record's budget figures, one log line."""
+    text = (f'budget ({describe_budgets(b["budgets"])}): derived cell {describe_costs(b["unbudgeted"])}; '
+            f'expected {describe_costs(b["expected"])}; penalty {b["penalty"]:.4f}, '
+            f'{"on" if any(b.get("weights") or []) else "off"} this epoch')
+    if b['pairs_replaced']:
+        text += f'; fitted cell {describe_costs(b["cost"])} ({b["pairs_replaced"]} ops replaced)'
+    if not b['fits']:
+        text += '; no replacement of ops fits every budget at once'
+    return text

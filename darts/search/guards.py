@@ -254,3 +254,41 @@ def top_eigenvalue(hessian_vector, dim, iterations=20, seed=0):
     values, vectors = np.linalg.eigh((m + m.T) / 2)
     v = q @ vectors[:, -1]
     return float(values[-1]), v / np.linalg.norm(v)
+
+
+def add_arguments(p):
+    """The flags of the collapse guards and diagnostics (all off by default)."""
+    g = p.add_argument_group('collapse guards and diagnostics (all off by default; see docs/collapse.md)')
+    g.add_argument('--max_skip', type=int, default=None, metavar='N',
+                   help='P-DARTS: the derived normal cell keeps at most N skip connections (paper: 2); '
+                        'genotype.json is the limited cell, genotype_raw.json the unlimited one')
+    g.add_argument('--auxiliary_skip', action='store_true',
+                   help='DARTS-: an extra skip on every edge, outside the softmax, weighted 1 -> 0 over the epochs')
+    g.add_argument('--beta_decay', type=float, default=None, metavar='LAMBDA',
+                   help='beta-DARTS: add lambda_t * mean_e logsumexp(alpha_e) per cell to the alpha loss, '
+                        'lambda_t = LAMBDA * epoch / epochs (paper: 50)')
+    g.add_argument('--early_stop', default=None, metavar='RULE',
+                   help='DARTS+: skip:N stops once the normal cell has N skips and keeps the epoch before; '
+                        'stable:K stops once the ranking of the parametric ops has not changed for K epochs')
+    g.add_argument('--continue_stopped', action='store_true',
+                   help='with --resume: go on searching after an early stop (the rule is then off)')
+    g.add_argument('--hessian_eigen_step', type=float, default=1e-2, metavar='E',
+                   help='the finite-difference step of --hessian_eigen_every (the curvature at this scale)')
+    g.add_argument('--hessian_eigen_every', type=int, default=0, metavar='N',
+                   help='RobustDARTS: every N epochs, the dominant eigenvalue of the Hessian of L_val w.r.t. '
+                        'alpha (Lanczos on finite-difference Hessian-vector products: 40 passes on one search-val '
+                        'batch; 0: never)')
+
+
+def check_arguments(p, args):
+    """The guards' flags in range (p.error: one line)."""
+    for name in ('max_skip', 'beta_decay', 'hessian_eigen_every'):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            p.error(f'--{name} must be at least 0')
+    if not args.hessian_eigen_step > 0:
+        p.error('--hessian_eigen_step must be above 0')
+    if args.early_stop is not None:
+        try:
+            EarlyStop(args.early_stop)
+        except ValueError as e:
+            p.error(str(e))
