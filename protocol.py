@@ -79,7 +79,7 @@ def add_arguments(p):
     a('--retrain_epochs', type=int, default=20, help='epochs of each retrain (the paper: 100)')
     a('--retrain_layers', type=int, default=8, help='cells of the retrain network')
     a('--retrain_init_channels', type=int, default=16, help='initial channels of the retrain network')
-    a('--retrain_batch_size', type=int, default=64)
+    a('--retrain_batch_size', type=int, default=64, help='batch of each retrain')
     a('--retrain_seeds', type=int, default=1, metavar='K',
       help='retrain every cell (searched, random, baseline) K times, with seeds S..S+K-1 (S: the cell\'s first '
            'seed); the summary then gives each cell\'s mean and spread and the noise floor')
@@ -152,7 +152,8 @@ def plan(p, args, search_flags):
         search_args = _checked(train_search.parse_args, [*search_flags, *flags], where)
         ops = tuple(op.strip() for op in search_args.primitives.split(',') if op.strip())
         spaces.add((ops, search_args.nodes))
-        data_flags.add(tuple(_changed_flags(search_args, _data_flag_names() + SHARED, train_search.parse_args([]))))
+        shared = cli.changed_flags(search_args, SHARED, train_search.parse_args([]))
+        data_flags.add(tuple(datasets.changed_flags(search_args) + shared))
     if len(data_flags) > 1:
         p.error('--variants: a variant changes the data or device flags; the retrains need one data set for all')
     if args.random and len(spaces) > 1:
@@ -254,21 +255,6 @@ def _checked(parse, flags, script):
         message = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else 'bad flags'
         print(f'protocol.py: {script} flags: {message.split("error: ", 1)[-1]}', file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def _data_flag_names():
-    return tuple(datasets._DEFAULTS)
-
-
-def _changed_flags(args, names, defaults):
-    """The command-line form of the flags in names whose value differs from the default."""
-    out = []
-    for name in names:
-        value = getattr(args, name)
-        if value == getattr(defaults, name):
-            continue
-        out += [f'--{name}'] if value is True else [f'--{name}', str(value)]
-    return out
 
 
 def finished(run_dir):
@@ -536,13 +522,13 @@ def protocol(args):
 def cell_row(out, cell, k):
     """A cell's summary row: its retrains' validation top-1 (each the best epoch's), their mean and sd."""
     retrains = [files.read_json(os.path.join(cell.retrain_dir(out, r), 'result.json')) for r in range(k)]
-    values = [r['best_top1'] for r in retrains]
+    values = [r['top1'] for r in retrains]
     mean, sd = compare.cell_spread(values)
     g = genotypes.from_dict(retrains[0]['genotype'], check_ops=False)
     counts = guards.cell_counts(g)
     return dict(group=cell.group, key=cell.key, label=cell.label, retrain_val_top1=mean, retrain_val_top1_sd=sd,
                 retrain_val_top1_seeds=values, retrain_seeds=[cell.seed + r for r in range(k)],
-                retrain_best_epoch=retrains[0]['best_epoch'], parameters=retrains[0]['parameters'],
+                retrain_best_epoch=retrains[0]['epoch'], parameters=retrains[0]['parameters'],
                 normal_skips=counts['normal_skips'], reduce_skips=counts['reduce_skips'],
                 genotype=retrains[0]['genotype'], genotype_file=cell.genotype_file,
                 retrain_dir=cell.retrain_dir(out, 0), retrain_dirs=[cell.retrain_dir(out, r) for r in range(k)])

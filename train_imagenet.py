@@ -78,7 +78,8 @@ def imagenet_data(args, for_eval, say, shard=(0, 1)):
 
 IMAGENET = training.Task(data=imagenet_data, network=model.network_imagenet,
                          lr_at=lambda args, epoch: args.learning_rate * args.decay_rate ** epoch,
-                         label_smoothing=lambda args: args.label_smoothing, prefix='imagenet', parse=parse_args)
+                         label_smoothing=lambda args: args.label_smoothing, prefix='imagenet', parse=parse_args,
+                         script='train_imagenet.py')
 
 
 def main(argv=None):

@@ -11,7 +11,6 @@ confusion.png when the run wrote confusion.json (an evaluation run, train.py).
 Cells are drawn by graphviz's `dot` (Debian: apt-get install graphviz) and the GIF assembled
 with Pillow; the curves and the confusion matrix are drawn with matplotlib (headless).
 """
-import argparse
 import io
 import json
 import os
@@ -363,12 +362,14 @@ def confusion_png(confusion, path, title=None):
 # ---------------------------------------------------------------- command line
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('genotype', nargs='?', help=f'a named genotype: {", ".join(genotypes.NAMED)}')
-    p.add_argument('--genotype_file', help='a genotype JSON written by train_search.py')
+    p = ArgumentParser(description=__doc__)
+    p.add_argument('genotype', nargs='?', metavar='GENOTYPE',
+                   help=f'the cell to draw: a name ({", ".join(genotypes.NAMED)}), a genotype JSON file, or the '
+                        f'Genotype(...) text a search log prints (as train.py --arch takes it)')
+    p.add_argument('--genotype_file', metavar='FILE', help='the same as GENOTYPE FILE')
     p.add_argument('--run', help='a run folder: draws curves.png, and cells.gif and collapse.png (search run; '
                                  'budget.png with --budget) and confusion.png (when it has confusion.json) into it')
-    p.add_argument('--format', default='png', choices=['png', 'pdf', 'svg'])
+    p.add_argument('--format', default='png', choices=['png', 'pdf', 'svg'], help='file format of the cells')
     p.add_argument('--out', default=None,
                    help='output path stem for cells (default: <genotype>_normal / <genotype>_reduce), '
                         'or folder for --run pictures (default: the run folder)')
@@ -405,11 +406,14 @@ def visualize(args):
             print(confusion_png(confusion, os.path.join(out, 'confusion.png'), title=name))
         return
     require_dot()  # first: checking op names imports Paddle, which needs a usual PATH
-    if args.genotype_file:
-        genotype = genotypes.load(args.genotype_file)
-        label = os.path.splitext(os.path.basename(args.genotype_file))[0]
+    spec = args.genotype_file or args.genotype
+    genotype = genotypes.resolve(spec)
+    if spec in genotypes.NAMED:
+        label = spec
+    elif os.path.isfile(spec):
+        label = os.path.splitext(os.path.basename(spec))[0]
     else:
-        genotype, label = genotypes.by_name(args.genotype), args.genotype
+        label = 'genotype'
     genotypes.validate(genotype)
     for cell in CELLS:
         stem = f'{args.out}_{cell}' if args.out else f'{label}_{cell}'

@@ -7,7 +7,7 @@ import sys
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The description as written, and every flag's default after its help (unless the help
-    already says what the default is)."""
+    already says what the default is; "off" for a flag whose feature is unused unless given)."""
 
     def _get_help_string(self, action):
         text = action.help or ''
@@ -15,9 +15,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return text
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             return text
-        if action.default is None:
-            return text
-        return f'{text} (default: %(default)s)' if text else 'default: %(default)s'
+        shown = 'off' if action.default is None else '%(default)s'   # None: the feature or mode is not used
+        return f'{text} (default: {shown})' if text else f'default: {shown}'
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -30,7 +29,8 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        print(f'{self.prog}: error: {message} (see --help)', file=sys.stderr)
+        # the prefix every one-line error of the project has (darts.lifecycle.run_main's too)
+        print(f'error: {message} (see {self.prog} --help)', file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -74,3 +74,14 @@ def check_at_least(p, args, names, low=1):
         value = getattr(args, name)
         if value is not None and value < low:
             p.error(f'--{name} must be at least {low}')
+
+
+def changed_flags(args, names, defaults):
+    """The command-line form of the flags in names whose value differs from defaults (a Namespace)."""
+    out = []
+    for name in names:
+        value = getattr(args, name)
+        if value == getattr(defaults, name):
+            continue
+        out += [f'--{name}'] if value is True else [f'--{name}', str(value)]
+    return out

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import reader
+from darts import cli
 from darts.progress import Progress
 from reader import DataError
 
@@ -730,3 +731,9 @@ _LOADERS = {'cifar10': _load_cifar10, 'digits': _load_digits,
             'mnist': _load_mnist_like('mnist', DIGIT_CLASSES),
             'fashion_mnist': _load_mnist_like('fashion_mnist', FASHION_CLASSES),
             'folder': _load_folder, 'csv': _load_csv}
+
+
+def changed_flags(args):
+    """The data flags of args that differ from their defaults, in command-line form: what a later
+    command (train.py after a search, the protocol's retrains) must repeat to see the same data."""
+    return cli.changed_flags(args, tuple(_DEFAULTS), argparse.Namespace(**_DEFAULTS))

@@ -24,8 +24,11 @@ def add_arguments(p, drop_path_prob):
     """The flags train.py and train_imagenet.py share beyond the run's: the genotype, the auxiliary head,
     drop path, and the other things the commands do (evaluate, export, classify)."""
     a = p.add_argument
-    a('--arch', default='DARTS_PADDLE', help=f'a named genotype: {", ".join(genotypes.NAMED)}')
-    a('--genotype_file', default=None, help='a genotype JSON written by train_search.py (overrides --arch)')
+    a('--arch', default='DARTS_V2', metavar='GENOTYPE',
+      help=f'the cell to train: a name ({", ".join(genotypes.NAMED)}; DARTS_V2 is the cell of the paper\'s '
+           f'CIFAR-10 figures), a genotype JSON file (RUN_DIR/genotype.json of a search), or the '
+           f'Genotype(...) text a search log prints')
+    a('--genotype_file', default=None, metavar='FILE', help='the same as --arch FILE (default: not given)')
     a('--no_auxiliary', action='store_true', help='train without the auxiliary head')
     a('--auxiliary_weight', type=float, default=0.4, help="the auxiliary head's share of the training loss")
     a('--drop_path_prob', type=float, default=drop_path_prob, help='reached linearly at the last epoch')
@@ -38,14 +41,28 @@ def add_arguments(p, drop_path_prob):
 
 
 def load_genotype(args):
-    return genotypes.load(args.genotype_file) if args.genotype_file else genotypes.by_name(args.arch)
+    """The genotype a run trains: the one its args.json records (--resume, --eval_only), else --arch
+    (or --genotype_file): a name, a genotype JSON file or the Genotype(...) text (genotypes.resolve)."""
+    recorded = vars(args).get('genotype')
+    if recorded:
+        return genotypes.from_dict(recorded)
+    return genotypes.resolve(args.genotype_file or args.arch)
+
+
+def record_genotype(args, genotype):
+    """args as args.json records them: --arch is what was given (a --genotype_file's path too), and
+    genotype the cell itself, so a resumed run trains the same cell whatever became of the file."""
+    if args.genotype_file:
+        args.arch = args.genotype_file
+    args.genotype = genotypes.to_dict(genotype)
 
 
 def searched_costs(args):
     """A line with the costs train_search.py --budget stored in the genotype file, or None."""
-    if not args.genotype_file:
+    spec = args.genotype_file or args.arch
+    if not (spec.endswith('.json') and os.path.isfile(spec)):
         return None
-    saved = files.read_json(args.genotype_file).get('costs')
+    saved = files.read_json(spec).get('costs')
     if not isinstance(saved, dict) or 'params' not in saved:
         return None
     t = saved.get('target') or {}
@@ -172,9 +189,10 @@ class Task:
     label_smoothing(args) -> eps of the training loss
     """
 
-    def __init__(self, data, network, lr_at, label_smoothing=lambda args: 0.0, prefix='eval', parse=None):
+    def __init__(self, data, network, lr_at, label_smoothing=lambda args: 0.0, prefix='eval', parse=None,
+                 script='train.py'):
         self.data, self.network, self.lr_at, self.label_smoothing = data, network, lr_at, label_smoothing
-        self.prefix, self.parse = prefix, parse
+        self.prefix, self.parse, self.script = prefix, parse, script
 
     def programs(self, genotype, args, info):
         return build_programs(genotype, args, info['image_size'], len(info['classes']), self.network,
@@ -209,10 +227,12 @@ class Training(loop.RunLoop):
 
     def check_input(self):
         self.genotype = load_genotype(self.args)
+        record_genotype(self.args, self.genotype)
 
     def load_data(self, say):
         self.split = self.task.data(self.args, False, say, (self.world.rank, self.world.size))
         self.eval_split = self.split.info.get('eval_split', 'test')
+        self.by_validation = self.eval_split == 'validation'   # best.npz: the best epoch, else the last
 
     def build_programs(self):
         self.progs = self.task.programs(self.genotype, self.args, self.split.info)
@@ -274,15 +294,18 @@ class Training(loop.RunLoop):
                       images_per_sec=stats.images_per_sec, epoch_time=stats.elapsed())
         self.history.append(record)
         arrays = self.current_tensors()
-        if top1 > self.best or self.best_arrays is None:
-            self.best = max(self.best, top1)
+        # best.npz is the checkpoint the run delivers: the best epoch on a validation hold-out, and
+        # without one the last epoch, so that nothing is ever chosen on the test split
+        if not self.by_validation or top1 > self.best or self.best_arrays is None:
+            self.best = top1 if not self.by_validation else max(self.best, top1)
             self.best_arrays = arrays, dict(epoch=epoch, top1=top1, top5=top5, args=vars(args))
             run.save_checkpoint(*self.best_arrays, 'best.npz')
         self.persist(arrays, best_top1=self.best, args=vars(args))
         self.events.epoch(record)
+        best = f' (best {100 * self.best:.2f}%)' if self.by_validation else ''
         run.log(f'epoch {epoch + 1}/{args.epochs} lr {train["lr"]:.5f} drop_path {train["drop_prob"]:.3f} train loss '
                 f'{stats.loss:.4f} top1 {100 * stats.accuracy:.2f}% | {self.eval_split} loss {test_loss:.4f} '
-                f'top1 {100 * top1:.2f}% top5 {100 * top5:.2f}% (best {100 * self.best:.2f}%) | '
+                f'top1 {100 * top1:.2f}% top5 {100 * top5:.2f}%{best} | '
                 f'{stats.images_per_sec:.1f} img/s, {record["epoch_time"]:.1f}s')
 
     # ------------------------------------------------------------- finish
@@ -303,11 +326,13 @@ class Training(loop.RunLoop):
         exported = export_inference(self.exe, self.progs, run.path, split.info) if run.writer else None
         if exported:
             run.log(export_onnx(exported, split.test))
+        chosen = 'the best validation epoch' if self.by_validation else 'the last epoch'
         run.write_json('result.json', dict(
-            best_top1=self.best, best_epoch=best_meta['epoch'] + 1, eval_split=self.eval_split,
+            top1=self.best, epoch=best_meta['epoch'] + 1, chosen=chosen, eval_split=self.eval_split,
             parameters=self.parameters, epochs=self.args.epochs, genotype=genotypes.to_dict(self.genotype)))
-        run.log(f'done: best {self.eval_split} top-1 {100 * self.best:.2f}% (checkpoint {run.file("best.npz")}); '
-                f'inference model {exported}; classify images with: python train.py --predict {exported} IMAGE...')
+        run.log(f'done: {self.eval_split} top-1 {100 * self.best:.2f}% at {chosen} ({best_meta["epoch"] + 1}; '
+                f'checkpoint {run.file("best.npz")}); inference model {exported}; classify images with: '
+                f'python {self.task.script} --predict {exported} IMAGE...')
 
 
 def describe_count(n):

@@ -199,7 +199,7 @@ def test_variants_random_cells_at_equal_size_baselines_and_retrain_seeds_resume_
         for d, seed in zip(row['retrain_dirs'], row['retrain_seeds']):
             args = json.load(open(os.path.join(d, 'args.json')))
             assert (args['seed'], args['genotype_file']) == (seed, row['genotype_file'])
-            values.append(json.load(open(os.path.join(d, 'result.json')))['best_top1'])
+            values.append(json.load(open(os.path.join(d, 'result.json')))['top1'])
         assert row['retrain_seeds'][1] == row['retrain_seeds'][0] + 1 and row['retrain_val_top1_seeds'] == values
         assert abs(row['retrain_val_top1'] - np.mean(values)) < 1e-12
         assert abs(row['retrain_val_top1_sd'] - np.std(values, ddof=1)) < 1e-12

@@ -48,7 +48,53 @@ def test_built_once_learns_and_logs(reference):
     assert [round(r['drop_prob'], 6) for r in h] == [0.0, round(0.2 / 3, 6), round(0.4 / 3, 6)]
     assert max(r['val_acc'] for r in h) > 0.5        # 4 colour classes: chance 0.25
     assert all(r['val_top5'] >= r['val_acc'] for r in h)
-    assert os.path.isfile(os.path.join(run_dir, 'best.npz'))
+    # no hold-out: the run delivers its last epoch (nothing is chosen on the test split)
+    from darts import files
+    _, meta = files.load_checkpoint(os.path.join(run_dir, 'best.npz'))
+    result = json.load(open(os.path.join(run_dir, 'result.json')))
+    assert meta['epoch'] == 2 and (result['epoch'], result['top1']) == (3, h[-1]['val_acc'])
+    assert result['chosen'] == 'the last epoch' and 'best_top1' not in result
+    log = open(os.path.join(run_dir, 'log.txt')).read()
+    assert f'done: test top-1 {100 * h[-1]["val_acc"]:.2f}% at the last epoch (3;' in log and '(best ' not in log
+    # what was trained is recorded, whatever --arch named
+    assert genotypes.from_dict(json.load(open(os.path.join(run_dir, 'args.json')))['genotype']) == genotypes.DARTS_V2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('form', ['text', 'file'])
+def test_a_genotype_as_text_or_file_trains_the_network_its_name_does(reference, cifar_dir, tmp_path, form):
+    """The log's Genotype(...) text and a genotype file train what --arch DARTS_V2 trains: the
+    first epoch (its lr and drop path do not depend on --epochs) equals the reference's."""
+    spec = 'genotype = ' + str(genotypes.DARTS_V2)
+    if form == 'file':
+        spec = str(tmp_path / 'g.json')
+        genotypes.save(genotypes.DARTS_V2, spec)
+    flags = [f for f in TINY if f not in ('--epochs', '3')]
+    flags[flags.index('--arch') + 1] = spec
+    r = run_script('train.py', '--data', cifar_dir, '--save', tmp_path / 'r', *flags, '--epochs', '1')
+    assert r.returncode == 0, r.stderr[-2000:]
+    first, = history(tmp_path / 'r')
+    want = history(reference[0])[0]
+    assert (first['train_loss'], first['val_acc']) == (want['train_loss'], want['val_acc'])
+    saved = json.load(open(tmp_path / 'r' / 'args.json'))
+    assert saved['arch'] == spec and genotypes.from_dict(saved['genotype']) == genotypes.DARTS_V2
+
+
+def test_the_three_genotype_forms_resolve_alike_and_a_call_in_the_text_is_refused(tmp_path):
+    import train
+    from darts import training
+    path = tmp_path / 'g.json'
+    genotypes.save(genotypes.DARTS_V1, str(path))
+    forms = [['--arch', 'DARTS_V1'], ['--arch', str(genotypes.DARTS_V1)], ['--arch', str(path)],
+             ['--genotype_file', str(path)]]
+    assert all(training.load_genotype(train.parse_args(f)) == genotypes.DARTS_V1 for f in forms)
+    assert train.parse_args([]).arch == 'DARTS_V2'     # the cell the paper's CIFAR-10 figures are for
+    marker = tmp_path / 'ran'
+    text = str(genotypes.DARTS_V1).replace("normal_concat=[2, 3, 4, 5]",
+                                           f"normal_concat=__import__('os').system('touch {marker}')")
+    r = run_script('train.py', '--arch', text, '--save', tmp_path / 'r')
+    assert_one_line_error(r, 'refused a call')
+    assert not marker.exists() and not (tmp_path / 'r').exists()
 
 
 @pytest.mark.slow
