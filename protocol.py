@@ -50,7 +50,7 @@ from darts import cli, distributed, files, lifecycle
 from darts.errors import UserError
 from darts.search import budget, compare, guards
 from darts import datasets
-from visualize import line_panels
+from visualize import figure_class, line_panels
 from visualize import DPI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -710,9 +710,7 @@ def comparison_png(summary, path):
     """Retrain validation top-1 against the retrain network's parameters: a point per cell at its
     mean over the retrain seeds, the bar its sd over them; one colour per group (each variant,
     random, baselines).  Shows at a glance whether a group wins by being bigger."""
-    import matplotlib
-    matplotlib.use('Agg')
-    from matplotlib.figure import Figure
+    Figure = figure_class()
     groups = {}
     for r in summary['runs'] + summary.get('random', {}).get('runs', []) + summary.get('baselines', []):
         groups.setdefault('baselines' if r['group'] == 'baseline' else r['group'], []).append(r)

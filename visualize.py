@@ -91,12 +91,23 @@ def cell_png_bytes(genotype, cell):
     return cell_graph(genotype, cell).pipe(format='png')
 
 
+def figure_class():
+    """matplotlib's Figure, headless (Agg).  Importing Paddle gives the root logger a handler at INFO
+    (paddle/distributed/utils/log_utils.py get_logger, from paddle.distributed.auto_parallel), so the
+    INFO line matplotlib logs when it first builds its font cache ('generated new fontManager') would
+    be printed: its logger is set to WARNING first."""
+    import logging
+    logging.getLogger('matplotlib').setLevel(logging.WARNING)
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib.figure import Figure
+    return Figure
+
+
 def alphas_figure(record, ops, nodes):
     """A matplotlib figure of a search epoch's softmaxed alphas: one heat map per cell type, rows
     the edges (node <- input), columns the ops, each square labelled with its weight."""
-    import matplotlib
-    matplotlib.use('Agg')   # headless
-    from matplotlib.figure import Figure
+    Figure = figure_class()
     edges = [f'{j + 2} <- {i}' for j in range(nodes) for i in range(j + 2)]
     fig = Figure(figsize=(2.2 + 0.9 * len(ops), 1.2 + 0.65 * len(edges)), layout='constrained')
     top = max(w for cell in CELLS for row in record['alpha_' + cell] for w in row)  # one scale for both panels
@@ -198,9 +209,7 @@ def line_panels(panels, path, title, x_label='epoch', panel_size=(520, 380), lin
     row.  panels: [(name, [(label, xs, ys)])]; a series' points whose y is None are left out;
     lines=False: points only (a scatter).  A panel of positive values spanning more than LOG_SPAN
     times (a loss falling by decades) gets a log y axis; legends go below the axes, off the data."""
-    import matplotlib
-    matplotlib.use('Agg')
-    from matplotlib.figure import Figure
+    Figure = figure_class()
     from matplotlib.ticker import MaxNLocator
     w, h = panel_size
     fig = Figure(figsize=(len(panels) * w / DPI, (h + 40) / DPI), dpi=DPI, layout='constrained')
@@ -318,9 +327,7 @@ def confusion_figure(confusion, title=None):
     and labelled with its count up to MAX_NUMBERED classes; recall m_ii / sum_k m_ik in a column at the
     right; the overall accuracy in the title.  Beyond LABEL_INCHES of room per class only every
     k-th class is named, so that names never overlap."""
-    import matplotlib
-    matplotlib.use('Agg')
-    from matplotlib.figure import Figure
+    Figure = figure_class()
     check_confusion(confusion)
     matrix = np.array(confusion['matrix'])
     n, totals = len(matrix), matrix.sum(1)

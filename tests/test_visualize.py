@@ -243,3 +243,16 @@ def test_alphas_figure_shades_both_cells_on_one_scale_and_labels_every_weight():
         assert sorted(t.get_text() for t in ax.texts) == \
             sorted(f'{w:.2f}' for row in record['alpha_' + cell] for w in row)
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ['2 <- 0', '2 <- 1', '3 <- 0', '3 <- 1', '3 <- 2']
+
+
+def test_matplotlib_first_run_logs_nothing_through_paddles_logger(tmp_path):
+    """Paddle's import gives the root logger an INFO handler; matplotlib building its font cache (a
+    fresh MPLCONFIGDIR) logs 'generated new fontManager' at INFO."""
+    import subprocess
+    from conftest import ROOT
+    code = ('import paddle, visualize; '
+            f'visualize.line_panels([("p", [("s", [1], [1.0])])], {str(tmp_path / "p.png")!r}, "t")')
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, MPLCONFIGDIR=str(tmp_path / 'mpl')))
+    assert r.returncode == 0, r.stderr
+    assert 'fontManager' not in r.stdout + r.stderr and (tmp_path / 'p.png').is_file()
