@@ -33,6 +33,12 @@ from darts.lifecycle import run_main
 CELLS = ('normal', 'reduce')
 
 
+def node_name(j):
+    """A cell's state j as the diagrams name it: the inputs c_{k-2} and c_{k-1}, then the intermediate
+    nodes 0, 1, 2, ..."""
+    return 'c_{k-2}' if j == 0 else 'c_{k-1}' if j == 1 else str(j - 2)
+
+
 def cell_graph(genotype, cell):
     """A graphviz Digraph of one cell: inputs c_{k-2}, c_{k-1}, nodes 0..n-1, output c_{k}."""
     import graphviz
@@ -44,18 +50,15 @@ def cell_graph(genotype, cell):
                          node_attr=dict(style='filled', shape='rect', align='center', fontsize='20',
                                         height='0.5', width='0.5', penwidth='2', fontname='helvetica'),
                          edge_attr=dict(fontsize='18', fontname='helvetica'))
-
-    def node(j):
-        return 'c_{k-2}' if j == 0 else 'c_{k-1}' if j == 1 else str(j - 2)
     for name in ('c_{k-2}', 'c_{k-1}'):
         g.node(name, fillcolor='darkseagreen2')
     for i in range(steps):
         g.node(str(i), fillcolor='lightblue')
     g.node('c_{k}', fillcolor='palegoldenrod')
     for k, (op, j) in enumerate(pairs):
-        g.edge(node(j), str(k // 2), label=op, fillcolor='gray')
+        g.edge(node_name(j), str(k // 2), label=op, fillcolor='gray')
     for c in concat:
-        g.edge(node(c), 'c_{k}', fillcolor='gray')
+        g.edge(node_name(c), 'c_{k}', fillcolor='gray')
     return g
 
 
@@ -106,9 +109,10 @@ def figure_class():
 
 def alphas_figure(record, ops, nodes):
     """A matplotlib figure of a search epoch's softmaxed alphas: one heat map per cell type, rows
-    the edges (node <- input), columns the ops, each square labelled with its weight."""
+    the edges (node <- input, named as in the cell diagrams: `0 <- c_{k-2}`, `1 <- 0`), columns the ops,
+    each square labelled with its weight."""
     Figure = figure_class()
-    edges = [f'{j + 2} <- {i}' for j in range(nodes) for i in range(j + 2)]
+    edges = [f'{j} <- {node_name(i)}' for j in range(nodes) for i in range(j + 2)]
     fig = Figure(figsize=(2.2 + 0.9 * len(ops), 1.2 + 0.65 * len(edges)), layout='constrained')
     top = max(w for cell in CELLS for row in record['alpha_' + cell] for w in row)  # one scale for both panels
     for ax, cell in zip(fig.subplots(1, 2, sharey=True), CELLS):

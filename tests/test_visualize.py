@@ -242,7 +242,9 @@ def test_alphas_figure_shades_both_cells_on_one_scale_and_labels_every_weight():
         assert (ax.images[0].norm.vmin, ax.images[0].norm.vmax) == (0, top)   # one colour means one weight
         assert sorted(t.get_text() for t in ax.texts) == \
             sorted(f'{w:.2f}' for row in record['alpha_' + cell] for w in row)
-    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ['2 <- 0', '2 <- 1', '3 <- 0', '3 <- 1', '3 <- 2']
+    # the cell diagrams' names: inputs c_{k-2}, c_{k-1}, intermediate nodes from 0
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == \
+        ['0 <- c_{k-2}', '0 <- c_{k-1}', '1 <- c_{k-2}', '1 <- c_{k-1}', '1 <- 0']
 
 
 def test_matplotlib_first_run_logs_nothing_through_paddles_logger(tmp_path):
