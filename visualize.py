@@ -208,39 +208,68 @@ DPI = 100
 LOG_SPAN = 20   # max / min of a panel's values above which its y axis is logarithmic
 
 
-def line_panels(panels, path, title, x_label='epoch', panel_size=(520, 380), lines=True):
-    """Side-by-side line charts drawn with matplotlib (headless), each panel_size pixels plus a title
-    row.  panels: [(name, [(label, xs, ys)])]; a series' points whose y is None are left out;
-    lines=False: points only (a scatter).  A panel of positive values spanning more than LOG_SPAN
-    times (a loss falling by decades) gets a log y axis; legends go below the axes, off the data."""
+def line_figure(panels, title, x_label='epoch', panel_size=(520, 380), lines=True, columns=None):
+    """Line charts drawn with matplotlib (headless), each panel_size pixels, `columns` to a row (all in
+    one row by default), under a title.  panels: [(name, series)] or [(name, series, options)];
+    series: [(label, xs, ys)] or [(label, xs, ys, style)], a series' points whose y is None left out;
+    style: matplotlib's plot keywords (marker, linestyle, colour ...), or dict(reference=True): a
+    labelled dashed horizontal line at ys[0] across the panel; options: integer_y=True (counts: whole
+    ticks), ymin / ymax (the y axis' ends; either may be given alone), legend_columns.  lines=False: points only (a
+    scatter).  An epoch or search x axis has whole ticks; a panel of positive values spanning more than
+    LOG_SPAN times (a loss falling by decades) gets a log y axis unless ymin is given; legends go below
+    the axes, off the data."""
     Figure = figure_class()
     from matplotlib.ticker import MaxNLocator
     w, h = panel_size
-    fig = Figure(figsize=(len(panels) * w / DPI, (h + 40) / DPI), dpi=DPI, layout='constrained')
+    columns = columns or len(panels)
+    rows = -(-len(panels) // columns)
+    fig = Figure(figsize=(columns * w / DPI, (rows * h + 40) / DPI), dpi=DPI, layout='constrained')
     fig.suptitle(title)
-    for ax, (name, series) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+    axes = list(fig.subplots(rows, columns, squeeze=False).ravel())
+    for ax in axes[len(panels):]:
+        ax.remove()
+    for ax, (name, series, *rest) in zip(axes, panels):
+        options = rest[0] if rest else {}
         ys_all = []
-        for label, xs, ys in series:
+        for label, xs, ys, *style in series:
+            style = dict(style[0]) if style else {}
             pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
             if not pts:
                 continue
             ys_all += [y for _, y in pts]
-            ax.plot(*zip(*pts), marker='o', markersize=3.5, linestyle='-' if lines else 'none', label=label)
+            if style.pop('reference', False):
+                ax.axhline(pts[0][1], **{**dict(color='0.4', linestyle='--', linewidth=1.2), **style}, label=label)
+                continue
+            style = {**dict(marker='o', markersize=3.5, linestyle='-' if lines else 'none'), **style}
+            ax.plot(*zip(*pts), label=label, **style)
         ax.set_title(name, fontsize='medium')
         ax.set_xlabel(x_label)
         ax.grid(alpha=0.3)
-        if x_label == 'epoch' or x_label == 'search':
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ys_all and min(ys_all) > 0 and max(ys_all) / min(ys_all) > LOG_SPAN:
+        if x_label in ('epoch', 'search'):   # min_n_ticks=1: one epoch is tick 1, not 0.945 ... 1.050
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        if options.get('integer_y'):
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        if ys_all and 'ymin' not in options and min(ys_all) > 0 and max(ys_all) / min(ys_all) > LOG_SPAN:
             ax.set_yscale('log')
+        if 'ymin' in options or 'ymax' in options:
+            ax.set_ylim(options.get('ymin'), options.get('ymax'))
         if ys_all:
-            ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.18), ncol=min(len(series), 3),
-                      fontsize='small', frameon=False)
-    fig.savefig(path, dpi=DPI)
+            ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.18), fontsize='small', frameon=False,
+                      ncol=options.get('legend_columns', min(len(series), 3)))
+    return fig
+
+
+def line_panels(panels, path, title, **kwargs):
+    """line_figure saved as path (a PNG); returns path."""
+    line_figure(panels, title, **kwargs).savefig(path, dpi=DPI)
     return path
 
 
-def curves_png(history, path, title='search', held_out='val'):
+def _epochs(n):
+    return f'{n} epoch' + ('' if n == 1 else 's')
+
+
+def curves_figure(history, title='search', held_out='val'):
     """Loss (left) and top-1 accuracy (right) per epoch, on the training data and on the held-out
     split (the history's val_*), named held_out in the legends."""
     epochs = [r['epoch'] for r in history]
@@ -248,7 +277,13 @@ def curves_png(history, path, title='search', held_out='val'):
                         (held_out, epochs, [r['val_loss'] for r in history])]),
               ('top-1 %', [('train', epochs, [100 * r['train_acc'] for r in history]),
                            (held_out, epochs, [100 * r['val_acc'] for r in history])])]
-    return line_panels(panels, path, f'{title}: {len(history)} epochs')
+    return line_figure(panels, f'{title}: {_epochs(len(history))}')
+
+
+def curves_png(history, path, title='search', held_out='val'):
+    """curves_figure saved as path."""
+    curves_figure(history, title, held_out).savefig(path, dpi=DPI)
+    return path
 
 
 def collapse_png(history, path, title='search'):

@@ -247,6 +247,19 @@ def test_alphas_figure_shades_both_cells_on_one_scale_and_labels_every_weight():
         ['0 <- c_{k-2}', '0 <- c_{k-1}', '1 <- c_{k-2}', '1 <- c_{k-1}', '1 <- 0']
 
 
+def _ticks(axis, lo, hi):
+    return [t for t in axis.get_majorticklocs() if lo - 1e-9 <= t <= hi + 1e-9]
+
+
+def test_one_epoch_curves_have_a_whole_epoch_tick_and_a_singular_title():
+    history = [dict(epoch=1, train_loss=2.0, val_loss=2.1, train_acc=0.2, val_acc=0.18)]
+    fig = visualize.curves_figure(history, 'run')
+    assert fig.get_suptitle() == 'run: 1 epoch'
+    for ax in fig.axes:
+        assert _ticks(ax.xaxis, *ax.get_xlim()) == [1]
+    assert visualize.curves_figure(history * 2, 'run').get_suptitle() == 'run: 2 epochs'
+
+
 def test_matplotlib_first_run_logs_nothing_through_paddles_logger(tmp_path):
     """Paddle's import gives the root logger an INFO handler; matplotlib building its font cache (a
     fresh MPLCONFIGDIR) logs 'generated new fontManager' at INFO."""
