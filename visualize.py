@@ -286,19 +286,59 @@ def curves_png(history, path, title='search', held_out='val'):
     return path
 
 
-def collapse_png(history, path, title='search'):
-    """The collapse diagnostics per epoch (guards.py): skip and parameter-free op counts of the
-    derived cells, the alphas' mean entropy, and the Hessian eigenvalue where it was measured."""
+def collapse_panels(history):
+    """collapse.png's panels (line_figure's): the skip and parameter-free op counts of the derived cells
+    (whole numbers; a skip is parameter-free too, so where every parameter-free op is a skip the two
+    series meet: the parameter-free one is drawn as wide pale rings under the skip one's line); the
+    alphas' mean entropy, on an axis from 0 with the uniform value ln K (K ops, the alpha rows' length)
+    as a dashed line, so that a fall of a few percent looks like one; how far the alphas moved from
+    uniform (guards.distance_from_uniform: normal, reduce, and their mean, the figure the search's last
+    line prints), from 0, with the guards' MOVED_MIN below which it warns; the Hessian eigenvalue
+    where it was measured."""
+    from darts.search.guards import MOVED_MIN
     epochs = [r['epoch'] for r in history]
-    series = lambda key: [r.get(key) for r in history]  # noqa: E731
-    panels = [('ops in the derived cells', [('normal: skip', epochs, series('normal_skips')),
-                                            ('normal: param-free', epochs, series('normal_param_free')),
-                                            ('reduce: skip', epochs, series('reduce_skips'))]),
-              ('entropy of softmax(alpha)', [('normal', epochs, series('entropy_normal')),
-                                             ('reduce', epochs, series('entropy_reduce'))])]
+    values = lambda key: [r.get(key) for r in history]  # noqa: E731
+    free = dict(marker='o', markersize=9, markerfacecolor='none', markeredgewidth=1.5, linewidth=5, alpha=0.35)
+    skip = dict(marker='o', markersize=4, linewidth=1.5)
+    counts = []
+    for cell, name, linestyle in (('normal', 'normal', '-'), ('reduce', 'reduction', '--')):
+        counts += [(f'{name}: parameter-free', epochs, values(f'{cell}_param_free'),
+                    dict(free, color='C0', linestyle=linestyle)),
+                   (f'{name}: skip', epochs, values(f'{cell}_skips'), dict(skip, color='C3', linestyle=linestyle))]
+    ops = len(history[-1]['genotype']['normal']) if 'genotype' in history[-1] else None
+    panels = [(f'ops{f" (of {ops})" if ops else ""} in the derived cells', counts,
+               dict(integer_y=True, ymin=-0.3, legend_columns=2))]
+    entropy = [('normal', epochs, values('entropy_normal')), ('reduce', epochs, values('entropy_reduce'))]
+    rows, scale = history[-1].get('alpha_normal'), dict(ymin=0)
+    if rows:
+        k = len(rows[0])
+        entropy.append((f'uniform: ln {k} = {np.log(k):.3f}', epochs, [float(np.log(k))] * len(epochs),
+                        dict(reference=True)))
+        scale['ymax'] = 1.12 * np.log(k)   # room above the line, where the search starts
+    panels.append(('mean entropy of softmax(alpha)', entropy, scale))
+    if any(r.get('moved_normal') is not None for r in history):
+        mean = [None if a is None or b is None else (a + b) / 2
+                for a, b in zip(values('moved_normal'), values('moved_reduce'))]
+        panels.append(('alphas moved from uniform', [
+            ('normal', epochs, values('moved_normal'), dict(linewidth=1)),
+            ('reduce', epochs, values('moved_reduce'), dict(linewidth=1)),
+            ('mean (the last log line)', epochs, mean, dict(color='black', linewidth=2)),
+            (f'mean: warned below {MOVED_MIN}', epochs, [MOVED_MIN] * len(epochs), dict(reference=True, color='C3'))],
+            dict(ymin=0, legend_columns=2)))
     if any(r.get('hessian_eigenvalue') is not None for r in history):
-        panels.append(('Hessian eigenvalue', [('dominant', epochs, series('hessian_eigenvalue'))]))
-    return line_panels(panels, path, f'{title}: collapse diagnostics')
+        panels.append(('Hessian eigenvalue', [('dominant', epochs, values('hessian_eigenvalue'))]))
+    return panels
+
+
+def collapse_figure(history, title='search'):
+    """The collapse diagnostics per epoch (guards.py): collapse_panels, two to a row."""
+    return line_figure(collapse_panels(history), f'{title}: collapse diagnostics', columns=2, panel_size=(440, 330))
+
+
+def collapse_png(history, path, title='search'):
+    """collapse_figure saved as path."""
+    collapse_figure(history, title).savefig(path, dpi=DPI)
+    return path
 
 
 def budget_png(history, path, title='search'):
