@@ -39,14 +39,17 @@ def node_name(j):
     return 'c_{k-2}' if j == 0 else 'c_{k-1}' if j == 1 else str(j - 2)
 
 
-def cell_graph(genotype, cell):
-    """A graphviz Digraph of one cell: inputs c_{k-2}, c_{k-1}, nodes 0..n-1, output c_{k}."""
+def cell_graph(genotype, cell, dpi=None):
+    """A graphviz Digraph of one cell: inputs c_{k-2}, c_{k-1}, nodes 0..n-1, output c_{k}.  dpi: the
+    resolution dot renders it at (its default 96 when None; lower draws the same picture smaller)."""
     import graphviz
     pairs = getattr(genotype, cell)
     concat = getattr(genotype, cell + '_concat')
     steps = len(pairs) // 2
-    g = graphviz.Digraph(name=f'{cell}_cell', format='png',
-                         graph_attr=dict(rankdir='LR', fontname='helvetica', fontsize='20'),
+    graph_attr = dict(rankdir='LR', fontname='helvetica', fontsize='20')
+    if dpi is not None:
+        graph_attr['dpi'] = f'{dpi:.1f}'
+    g = graphviz.Digraph(name=f'{cell}_cell', format='png', graph_attr=graph_attr,
                          node_attr=dict(style='filled', shape='rect', align='center', fontsize='20',
                                         height='0.5', width='0.5', penwidth='2', fontname='helvetica'),
                          edge_attr=dict(fontsize='18', fontname='helvetica'))
@@ -89,9 +92,9 @@ def make_folder(path):
         raise UserError(f'cannot write into the folder {path}')
 
 
-def cell_png_bytes(genotype, cell):
+def cell_png_bytes(genotype, cell, dpi=None):
     require_dot()
-    return cell_graph(genotype, cell).pipe(format='png')
+    return cell_graph(genotype, cell, dpi).pipe(format='png')
 
 
 def figure_class():
@@ -169,39 +172,66 @@ def _font(size):
         return ImageFont.load_default()
 
 
-def cells_gif(history, path, duration_ms=800):
-    """One frame per epoch: both cells side by side, titled with epoch and search-val top-1."""
+GIF_WIDTH = 960      # px: cells.gif at most this wide, so a README page (about 880 px) shows it near full size
+DOT_DPI = 96         # dot's default resolution: 20-point labels about 27 px high
+FRAME_MS, HOLD_MS = 800, 3000   # how long cells.gif shows each epoch, and its last
+LABEL_RGB = (20, 90, 140)      # the colour of cells.gif's cell labels, one dot never draws in
+
+
+def cells_frames(history, max_width=GIF_WIDTH):
+    """cells.gif's frames, one per epoch, all the same size: the epoch (and its search-val top-1) on
+    top, the normal cell below it and the reduction cell under that, each at the same place in every
+    frame.  When a cell is wider than max_width allows, dot draws every cell at a lower resolution
+    (the text stays sharp), the same for all frames."""
     from PIL import Image, ImageDraw
-    frames = []
-    for record in history:
-        g = genotypes.from_dict(record['genotype'], check_ops=False)
-        cells = [Image.open(io.BytesIO(cell_png_bytes(g, c))).convert('RGB') for c in CELLS]
-        width = sum(c.width for c in cells) + 60
-        height = max(c.height for c in cells) + 70
-        frame = Image.new('RGB', (width, height + 30), 'white')
-        draw = ImageDraw.Draw(frame)
-        x = 20
-        for c, label in zip(cells, ('normal cell', 'reduction cell')):
-            draw.text((x, 55), label, fill='black', font=_font(22))
-            frame.paste(c, (x, 90))
-            x += c.width + 20
-        acc = record.get('val_acc')
-        title = f"epoch {record['epoch']}" + (f'   search-val top-1 {100 * acc:.1f}%' if acc is not None else '')
-        draw.text((20, 15), title, fill='black', font=_font(28))
-        frames.append(frame)
-    if not frames:
+    if not history:
         raise UserError('the history is empty: no epoch has finished yet')
-    size = (max(f.width for f in frames), max(f.height for f in frames))
-    frames = [_pad(f, size) for f in frames]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
-    return path
+    margin, title_h, label_h, gap = 16, 48, 32, 14
+    cells = [genotypes.from_dict(r['genotype'], check_ops=False) for r in history]
+
+    def draw(dpi):
+        return [[Image.open(io.BytesIO(cell_png_bytes(g, c, dpi))).convert('RGB') for c in CELLS] for g in cells]
+    images = draw(None)
+    widest = max(im.width for frame in images for im in frame)
+    room = max_width - 2 * margin
+    if widest > room:
+        images = draw(DOT_DPI * room / widest)
+        images = [[_fit(im, room) for im in frame] for frame in images]   # dot's rounding, if any
+        widest = max(im.width for frame in images for im in frame)
+    heights = [max(frame[k].height for frame in images) for k in range(len(CELLS))]
+    tops, y = [], title_h
+    for h in heights:           # each cell type's fixed place: its label, then its picture
+        tops.append(y + label_h)
+        y += label_h + h + gap
+    size = (max(widest + 2 * margin, 480), y + margin - gap)
+    frames = []
+    for record, frame_cells in zip(history, images):
+        frame = Image.new('RGB', size, 'white')
+        draw_ = ImageDraw.Draw(frame)
+        acc = record.get('val_acc')
+        title = f"epoch {record['epoch']}" + (f'    search-val top-1 {100 * acc:.1f}%' if acc is not None else '')
+        draw_.text((margin, 10), title, fill='black', font=_font(26))
+        for im, top, label in zip(frame_cells, tops, ('normal cell', 'reduction cell')):
+            draw_.text((margin, top - label_h + 4), label, fill=LABEL_RGB, font=_font(20))
+            frame.paste(im, (margin, top))
+        frames.append(frame)
+    return frames
 
 
-def _pad(img, size):
+def _fit(img, width):
+    """img scaled down to width when it is wider."""
+    if img.width <= width:
+        return img
     from PIL import Image
-    out = Image.new('RGB', size, 'white')
-    out.paste(img, (0, 0))
-    return out
+    return img.resize((width, round(img.height * width / img.width)), Image.LANCZOS)
+
+
+def cells_gif(history, path, frame_ms=FRAME_MS, hold_ms=HOLD_MS):
+    """cells_frames as a looping GIF: frame_ms per epoch, the last epoch held for hold_ms."""
+    frames = cells_frames(history)
+    durations = [frame_ms] * (len(frames) - 1) + [hold_ms]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    return path
 
 
 DPI = 100

@@ -296,6 +296,23 @@ def test_collapse_figure_shows_uniform_entropy_moved_from_uniform_and_both_norma
     assert visualize.collapse_panels(_collapse_history(3, ops=8))[1][1][-1][0] == 'uniform: ln 8 = 2.079'
 
 
+def test_cells_gif_fixed_canvas_readable_width_last_frame_held(tmp_path):
+    _history(tmp_path, 4)
+    history = visualize.read_history(tmp_path)
+    frames = visualize.cells_frames(history)
+    assert len(frames) == 4 and len({f.size for f in frames}) == 1 and frames[0].width <= 1000
+    # the cells' labels ("normal cell", "reduction cell", in a colour of their own) at the same pixels in every frame
+    labels = [np.all(np.asarray(f) == visualize.LABEL_RGB, axis=2) for f in frames]
+    assert labels[0].sum() > 100 and all((m == labels[0]).all() for m in labels[1:])
+    gif = Image.open(visualize.cells_gif(history, tmp_path / 'cells.gif'))
+    assert gif.n_frames == 4 and gif.size == frames[0].size
+    durations = []
+    for k in range(gif.n_frames):
+        gif.seek(k)
+        durations.append(gif.info['duration'])
+    assert durations[:3] == [visualize.FRAME_MS] * 3 and durations[3] >= 3 * visualize.FRAME_MS
+
+
 def test_one_epoch_curves_have_a_whole_epoch_tick_and_a_singular_title():
     history = [dict(epoch=1, train_loss=2.0, val_loss=2.1, train_acc=0.2, val_acc=0.18)]
     fig = visualize.curves_figure(history, 'run')
