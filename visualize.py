@@ -270,7 +270,7 @@ def line_figure(panels, title, x_label='epoch', panel_size=(520, 380), lines=Tru
             if style.pop('reference', False):
                 ax.axhline(pts[0][1], **{**dict(color='0.4', linestyle='--', linewidth=1.2), **style}, label=label)
                 continue
-            style = {**dict(marker='o', markersize=3.5, linestyle='-' if lines else 'none'), **style}
+            style = {**dict(marker='o', markersize=3.5 if lines else 6, linestyle='-' if lines else 'none'), **style}
             ax.plot(*zip(*pts), label=label, **style)
         ax.set_title(name, fontsize='medium')
         ax.set_xlabel(x_label)

@@ -322,6 +322,16 @@ def test_one_epoch_curves_have_a_whole_epoch_tick_and_a_singular_title():
     assert visualize.curves_figure(history * 2, 'run').get_suptitle() == 'run: 2 epochs'
 
 
+def test_protocol_summary_draws_searches_as_points_and_skips_on_whole_ticks():
+    import protocol
+    rows = [dict(search_val_top1=0.5 + 0.01 * k, retrain_val_top1=0.6, normal_skips=s) for k, s in enumerate((1, 2, 2))]
+    fig = protocol.seeds_figure(rows, dict(label='seed 1'))
+    _, skips = fig.axes
+    assert all(line.get_linestyle() == 'None' for ax in fig.axes for line in ax.lines)   # no line joins two searches
+    assert all(float(t).is_integer() for t in _ticks(skips.yaxis, *skips.get_ylim()))
+    assert all(float(t).is_integer() for ax in fig.axes for t in _ticks(ax.xaxis, *ax.get_xlim()))
+
+
 def test_matplotlib_first_run_logs_nothing_through_paddles_logger(tmp_path):
     """Paddle's import gives the root logger an INFO handler; matplotlib building its font cache (a
     fresh MPLCONFIGDIR) logs 'generated new fontManager' at INFO."""
