@@ -319,7 +319,8 @@ def curves_png(history, path, title='search', held_out='val'):
 def collapse_panels(history):
     """collapse.png's panels (line_figure's): the skip and parameter-free op counts of the derived cells
     (whole numbers; a skip is parameter-free too, so where every parameter-free op is a skip the two
-    series meet: the parameter-free one is drawn as wide pale rings under the skip one's line); the
+    series meet: the parameter-free one is drawn as wide pale rings under the skip one's line; normal
+    cell circles and solid lines, reduction cell squares and dashed ones); the
     alphas' mean entropy, on an axis from 0 with the uniform value ln K (K ops, the alpha rows' length)
     as a dashed line, so that a fall of a few percent looks like one; how far the alphas moved from
     uniform (guards.distance_from_uniform: normal, reduce, and their mean, the figure the search's last
@@ -331,10 +332,11 @@ def collapse_panels(history):
     free = dict(marker='o', markersize=9, markerfacecolor='none', markeredgewidth=1.5, linewidth=5, alpha=0.35)
     skip = dict(marker='o', markersize=4, linewidth=1.5)
     counts = []
-    for cell, name, linestyle in (('normal', 'normal', '-'), ('reduce', 'reduction', '--')):
+    for cell, name, linestyle, marker in (('normal', 'normal', '-', 'o'), ('reduce', 'reduction', '--', 's')):
         counts += [(f'{name}: parameter-free', epochs, values(f'{cell}_param_free'),
-                    dict(free, color='C0', linestyle=linestyle)),
-                   (f'{name}: skip', epochs, values(f'{cell}_skips'), dict(skip, color='C3', linestyle=linestyle))]
+                    dict(free, color='C0', linestyle=linestyle, marker=marker)),
+                   (f'{name}: skip', epochs, values(f'{cell}_skips'),
+                    dict(skip, color='C3', linestyle=linestyle, marker=marker))]
     ops = len(history[-1]['genotype']['normal']) if 'genotype' in history[-1] else None
     panels = [(f'ops{f" (of {ops})" if ops else ""} in the derived cells', counts,
                dict(integer_y=True, ymin=-0.3, legend_columns=2))]
