@@ -49,7 +49,7 @@ from darts import cli, distributed, files, lifecycle
 from darts.errors import UserError
 from darts.search import budget, compare, guards
 from darts import datasets
-from visualize import line_panels
+from visualize import figure_class, line_figure, line_panels
 from visualize import DPI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -695,23 +695,29 @@ def random_lines(rows, comparison, k):
     return lines
 
 
-def seeds_png(rows, best, path):
-    """Search-val and retrain accuracy, and skips, per search: points, one per search, not a series."""
+def seeds_figure(rows, best):
+    """Search-val and retrain accuracy, and skips, per search: points, one per search, not a series
+    (no line joins two searches); the skips, a count, on whole ticks."""
     xs = list(range(1, len(rows) + 1))
-    return line_panels([('top-1 % per search (in run order)',
+    return line_figure([('top-1 % per search (in run order)',
                          [('search-val', xs, [100 * r['search_val_top1'] for r in rows]),
                           ('retrain val', xs, [100 * r['retrain_val_top1'] for r in rows])]),
-                        ('skips in the normal cell', [('skips', xs, [r['normal_skips'] for r in rows])])],
-                       path, f'{len(rows)} searches; best: {best["label"]}', x_label='search', lines=False)
+                        ('skips in the normal cell', [('skips', xs, [r['normal_skips'] for r in rows])],
+                         dict(integer_y=True))],
+                       f'{len(rows)} searches; best: {best["label"]}', x_label='search', lines=False)
+
+
+def seeds_png(rows, best, path):
+    """seeds_figure saved as path."""
+    seeds_figure(rows, best).savefig(path, dpi=DPI)
+    return path
 
 
 def comparison_png(summary, path):
     """Retrain validation top-1 against the retrain network's parameters: a point per cell at its
     mean over the retrain seeds, the bar its sd over them; one colour per group (each variant,
     random, baselines).  Shows at a glance whether a group wins by being bigger."""
-    import matplotlib
-    matplotlib.use('Agg')
-    from matplotlib.figure import Figure
+    Figure = figure_class()
     groups = {}
     for r in summary['runs'] + summary.get('random', {}).get('runs', []) + summary.get('baselines', []):
         groups.setdefault('baselines' if r['group'] == 'baseline' else r['group'], []).append(r)

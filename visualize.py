@@ -32,29 +32,35 @@ from darts.lifecycle import run_main
 CELLS = ('normal', 'reduce')
 
 
-def cell_graph(genotype, cell):
-    """A graphviz Digraph of one cell: inputs c_{k-2}, c_{k-1}, nodes 0..n-1, output c_{k}."""
+def node_name(j):
+    """A cell's state j as the diagrams name it: the inputs c_{k-2} and c_{k-1}, then the intermediate
+    nodes 0, 1, 2, ..."""
+    return 'c_{k-2}' if j == 0 else 'c_{k-1}' if j == 1 else str(j - 2)
+
+
+def cell_graph(genotype, cell, dpi=None):
+    """A graphviz Digraph of one cell: inputs c_{k-2}, c_{k-1}, nodes 0..n-1, output c_{k}.  dpi: the
+    resolution dot renders it at (its default 96 when None; lower draws the same picture smaller)."""
     import graphviz
     pairs = getattr(genotype, cell)
     concat = getattr(genotype, cell + '_concat')
     steps = len(pairs) // 2
-    g = graphviz.Digraph(name=f'{cell}_cell', format='png',
-                         graph_attr=dict(rankdir='LR', fontname='helvetica', fontsize='20'),
+    graph_attr = dict(rankdir='LR', fontname='helvetica', fontsize='20')
+    if dpi is not None:
+        graph_attr['dpi'] = f'{dpi:.1f}'
+    g = graphviz.Digraph(name=f'{cell}_cell', format='png', graph_attr=graph_attr,
                          node_attr=dict(style='filled', shape='rect', align='center', fontsize='20',
                                         height='0.5', width='0.5', penwidth='2', fontname='helvetica'),
                          edge_attr=dict(fontsize='18', fontname='helvetica'))
-
-    def node(j):
-        return 'c_{k-2}' if j == 0 else 'c_{k-1}' if j == 1 else str(j - 2)
     for name in ('c_{k-2}', 'c_{k-1}'):
         g.node(name, fillcolor='darkseagreen2')
     for i in range(steps):
         g.node(str(i), fillcolor='lightblue')
     g.node('c_{k}', fillcolor='palegoldenrod')
     for k, (op, j) in enumerate(pairs):
-        g.edge(node(j), str(k // 2), label=op, fillcolor='gray')
+        g.edge(node_name(j), str(k // 2), label=op, fillcolor='gray')
     for c in concat:
-        g.edge(node(c), 'c_{k}', fillcolor='gray')
+        g.edge(node_name(c), 'c_{k}', fillcolor='gray')
     return g
 
 
@@ -85,18 +91,30 @@ def make_folder(path):
         raise UserError(f'cannot write into the folder {path}')
 
 
-def cell_png_bytes(genotype, cell):
+def cell_png_bytes(genotype, cell, dpi=None):
     require_dot()
-    return cell_graph(genotype, cell).pipe(format='png')
+    return cell_graph(genotype, cell, dpi).pipe(format='png')
+
+
+def figure_class():
+    """matplotlib's Figure, headless (Agg).  Importing Paddle gives the root logger a handler at INFO
+    (paddle/distributed/utils/log_utils.py get_logger, from paddle.distributed.auto_parallel), so the
+    INFO line matplotlib logs when it first builds its font cache ('generated new fontManager') would
+    be printed: its logger is set to WARNING first."""
+    import logging
+    logging.getLogger('matplotlib').setLevel(logging.WARNING)
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib.figure import Figure
+    return Figure
 
 
 def alphas_figure(record, ops, nodes):
     """A matplotlib figure of a search epoch's softmaxed alphas: one heat map per cell type, rows
-    the edges (node <- input), columns the ops, each square labelled with its weight."""
-    import matplotlib
-    matplotlib.use('Agg')   # headless
-    from matplotlib.figure import Figure
-    edges = [f'{j + 2} <- {i}' for j in range(nodes) for i in range(j + 2)]
+    the edges (node <- input, named as in the cell diagrams: `0 <- c_{k-2}`, `1 <- 0`), columns the ops,
+    each square labelled with its weight."""
+    Figure = figure_class()
+    edges = [f'{j} <- {node_name(i)}' for j in range(nodes) for i in range(j + 2)]
     fig = Figure(figsize=(2.2 + 0.9 * len(ops), 1.2 + 0.65 * len(edges)), layout='constrained')
     top = max(w for cell in CELLS for row in record['alpha_' + cell] for w in row)  # one scale for both panels
     for ax, cell in zip(fig.subplots(1, 2, sharey=True), CELLS):
@@ -153,80 +171,134 @@ def _font(size):
         return ImageFont.load_default()
 
 
-def cells_gif(history, path, duration_ms=800):
-    """One frame per epoch: both cells side by side, titled with epoch and search-val top-1."""
+GIF_WIDTH = 960      # px: cells.gif at most this wide, so a README page (about 880 px) shows it near full size
+DOT_DPI = 96         # dot's default resolution: 20-point labels about 27 px high
+FRAME_MS, HOLD_MS = 800, 3000   # how long cells.gif shows each epoch, and its last
+LABEL_RGB = (20, 90, 140)      # the colour of cells.gif's cell labels, one dot never draws in
+
+
+def cells_frames(history, max_width=GIF_WIDTH):
+    """cells.gif's frames, one per epoch, all the same size: the epoch (and its search-val top-1) on
+    top, the normal cell below it and the reduction cell under that, each at the same place in every
+    frame.  When a cell is wider than max_width allows, dot draws every cell at a lower resolution
+    (the text stays sharp), the same for all frames."""
     from PIL import Image, ImageDraw
-    frames = []
-    for record in history:
-        g = genotypes.from_dict(record['genotype'], check_ops=False)
-        cells = [Image.open(io.BytesIO(cell_png_bytes(g, c))).convert('RGB') for c in CELLS]
-        width = sum(c.width for c in cells) + 60
-        height = max(c.height for c in cells) + 70
-        frame = Image.new('RGB', (width, height + 30), 'white')
-        draw = ImageDraw.Draw(frame)
-        x = 20
-        for c, label in zip(cells, ('normal cell', 'reduction cell')):
-            draw.text((x, 55), label, fill='black', font=_font(22))
-            frame.paste(c, (x, 90))
-            x += c.width + 20
-        acc = record.get('val_acc')
-        title = f"epoch {record['epoch']}" + (f'   search-val top-1 {100 * acc:.1f}%' if acc is not None else '')
-        draw.text((20, 15), title, fill='black', font=_font(28))
-        frames.append(frame)
-    if not frames:
+    if not history:
         raise UserError('the history is empty: no epoch has finished yet')
-    size = (max(f.width for f in frames), max(f.height for f in frames))
-    frames = [_pad(f, size) for f in frames]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
-    return path
+    margin, title_h, label_h, gap = 16, 48, 32, 14
+    cells = [genotypes.from_dict(r['genotype'], check_ops=False) for r in history]
+
+    def draw(dpi):
+        return [[Image.open(io.BytesIO(cell_png_bytes(g, c, dpi))).convert('RGB') for c in CELLS] for g in cells]
+    images = draw(None)
+    widest = max(im.width for frame in images for im in frame)
+    room = max_width - 2 * margin
+    if widest > room:
+        images = draw(DOT_DPI * room / widest)
+        images = [[_fit(im, room) for im in frame] for frame in images]   # dot's rounding, if any
+        widest = max(im.width for frame in images for im in frame)
+    heights = [max(frame[k].height for frame in images) for k in range(len(CELLS))]
+    tops, y = [], title_h
+    for h in heights:           # each cell type's fixed place: its label, then its picture
+        tops.append(y + label_h)
+        y += label_h + h + gap
+    size = (max(widest + 2 * margin, 480), y + margin - gap)
+    frames = []
+    for record, frame_cells in zip(history, images):
+        frame = Image.new('RGB', size, 'white')
+        draw_ = ImageDraw.Draw(frame)
+        acc = record.get('val_acc')
+        title = f"epoch {record['epoch']}" + (f'    search-val top-1 {100 * acc:.1f}%' if acc is not None else '')
+        draw_.text((margin, 10), title, fill='black', font=_font(26))
+        for im, top, label in zip(frame_cells, tops, ('normal cell', 'reduction cell')):
+            draw_.text((margin, top - label_h + 4), label, fill=LABEL_RGB, font=_font(20))
+            frame.paste(im, (margin, top))
+        frames.append(frame)
+    return frames
 
 
-def _pad(img, size):
+def _fit(img, width):
+    """img scaled down to width when it is wider."""
+    if img.width <= width:
+        return img
     from PIL import Image
-    out = Image.new('RGB', size, 'white')
-    out.paste(img, (0, 0))
-    return out
+    return img.resize((width, round(img.height * width / img.width)), Image.LANCZOS)
+
+
+def cells_gif(history, path, frame_ms=FRAME_MS, hold_ms=HOLD_MS):
+    """cells_frames as a looping GIF: frame_ms per epoch, the last epoch held for hold_ms."""
+    frames = cells_frames(history)
+    durations = [frame_ms] * (len(frames) - 1) + [hold_ms]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    return path
 
 
 DPI = 100
 LOG_SPAN = 20   # max / min of a panel's values above which its y axis is logarithmic
 
 
-def line_panels(panels, path, title, x_label='epoch', panel_size=(520, 380), lines=True):
-    """Side-by-side line charts drawn with matplotlib (headless), each panel_size pixels plus a title
-    row.  panels: [(name, [(label, xs, ys)])]; a series' points whose y is None are left out;
-    lines=False: points only (a scatter).  A panel of positive values spanning more than LOG_SPAN
-    times (a loss falling by decades) gets a log y axis; legends go below the axes, off the data."""
-    import matplotlib
-    matplotlib.use('Agg')
-    from matplotlib.figure import Figure
+def line_figure(panels, title, x_label='epoch', panel_size=(520, 380), lines=True, columns=None):
+    """Line charts drawn with matplotlib (headless), each panel_size pixels, `columns` to a row (all in
+    one row by default), under a title.  panels: [(name, series)] or [(name, series, options)];
+    series: [(label, xs, ys)] or [(label, xs, ys, style)], a series' points whose y is None left out;
+    style: matplotlib's plot keywords (marker, linestyle, colour ...), or dict(reference=True): a
+    labelled dashed horizontal line at ys[0] across the panel; options: integer_y=True (counts: whole
+    ticks), ymin / ymax (the y axis' ends; either may be given alone), legend_columns.  lines=False: points only (a
+    scatter).  An epoch or search x axis has whole ticks; a panel of positive values spanning more than
+    LOG_SPAN times (a loss falling by decades) gets a log y axis unless ymin is given; legends go below
+    the axes, off the data."""
+    Figure = figure_class()
     from matplotlib.ticker import MaxNLocator
     w, h = panel_size
-    fig = Figure(figsize=(len(panels) * w / DPI, (h + 40) / DPI), dpi=DPI, layout='constrained')
+    columns = columns or len(panels)
+    rows = -(-len(panels) // columns)
+    fig = Figure(figsize=(columns * w / DPI, (rows * h + 40) / DPI), dpi=DPI, layout='constrained')
     fig.suptitle(title)
-    for ax, (name, series) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+    axes = list(fig.subplots(rows, columns, squeeze=False).ravel())
+    for ax in axes[len(panels):]:
+        ax.remove()
+    for ax, (name, series, *rest) in zip(axes, panels):
+        options = rest[0] if rest else {}
         ys_all = []
-        for label, xs, ys in series:
+        for label, xs, ys, *style in series:
+            style = dict(style[0]) if style else {}
             pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
             if not pts:
                 continue
             ys_all += [y for _, y in pts]
-            ax.plot(*zip(*pts), marker='o', markersize=3.5, linestyle='-' if lines else 'none', label=label)
+            if style.pop('reference', False):
+                ax.axhline(pts[0][1], **{**dict(color='0.4', linestyle='--', linewidth=1.2), **style}, label=label)
+                continue
+            style = {**dict(marker='o', markersize=3.5 if lines else 6, linestyle='-' if lines else 'none'), **style}
+            ax.plot(*zip(*pts), label=label, **style)
         ax.set_title(name, fontsize='medium')
         ax.set_xlabel(x_label)
         ax.grid(alpha=0.3)
-        if x_label == 'epoch' or x_label == 'search':
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ys_all and min(ys_all) > 0 and max(ys_all) / min(ys_all) > LOG_SPAN:
+        if x_label in ('epoch', 'search'):   # min_n_ticks=1: one epoch is tick 1, not 0.945 ... 1.050
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        if options.get('integer_y'):
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        if ys_all and 'ymin' not in options and min(ys_all) > 0 and max(ys_all) / min(ys_all) > LOG_SPAN:
             ax.set_yscale('log')
+        if 'ymin' in options or 'ymax' in options:
+            ax.set_ylim(options.get('ymin'), options.get('ymax'))
         if ys_all:
-            ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.18), ncol=min(len(series), 3),
-                      fontsize='small', frameon=False)
-    fig.savefig(path, dpi=DPI)
+            ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.18), fontsize='small', frameon=False,
+                      ncol=options.get('legend_columns', min(len(series), 3)))
+    return fig
+
+
+def line_panels(panels, path, title, **kwargs):
+    """line_figure saved as path (a PNG); returns path."""
+    line_figure(panels, title, **kwargs).savefig(path, dpi=DPI)
     return path
 
 
-def curves_png(history, path, title='search', held_out='val'):
+def _epochs(n):
+    return f'{n} epoch' + ('' if n == 1 else 's')
+
+
+def curves_figure(history, title='search', held_out='val'):
     """Loss (left) and top-1 accuracy (right) per epoch, on the training data and on the held-out
     split (the history's val_*), named held_out in the legends."""
     epochs = [r['epoch'] for r in history]
@@ -234,22 +306,70 @@ def curves_png(history, path, title='search', held_out='val'):
                         (held_out, epochs, [r['val_loss'] for r in history])]),
               ('top-1 %', [('train', epochs, [100 * r['train_acc'] for r in history]),
                            (held_out, epochs, [100 * r['val_acc'] for r in history])])]
-    return line_panels(panels, path, f'{title}: {len(history)} epochs')
+    return line_figure(panels, f'{title}: {_epochs(len(history))}')
+
+
+def curves_png(history, path, title='search', held_out='val'):
+    """curves_figure saved as path."""
+    curves_figure(history, title, held_out).savefig(path, dpi=DPI)
+    return path
+
+
+def collapse_panels(history):
+    """collapse.png's panels (line_figure's): the skip and parameter-free op counts of the derived cells
+    (whole numbers; a skip is parameter-free too, so where every parameter-free op is a skip the two
+    series meet: the parameter-free one is drawn as wide pale rings under the skip one's line; normal
+    cell circles and solid lines, reduction cell squares and dashed ones); the
+    alphas' mean entropy, on an axis from 0 with the uniform value ln K (K ops, the alpha rows' length)
+    as a dashed line, so that a fall of a few percent looks like one; how far the alphas moved from
+    uniform (guards.distance_from_uniform: normal, reduce, and their mean, the figure the search's last
+    line prints), from 0, with the guards' MOVED_MIN below which it warns; the Hessian eigenvalue
+    where it was measured."""
+    from darts.search.guards import MOVED_MIN
+    epochs = [r['epoch'] for r in history]
+    values = lambda key: [r.get(key) for r in history]  # noqa: E731
+    free = dict(marker='o', markersize=9, markerfacecolor='none', markeredgewidth=1.5, linewidth=5, alpha=0.35)
+    skip = dict(marker='o', markersize=4, linewidth=1.5)
+    counts = []
+    for cell, name, linestyle, marker in (('normal', 'normal', '-', 'o'), ('reduce', 'reduction', '--', 's')):
+        counts += [(f'{name}: parameter-free', epochs, values(f'{cell}_param_free'),
+                    dict(free, color='C0', linestyle=linestyle, marker=marker)),
+                   (f'{name}: skip', epochs, values(f'{cell}_skips'),
+                    dict(skip, color='C3', linestyle=linestyle, marker=marker))]
+    ops = len(history[-1]['genotype']['normal']) if 'genotype' in history[-1] else None
+    panels = [(f'ops{f" (of {ops})" if ops else ""} in the derived cells', counts,
+               dict(integer_y=True, ymin=-0.3, legend_columns=2))]
+    entropy = [('normal', epochs, values('entropy_normal')), ('reduce', epochs, values('entropy_reduce'))]
+    rows, scale = history[-1].get('alpha_normal'), dict(ymin=0)
+    if rows:
+        k = len(rows[0])
+        entropy.append((f'uniform: ln {k} = {np.log(k):.3f}', epochs, [float(np.log(k))] * len(epochs),
+                        dict(reference=True)))
+        scale['ymax'] = 1.12 * np.log(k)   # room above the line, where the search starts
+    panels.append(('mean entropy of softmax(alpha)', entropy, scale))
+    if any(r.get('moved_normal') is not None for r in history):
+        mean = [None if a is None or b is None else (a + b) / 2
+                for a, b in zip(values('moved_normal'), values('moved_reduce'))]
+        panels.append(('alphas moved from uniform', [
+            ('normal', epochs, values('moved_normal'), dict(linewidth=1)),
+            ('reduce', epochs, values('moved_reduce'), dict(linewidth=1)),
+            ('mean (the last log line)', epochs, mean, dict(color='black', linewidth=2)),
+            (f'mean: warned below {MOVED_MIN}', epochs, [MOVED_MIN] * len(epochs), dict(reference=True, color='C3'))],
+            dict(ymin=0, legend_columns=2)))
+    if any(r.get('hessian_eigenvalue') is not None for r in history):
+        panels.append(('Hessian eigenvalue', [('dominant', epochs, values('hessian_eigenvalue'))]))
+    return panels
+
+
+def collapse_figure(history, title='search'):
+    """The collapse diagnostics per epoch (guards.py): collapse_panels, two to a row."""
+    return line_figure(collapse_panels(history), f'{title}: collapse diagnostics', columns=2, panel_size=(440, 330))
 
 
 def collapse_png(history, path, title='search'):
-    """The collapse diagnostics per epoch (guards.py): skip and parameter-free op counts of the
-    derived cells, the alphas' mean entropy, and the Hessian eigenvalue where it was measured."""
-    epochs = [r['epoch'] for r in history]
-    series = lambda key: [r.get(key) for r in history]  # noqa: E731
-    panels = [('ops in the derived cells', [('normal: skip', epochs, series('normal_skips')),
-                                            ('normal: param-free', epochs, series('normal_param_free')),
-                                            ('reduce: skip', epochs, series('reduce_skips'))]),
-              ('entropy of softmax(alpha)', [('normal', epochs, series('entropy_normal')),
-                                             ('reduce', epochs, series('entropy_reduce'))])]
-    if any(r.get('hessian_eigenvalue') is not None for r in history):
-        panels.append(('Hessian eigenvalue', [('dominant', epochs, series('hessian_eigenvalue'))]))
-    return line_panels(panels, path, f'{title}: collapse diagnostics')
+    """collapse_figure saved as path."""
+    collapse_figure(history, title).savefig(path, dpi=DPI)
+    return path
 
 
 def budget_png(history, path, title='search'):
@@ -317,9 +437,7 @@ def confusion_figure(confusion, title=None):
     and labelled with its count up to MAX_NUMBERED classes; recall m_ii / sum_k m_ik in a column at the
     right; the overall accuracy in the title.  Beyond LABEL_INCHES of room per class only every
     k-th class is named, so that names never overlap."""
-    import matplotlib
-    matplotlib.use('Agg')
-    from matplotlib.figure import Figure
+    Figure = figure_class()
     check_confusion(confusion)
     matrix = np.array(confusion['matrix'])
     n, totals = len(matrix), matrix.sum(1)

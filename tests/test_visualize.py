@@ -242,4 +242,104 @@ def test_alphas_figure_shades_both_cells_on_one_scale_and_labels_every_weight():
         assert (ax.images[0].norm.vmin, ax.images[0].norm.vmax) == (0, top)   # one colour means one weight
         assert sorted(t.get_text() for t in ax.texts) == \
             sorted(f'{w:.2f}' for row in record['alpha_' + cell] for w in row)
-    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ['2 <- 0', '2 <- 1', '3 <- 0', '3 <- 1', '3 <- 2']
+    # the cell diagrams' names: inputs c_{k-2}, c_{k-1}, intermediate nodes from 0
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == \
+        ['0 <- c_{k-2}', '0 <- c_{k-1}', '1 <- c_{k-2}', '1 <- c_{k-1}', '1 <- 0']
+
+
+def _collapse_history(epochs, ops=4):
+    """A search's history with the collapse figures: the normal cell's skips its only parameter-free ops."""
+    rng = np.random.default_rng(2)
+    history = []
+    for e in range(epochs):
+        g = genotypes.derive(rng.random((14, 8)), rng.random((14, 8)))
+        alphas = rng.dirichlet(np.ones(ops), 14).round(4).tolist()
+        history.append(dict(epoch=e + 1, genotype=genotypes.to_dict(g), train_loss=1.0, val_loss=1.0, train_acc=0.5,
+                            val_acc=0.5, normal_skips=e, normal_param_free=e, reduce_skips=0, reduce_param_free=1,
+                            entropy_normal=1.386 - 0.01 * e, entropy_reduce=1.38 - 0.02 * e,
+                            moved_normal=0.01 * e, moved_reduce=0.03 * e, alpha_normal=alphas, alpha_reduce=alphas))
+    return history
+
+
+def _series(panels):
+    """{panel name: {series label: (ys, style)}} of line_figure's panels."""
+    return {name: {s[0]: (s[2], s[3] if len(s) > 3 else {}) for s in series} for name, series, *_ in panels}
+
+
+def _ticks(axis, lo, hi):
+    return [t for t in axis.get_majorticklocs() if lo - 1e-9 <= t <= hi + 1e-9]
+
+
+def test_collapse_figure_shows_uniform_entropy_moved_from_uniform_and_both_normal_counts():
+    history = _collapse_history(4)
+    panels = visualize.collapse_panels(history)
+    series = _series(panels)
+    entropy = series['mean entropy of softmax(alpha)']
+    ys, style = entropy['uniform: ln 4 = 1.386']          # K = 4: the alpha rows' length
+    assert style.get('reference') and ys == pytest.approx([np.log(4)] * 4)
+    moved = series['alphas moved from uniform']
+    assert moved['normal'][0] == [0, 0.01, 0.02, 0.03] and moved['reduce'][0] == [0, 0.03, 0.06, 0.09]
+    assert moved['mean (the last log line)'][0] == pytest.approx([0, 0.02, 0.04, 0.06])   # guards.how_far's figure
+    counts = next(s for name, s in series.items() if name.startswith('ops'))
+    (skips, skip_style), (free, free_style) = counts['normal: skip'], counts['normal: parameter-free']
+    assert skips == free       # the same values: drawn so that both show
+    assert skip_style['markersize'] < free_style['markersize'] and skip_style['linewidth'] < free_style['linewidth']
+
+    fig = visualize.collapse_figure(history)
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    lo, hi = axes['mean entropy of softmax(alpha)'].get_ylim()
+    assert lo == 0 and hi > np.log(4)        # a 2.5 % fall from uniform looks like one
+    ax = axes['alphas moved from uniform']
+    assert ax.get_ylim()[0] == 0 and 'mean: warned below 0.02' in [t.get_text() for t in ax.get_legend().texts]
+    ax = next(a for t, a in axes.items() if t.startswith('ops'))
+    assert all(float(t).is_integer() for t in _ticks(ax.yaxis, *ax.get_ylim()))
+    assert visualize.collapse_panels(_collapse_history(3, ops=8))[1][1][-1][0] == 'uniform: ln 8 = 2.079'
+
+
+def test_cells_gif_fixed_canvas_readable_width_last_frame_held(tmp_path):
+    _history(tmp_path, 4)
+    history = visualize.read_history(tmp_path)
+    frames = visualize.cells_frames(history)
+    assert len(frames) == 4 and len({f.size for f in frames}) == 1 and frames[0].width <= 1000
+    # the cells' labels ("normal cell", "reduction cell", in a colour of their own) at the same pixels in every frame
+    labels = [np.all(np.asarray(f) == visualize.LABEL_RGB, axis=2) for f in frames]
+    assert labels[0].sum() > 100 and all((m == labels[0]).all() for m in labels[1:])
+    gif = Image.open(visualize.cells_gif(history, tmp_path / 'cells.gif'))
+    assert gif.n_frames == 4 and gif.size == frames[0].size
+    durations = []
+    for k in range(gif.n_frames):
+        gif.seek(k)
+        durations.append(gif.info['duration'])
+    assert durations[:3] == [visualize.FRAME_MS] * 3 and durations[3] >= 3 * visualize.FRAME_MS
+
+
+def test_one_epoch_curves_have_a_whole_epoch_tick_and_a_singular_title():
+    history = [dict(epoch=1, train_loss=2.0, val_loss=2.1, train_acc=0.2, val_acc=0.18)]
+    fig = visualize.curves_figure(history, 'run')
+    assert fig.get_suptitle() == 'run: 1 epoch'
+    for ax in fig.axes:
+        assert _ticks(ax.xaxis, *ax.get_xlim()) == [1]
+    assert visualize.curves_figure(history * 2, 'run').get_suptitle() == 'run: 2 epochs'
+
+
+def test_protocol_summary_draws_searches_as_points_and_skips_on_whole_ticks():
+    import protocol
+    rows = [dict(search_val_top1=0.5 + 0.01 * k, retrain_val_top1=0.6, normal_skips=s) for k, s in enumerate((1, 2, 2))]
+    fig = protocol.seeds_figure(rows, dict(label='seed 1'))
+    _, skips = fig.axes
+    assert all(line.get_linestyle() == 'None' for ax in fig.axes for line in ax.lines)   # no line joins two searches
+    assert all(float(t).is_integer() for t in _ticks(skips.yaxis, *skips.get_ylim()))
+    assert all(float(t).is_integer() for ax in fig.axes for t in _ticks(ax.xaxis, *ax.get_xlim()))
+
+
+def test_matplotlib_first_run_logs_nothing_through_paddles_logger(tmp_path):
+    """Paddle's import gives the root logger an INFO handler; matplotlib building its font cache (a
+    fresh MPLCONFIGDIR) logs 'generated new fontManager' at INFO."""
+    import subprocess
+    from conftest import ROOT
+    code = ('import paddle, visualize; '
+            f'visualize.line_panels([("p", [("s", [1], [1.0])])], {str(tmp_path / "p.png")!r}, "t")')
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, MPLCONFIGDIR=str(tmp_path / 'mpl')))
+    assert r.returncode == 0, r.stderr
+    assert 'fontManager' not in r.stdout + r.stderr and (tmp_path / 'p.png').is_file()
