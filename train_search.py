@@ -17,6 +17,7 @@ alphas' entropy; the guards --max_skip, --auxiliary_skip, --beta_decay, --early_
 the diagnostic --hessian_eigen_every are described in darts/search/guards.py and docs/collapse.md.
 """
 import os
+import shlex
 import shutil
 import time
 
@@ -163,7 +164,7 @@ class Search(loop.RunLoop):
         lines = [f'data: {self.data.describe()}; search on {len(self.search_train)} / {len(self.search_val)} '
                  f'training images (search-train / search-val)',
                  f'run folder {self.run_folder.path}; {"first" if args.first_order else "second"}-order search, '
-                 f'{progs.layout.size / 1e6:.3f}M weights; programs built in {build_seconds:.1f}s '
+                 f'{numeric.describe_count(progs.layout.size)} weights; programs built in {build_seconds:.1f}s '
                  f'({sum(count_ops(p) for p in progs.programs.values())} ops)',
                  f'search space: {self.space.describe()}']
         if self.penalty:
@@ -246,7 +247,8 @@ class Search(loop.RunLoop):
         write_genotypes(run, record, self.space, args)
         self.saved = record
         write_events(self.events, record, self.space)
-        for line in epoch_lines(record, genotype, raw, args, len(ops)):
+        previous = final_genotype(self.history[-2]) if len(self.history) > 1 else None
+        for line in epoch_lines(record, genotype, raw, args, len(ops), genotypes.to_dict(genotype) != previous):
             run.log(line)
         if stop:
             self.early_stop.save(run, stop, None)
@@ -276,7 +278,9 @@ class Search(loop.RunLoop):
         genotype = guarded_genotype(record, raw, arch, args, space, self.penalty and (
             self.penalty, self.target, train['budget_weights']))
         if args.hessian_eigen_every and (epoch + 1) % args.hessian_eigen_every == 0:
-            record.update(self.hessian())
+            self.eigen_batch = self.eigen_batch or next(iter(self.batches['eigen'].epoch(0)))   # the same each time
+            record.update(hessian_figures(self.exe, self.scope, self.place, self.progs, self.eigen_batch,
+                                          args.hessian_eigen_step))
         for kind in ('normal', 'reduce'):  # softmax(alpha): rows = edges, columns = --primitives
             record['alpha_' + kind] = numeric.softmax(arch['alpha_' + kind]).round(6).tolist()
             if space.edge_normalization:
@@ -286,15 +290,6 @@ class Search(loop.RunLoop):
     def arch(self):
         """The architecture parameters now, as numpy arrays."""
         return tensors.get_tensors(self.scope, list(self.cfg.arch_shapes))
-
-    def hessian(self):
-        """The dominant eigenvalue of the alpha Hessian of L_val, on the same search-val batch every time."""
-        if self.eigen_batch is None:
-            self.eigen_batch = next(iter(self.batches['eigen'].epoch(0)))
-        t0 = time.time()
-        value = hessian_eigenvalue(self.exe, self.scope, self.place, self.progs, *self.eigen_batch,
-                                   step=self.args.hessian_eigen_step)[0]
-        return dict(hessian_eigenvalue=value, hessian_seconds=time.time() - t0)
 
     # ------------------------------------------------------------- finish
 
@@ -309,10 +304,32 @@ class Search(loop.RunLoop):
             if 'moved_normal' in kept[-1]:
                 run.log(guards.how_far(kept))
         run.log(f'done: genotype in {run.file("genotype.json")}')
+        for line in next_steps(self.args, run.path, self.draw_pictures()):
+            run.log(line)
 
 
-def epoch_lines(record, genotype, raw, args, num_ops):
-    """The log lines of an epoch's end: its figures, the collapse figures, the budget, the cells."""
+def hessian_figures(exe, scope, place, progs, batch, step):
+    """The dominant eigenvalue of the alpha Hessian of L_val on a search-val batch, and its seconds."""
+    t0 = time.time()
+    value = hessian_eigenvalue(exe, scope, place, progs, *batch, step=step)[0]
+    return dict(hessian_eigenvalue=value, hessian_seconds=time.time() - t0)
+
+
+def next_steps(args, run_dir, pictures):
+    """The last lines of a search: where its pictures are, and the command that trains its cell on
+    the same data (train.py's network and epochs are the paper's unless given)."""
+    look = (f'look at the cells and the search: {", ".join(os.path.relpath(p) for p in pictures)}' if pictures
+            else f'draw the cells and the search: python visualize.py --run {shlex.quote(run_dir)}')
+    train = ['python', 'train.py', '--arch', os.path.join(run_dir, 'genotype.json'), *datasets.changed_flags(args),
+             '--save', os.path.normpath(run_dir) + '-eval']
+    return ['next:', f'  {look}', f'  train the cell found: {shlex.join(train)}',
+            '    (the paper\'s network and schedule: C=36, 20 cells, 600 epochs; for a short first look add e.g. '
+            '--epochs 10 --layers 6 --init_channels 8)']
+
+
+def epoch_lines(record, genotype, raw, args, num_ops, changed=True):
+    """The log lines of an epoch's end: its figures, the collapse figures, the budget, the cells (when
+    they changed)."""
     lines = [f'epoch {record["epoch"]}/{args.epochs} lr {record["lr"]:.5f} train loss {record["train_loss"]:.4f} '
              f'top1 {100 * record["train_acc"]:.2f}% | search-val loss {record["val_loss"]:.4f} top1 '
              f'{100 * record["val_acc"]:.2f}% | {record["images_per_sec"]:.1f} img/s, epoch '
@@ -321,7 +338,7 @@ def epoch_lines(record, genotype, raw, args, num_ops):
         lines.append(budget.epoch_line(record['budget']))
     if args.max_skip is not None and record['skips_removed']:
         lines.append(f'genotype (unlimited) = {raw}')
-    return lines + [f'genotype = {genotype}']
+    return lines + [f'genotype = {genotype}' if changed else 'genotype unchanged']
 
 
 def search_batches(args, data, world, search_train, search_val):

@@ -488,9 +488,9 @@ def parse_args(argv=None):
     p.add_argument('--run', help='a run folder: draws curves.png, and cells.gif and collapse.png (search run; '
                                  'budget.png with --budget) and confusion.png (when it has confusion.json) into it')
     p.add_argument('--format', default='png', choices=['png', 'pdf', 'svg'], help='file format of the cells')
-    p.add_argument('--out', default=None,
-                   help='output path stem for cells (default: <genotype>_normal / <genotype>_reduce), '
-                        'or folder for --run pictures (default: the run folder)')
+    p.add_argument('--out', default=None, metavar='FOLDER',
+                   help='the folder the pictures go to (default: the current folder for cells, drawn as '
+                        'NAME_normal and NAME_reduce; the run folder for --run)')
     args = p.parse_args(argv)
     if sum(x is not None for x in (args.genotype, args.genotype_file, args.run)) != 1:
         p.error('give one of: a genotype name, --genotype_file, --run')
@@ -499,29 +499,8 @@ def parse_args(argv=None):
 
 def visualize(args):
     if args.run:
-        history = read_history(args.run)
-        if not history:
-            raise UserError('the history is empty: no epoch has finished yet')
-        search = all('genotype' in r for r in history)  # an evaluation run (train.py) records no genotype
-        confusion_path = os.path.join(args.run, 'confusion.json')
-        confusion = read_confusion(confusion_path) if os.path.isfile(confusion_path) else None
-        out = args.out or args.run
-        make_folder(out)
-        name = os.path.basename(os.path.normpath(args.run))
-        if search and shutil.which('dot') is None:   # the rest needs no dot: draw it, say what is missing
-            print("cells.gif not drawn: it needs graphviz's dot (Debian/Ubuntu: apt-get install graphviz; "
-                  "macOS: brew install graphviz)", file=sys.stderr)
-        elif search:
-            print(cells_gif(history, os.path.join(out, 'cells.gif')))
-        held_out = 'search-val' if search else (confusion or {}).get('split', 'held-out')
-        print(curves_png(history, os.path.join(out, 'curves.png'),
-                         title=f'{name} ({"search" if search else "evaluation"})', held_out=held_out))
-        if search and all('normal_skips' in r for r in history):
-            print(collapse_png(history, os.path.join(out, 'collapse.png'), title=name))
-        if search and all('budget' in r for r in history):
-            print(budget_png(history, os.path.join(out, 'budget.png'), title=name))
-        if confusion is not None:
-            print(confusion_png(confusion, os.path.join(out, 'confusion.png'), title=name))
+        for path in draw_run(args.run, args.out):
+            print(path)
         return
     require_dot()  # first: checking op names imports Paddle, which needs a usual PATH
     spec = args.genotype_file or args.genotype
@@ -533,9 +512,45 @@ def visualize(args):
     else:
         label = 'genotype'
     genotypes.validate(genotype)
+    out = args.out or '.'
+    make_folder(out)
     for cell in CELLS:
-        stem = f'{args.out}_{cell}' if args.out else f'{label}_{cell}'
-        print(render_cell(genotype, cell, stem, args.format))
+        print(render_cell(genotype, cell, os.path.join(out, f'{label}_{cell}'), args.format))
+
+
+def draw_run(run_dir, out=None):
+    """Every picture of a run folder into out (default: the run folder); returns their paths.  A
+    search: its cells (genotype_normal/reduce.png), cells.gif, curves.png, collapse.png (budget.png);
+    a training: curves.png and confusion.png.  Without graphviz's dot the cells are skipped, said once."""
+    history = read_history(run_dir)
+    if not history:
+        raise UserError('the history is empty: no epoch has finished yet')
+    search = all('genotype' in r for r in history)  # an evaluation run (train.py) records no genotype
+    confusion_path = os.path.join(run_dir, 'confusion.json')
+    confusion = read_confusion(confusion_path) if os.path.isfile(confusion_path) else None
+    out = out or run_dir
+    make_folder(out)
+    name = os.path.basename(os.path.normpath(run_dir))
+    written = []
+    if search and shutil.which('dot') is None:   # the rest needs no dot: draw it, say what is missing
+        print("the cells and cells.gif not drawn: they need graphviz's dot (Debian/Ubuntu: apt-get install "
+              "graphviz; macOS: brew install graphviz)", file=sys.stderr)
+    elif search:
+        genotype_file = os.path.join(run_dir, 'genotype.json')
+        if os.path.isfile(genotype_file):
+            genotype = genotypes.load(genotype_file, check_ops=False)
+            written += [render_cell(genotype, cell, os.path.join(out, f'genotype_{cell}')) for cell in CELLS]
+        written.append(cells_gif(history, os.path.join(out, 'cells.gif')))
+    held_out = 'search-val' if search else (confusion or {}).get('split', 'held-out')
+    written.append(curves_png(history, os.path.join(out, 'curves.png'),
+                              title=f'{name} ({"search" if search else "evaluation"})', held_out=held_out))
+    if search and all('normal_skips' in r for r in history):
+        written.append(collapse_png(history, os.path.join(out, 'collapse.png'), title=name))
+    if search and all('budget' in r for r in history):
+        written.append(budget_png(history, os.path.join(out, 'budget.png'), title=name))
+    if confusion is not None:
+        written.append(confusion_png(confusion, os.path.join(out, 'confusion.png'), title=name))
+    return written
 
 
 def main(argv=None):

@@ -62,6 +62,8 @@ def add_run_arguments(p, prefix, seed, num_workers=2, report_freq=50):
       help='processes that decode images and make batches (0: none)')
     a('--report_freq', type=int, default=report_freq, help='a progress line every N steps (and at least every 30 s)')
     a('--no_tensorboard', action='store_true', help='write no TensorBoard event files (RUN_DIR/tensorboard)')
+    a('--no_pictures', action='store_true', help='draw no pictures into the run folder when it ends (visualize.py '
+                                                 '--run RUN_DIR draws them later)')
     a('--save', default=None, help=f'the run folder, which must not hold anything yet (default: '
                                    f'runs/{prefix}-DATE-TIME)')
     a('--resume', default=None, metavar='RUN_DIR',

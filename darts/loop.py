@@ -16,6 +16,7 @@ import time
 import numpy as np
 import paddle
 
+import visualize
 from darts import distributed, events, kernels, lifecycle, progress, runfolder, tensors
 from darts.errors import UserError
 
@@ -97,6 +98,18 @@ class RunLoop:
     def persist(self, arrays, **meta):
         """The epoch's checkpoint (arrays, the history so far, meta), then its history line."""
         self.run_folder.end_epoch(arrays, self.history, **meta)
+
+    def draw_pictures(self):
+        """The run's pictures into its folder (visualize.draw_run), unless --no_pictures; their paths.
+        A picture that cannot be drawn is a warning: the run's results are already on disk."""
+        if self.args.no_pictures or not self.run_folder.writer:
+            return []
+        try:
+            return visualize.draw_run(self.run_folder.path)
+        except (UserError, OSError, RuntimeError) as e:
+            self.run_folder.log(f'warning: pictures not drawn ({e}); visualize.py --run {self.run_folder.path} '
+                                f'tries again')
+            return []
 
     def average_buffers(self, names):
         """The ranks' BN running statistics (each from its share of the batches) averaged: what is

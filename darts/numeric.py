@@ -20,3 +20,8 @@ def accuracy(logits, labels, k=1):
     """Fraction of rows whose label is among the k largest logits."""
     top = np.argsort(-logits, axis=1)[:, :k]
     return float((top == labels[:, None]).any(axis=1).mean())
+
+
+def describe_count(n):
+    """A parameter count as a log line shows it: exact below a million (1,806), else in millions (3.349M)."""
+    return f'{n:,}' if n < 1_000_000 else f'{n / 1e6:.3f}M'

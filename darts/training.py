@@ -13,7 +13,7 @@ import paddle
 import genotypes
 import model
 import visualize
-from darts import datasets, files, kernels, loop, onnx_export, runfolder, tensors
+from darts import datasets, files, kernels, loop, numeric, onnx_export, runfolder, tensors
 from darts.distributed import mean_across_ranks, select_place
 from darts.errors import UserError
 from darts.optim import MOMENTUM, WEIGHTS, clip_by_global_norm, sgd_momentum_step
@@ -245,7 +245,7 @@ class Training(loop.RunLoop):
         searched = searched_costs(self.args)
         return [f'run folder {self.run_folder.path}; genotype {self.genotype}',
                 f'data: {self.split.info["describe"]}',
-                f'{describe_count(self.parameters)} parameters (auxiliary head excluded); '
+                f'{numeric.describe_count(self.parameters)} parameters (auxiliary head excluded); '
                 f'programs built in {build_seconds:.1f}s'] + ([searched] if searched else [])
 
     def initial_state(self):
@@ -330,14 +330,12 @@ class Training(loop.RunLoop):
         run.write_json('result.json', dict(
             top1=self.best, epoch=best_meta['epoch'] + 1, chosen=chosen, eval_split=self.eval_split,
             parameters=self.parameters, epochs=self.args.epochs, genotype=genotypes.to_dict(self.genotype)))
+        pictures = self.draw_pictures()
+        if pictures:
+            run.log(f'pictures: {", ".join(os.path.relpath(p) for p in pictures)}')
         run.log(f'done: {self.eval_split} top-1 {100 * self.best:.2f}% at {chosen} ({best_meta["epoch"] + 1}; '
                 f'checkpoint {run.file("best.npz")}); inference model {exported}; classify images with: '
                 f'python {self.task.script} --predict {exported} IMAGE...')
-
-
-def describe_count(n):
-    """A parameter count as a log shows it: exact below a million, else in millions."""
-    return f'{n:,}' if n < 1_000_000 else f'{n / 1e6:.3f}M'
 
 
 def export_inference(exe, progs, run_dir, info):

@@ -13,6 +13,6 @@ python train.py --genotype_file "$search/genotype.json" --dataset digits --image
   --layers 6 --init_channels 8 --batch_size 64 --save "$eval"
 python visualize.py --run "$search" --out docs/search
 python visualize.py --run "$eval" --out docs/eval
-python visualize.py --genotype_file "$search/genotype.json" --out docs/search/genotype
-python visualize.py DARTS_PADDLE --out docs/DARTS_PADDLE
+python visualize.py "$search/genotype.json" --out docs/search          # genotype_normal.png, genotype_reduce.png
+python visualize.py DARTS_PADDLE --out docs                              # DARTS_PADDLE_normal.png, ..._reduce.png
 ls -l docs/search docs/eval docs/DARTS_PADDLE_*.png

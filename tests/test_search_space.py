@@ -263,4 +263,4 @@ def test_search_in_a_changed_space_gives_a_genotype_train_py_trains(tmp_path, fl
     assert r.returncode == 0, r.stderr[-2000:]
     assert os.path.isfile(train / 'best.npz')
     r = run_script('visualize.py', '--genotype_file', search / 'genotype.json', '--out', tmp_path / 'cell')
-    assert r.returncode == 0 and (tmp_path / 'cell_normal.png').is_file(), r.stderr
+    assert r.returncode == 0 and (tmp_path / 'cell' / 'genotype_normal.png').is_file(), r.stderr

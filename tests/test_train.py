@@ -56,6 +56,8 @@ def test_built_once_learns_and_logs(reference):
     assert result['chosen'] == 'the last epoch' and 'best_top1' not in result
     log = open(os.path.join(run_dir, 'log.txt')).read()
     assert f'done: test top-1 {100 * h[-1]["val_acc"]:.2f}% at the last epoch (3;' in log and '(best ' not in log
+    assert result['parameters'] < 1e6 and f'{result["parameters"]:,} parameters (auxiliary' in log   # exact
+    assert all(os.path.isfile(os.path.join(run_dir, name)) for name in ('curves.png', 'confusion.png'))
     # what was trained is recorded, whatever --arch named
     assert genotypes.from_dict(json.load(open(os.path.join(run_dir, 'args.json')))['genotype']) == genotypes.DARTS_V2
 

@@ -73,6 +73,14 @@ def test_search_learns_and_writes_its_run_folder(reference):
     assert 'img/s' in log and 'step 2/5' in log and 'genotype = Genotype(' in log
     args = json.load(open(os.path.join(run_dir, 'args.json')))
     assert args['layers'] == 3 and args['first_order'] is False
+    # its pictures are in the folder, and its last lines name the next commands
+    for name in ('genotype_normal.png', 'genotype_reduce.png', 'cells.gif', 'curves.png', 'collapse.png'):
+        assert os.path.getsize(os.path.join(run_dir, name)) > 1000, name
+    tail = log[log.index('done: genotype in'):].splitlines()
+    assert tail[1] == 'next:' and 'cells.gif' in tail[2] and 'collapse.png' in tail[2]
+    assert tail[3].endswith(f'python train.py --arch {run_dir}/genotype.json --data {args["data"]} --no_download '
+                            f'--save {run_dir}-eval')
+    assert 'genotype unchanged' in log or log.count('genotype = Genotype(') == 3   # printed when it changes
 
 
 @pytest.mark.slow
@@ -287,3 +295,12 @@ def test_resume_rewrites_what_a_late_kill_left_stale(reference, tmp_path):
     assert len(h) == 3
     assert json.loads(genotypes.to_json(genotypes.load(os.path.join(copy, 'genotype.json')))) == h[-1]['genotype']
     assert json.load(open(os.path.join(copy, 'result.json')))['genotype'] == h[-1]['genotype']
+
+
+def test_the_last_lines_name_the_command_that_trains_the_cell_on_the_same_data():
+    import train_search
+    args = train_search.parse_args(['--dataset', 'digits', '--image_size', '16', '--epochs', '2', '--nodes', '3'])
+    lines = train_search.next_steps(args, 'runs/demo', [])
+    assert lines[1].strip() == 'draw the cells and the search: python visualize.py --run runs/demo'
+    assert lines[2].strip() == ('train the cell found: python train.py --arch runs/demo/genotype.json --dataset digits '
+                                '--image_size 16 --save runs/demo-eval')   # the data flags, not the search's

@@ -43,14 +43,18 @@ def test_dot_has_exactly_the_genotype_nodes_and_edges(cell):
 
 
 def test_cli_renders_both_cells_as_valid_images(tmp_path):
-    r = run_script('visualize.py', 'DARTS_PADDLE', '--out', tmp_path / 'paddle')
+    r = run_script('visualize.py', 'DARTS_PADDLE', '--out', tmp_path / 'cells')
     assert r.returncode == 0, r.stderr
     for cell in ('normal', 'reduce'):
-        img = Image.open(tmp_path / f'paddle_{cell}.png')
+        img = Image.open(tmp_path / 'cells' / f'DARTS_PADDLE_{cell}.png')
         img.load()
         assert img.width > 200 and img.height > 150
     r = run_script('visualize.py', 'DARTS_V1', '--format', 'svg', '--out', tmp_path / 'v1')
-    assert r.returncode == 0 and '<svg' in (tmp_path / 'v1_normal.svg').read_text()
+    assert r.returncode == 0 and '<svg' in (tmp_path / 'v1' / 'DARTS_V1_normal.svg').read_text()
+    # the Genotype(...) text a search log prints is drawn as the name is
+    r = run_script('visualize.py', 'genotype = ' + str(genotypes.DARTS_V1), '--format', 'svg', '--out', tmp_path / 't')
+    assert r.returncode == 0 and (tmp_path / 't' / 'genotype_normal.svg').read_text() == \
+        (tmp_path / 'v1' / 'DARTS_V1_normal.svg').read_text()
 
 
 def _history(run_dir, epochs):
@@ -102,8 +106,8 @@ def test_without_dot_says_so_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'visualize.py'), '--run', str(tmp_path)],
                        capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0 and r.stderr.strip().splitlines() == [
-        "cells.gif not drawn: it needs graphviz's dot (Debian/Ubuntu: apt-get install graphviz; macOS: brew install "
-        "graphviz)"], r.stderr
+        "the cells and cells.gif not drawn: they need graphviz's dot (Debian/Ubuntu: apt-get install graphviz; "
+        "macOS: brew install graphviz)"], r.stderr
     assert os.path.isfile(tmp_path / 'curves.png') and not os.path.exists(tmp_path / 'cells.gif')
 
 
