@@ -26,7 +26,7 @@ from reader import ArrayBatches
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__, epilog=distributed.LAUNCH_HELP)
+    p = cli.ArgumentParser(description=__doc__, epilog=distributed.LAUNCH_HELP, config=True)
     training.add_arguments(p, drop_path_prob=0.2)
     datasets.add_arguments(p)
     cli.add_training_arguments(p, epochs=600, batch_size=96, learning_rate=0.025, weight_decay=3e-4,

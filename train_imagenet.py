@@ -21,7 +21,7 @@ from reader import IMAGENET_MEAN, IMAGENET_STD, FileBatches, scan_imagenet
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__, epilog=distributed.LAUNCH_HELP)
+    p = cli.ArgumentParser(description=__doc__, epilog=distributed.LAUNCH_HELP, config=True)
     training.add_arguments(p, drop_path_prob=0.0)
     p.add_argument('--data', default='./data/imagenet',
                    help='train/ and val/ class folders, or train_list.txt and val_list.txt')

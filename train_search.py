@@ -47,7 +47,7 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__, epilog=distributed.LAUNCH_HELP)
+    p = cli.ArgumentParser(description=__doc__, epilog=distributed.LAUNCH_HELP, config=True)
     p.add_argument('--preset', choices=sorted(PRESETS), default=None,
                    help='a published setting as defaults; pc_darts: ' + ', '.join(
                        f'--{k} {v}' if v is not True else f'--{k}' for k, v in PRESETS['pc_darts'].items()))

@@ -1,6 +1,7 @@
 """The command-line parsers of the scripts: one-line errors, defaults in --help, no abbreviations,
-and the flags every run has, declared once."""
+settings from a --config file, and the flags every run has, declared once."""
 import argparse
+import json
 import os
 import sys
 
@@ -23,15 +24,94 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error (the usage block is in --help), the defaults in --help,
     and no abbreviated flags (--epoch is not taken for --epochs)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, config=False, **kwargs):
         kwargs.setdefault('formatter_class', HelpFormatter)
         kwargs.setdefault('allow_abbrev', False)
         super().__init__(*args, **kwargs)
+        if config:
+            self.add_argument('--config', metavar='FILE', default=None,
+                              help='take the settings from a YAML or JSON file (keys: the flags\' names; a run\'s '
+                                   'args.json works); flags on the command line override it (configs/ has examples)')
+
+    def parse_known_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else [str(a) for a in args]
+        path = config_path(argv) if '--config' in self._option_string_actions else None
+        if path is not None:
+            self.set_defaults(**read_config(path, self))
+        return super().parse_known_args(argv, namespace)
 
     def error(self, message):
         # the prefix every one-line error of the project has (darts.lifecycle.run_main's too)
         print(f'error: {message} (see {self.prog} --help)', file=sys.stderr)
         raise SystemExit(2)
+
+
+# A config file's keys that are not settings of a run: what the command does or where it writes
+# (a run's args.json holds them too).
+NOT_SETTINGS = ('config', 'save', 'resume', 'eval_only', 'predict', 'export_onnx', 'genotype')
+
+
+def config_path(argv):
+    """The FILE of --config FILE (or --config=FILE) in argv, or None."""
+    for k, arg in enumerate(argv):
+        if arg == '--config' and k + 1 < len(argv):
+            return argv[k + 1]
+        if arg.startswith('--config='):
+            return arg.split('=', 1)[1]
+    return None
+
+
+def read_config(path, parser):
+    """{dest: value} from a YAML or JSON file of settings, checked against parser's flags: an unknown
+    key, a value of the wrong type or outside a flag's choices is parser.error (one line)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+        if path.endswith('.json'):
+            settings = json.loads(text)
+        else:
+            import yaml   # optional: only a YAML config needs it (requirements.txt has it)
+            settings = yaml.safe_load(text)
+    except OSError as e:
+        parser.error(f'--config {path}: {e.strerror or e}')
+    except ValueError as e:   # json.JSONDecodeError, yaml.YAMLError are ValueError / ... below
+        parser.error(f'--config {path}: not JSON ({e})')
+    except Exception as e:  # noqa: BLE001 - yaml.YAMLError and its kin: one line
+        parser.error(f'--config {path}: not YAML ({" ".join(str(e).split())})')
+    if not isinstance(settings, dict):
+        parser.error(f'--config {path}: expected a mapping of flag names to values')
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    out = {}
+    for key, value in settings.items():
+        dest = str(key).lstrip('-').replace('-', '_')
+        if dest in NOT_SETTINGS:
+            continue
+        if dest not in actions:
+            parser.error(f'--config {path}: {key!r} is not a flag of {parser.prog}')
+        out[dest] = _config_value(path, key, value, actions[dest], parser)
+    return out
+
+
+def _config_value(path, key, value, action, parser):
+    """value as the flag takes it: converted by its type, checked against its choices."""
+    takes_list = isinstance(action, argparse._AppendAction) or action.nargs in ('+', '*')
+    if isinstance(value, list) and takes_list:
+        return [_config_value(path, key, v, argparse.Action(action.option_strings, action.dest, type=action.type,
+                                                             choices=action.choices), parser) for v in value]
+    if isinstance(value, (list, dict)):
+        parser.error(f'--config {path}: {key}: {value!r} is not a {getattr(action.type, "__name__", "str")}')
+    if value is not None and action.type is not None and not isinstance(value, bool):
+        try:
+            value = action.type(value)
+        except (TypeError, ValueError):
+            parser.error(f'--config {path}: {key}: {value!r} is not a {action.type.__name__}')
+    if takes_list and not isinstance(value, list) and value is not None:
+        value = [value]
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) and not isinstance(value, bool):
+        parser.error(f'--config {path}: {key}: expected true or false, got {value!r}')
+    if action.choices is not None and value is not None and value not in action.choices:
+        parser.error(f'--config {path}: {key}: {value!r} is not one of {", ".join(map(str, action.choices))}')
+    return value
 
 
 def add_training_arguments(p, epochs, batch_size, learning_rate, weight_decay, init_channels, layers,

@@ -58,3 +58,48 @@ def test_abbreviated_flags_are_refused_with_the_one_error_prefix(script, flags, 
     r = run_script(script, *flags, '--save', tmp_path / 'r') if script != 'visualize.py' else run_script(script, *flags)
     assert_one_line_error(r, f'unrecognized arguments: {flags[-2]}', 'see ' + script + ' --help')
     assert not (tmp_path / 'r').exists()
+
+
+def test_a_yaml_config_sets_the_flags_and_the_command_line_overrides_it(tmp_path):
+    import train_search
+    path = tmp_path / 'c.yaml'
+    path.write_text('dataset: digits\nepochs: 7\nimage-size: 16\nfirst_order: true\nprimitives: none,skip_connect\n')
+    args = train_search.parse_args(['--config', str(path), '--epochs', '3'])
+    assert (args.dataset, args.epochs, args.image_size, args.first_order, args.primitives) == \
+        ('digits', 3, 16, True, 'none,skip_connect')
+    # every shipped config is read by its command
+    import train
+    import train_imagenet
+    from conftest import ROOT
+    for name, parse in (('demo', train_search), ('search-cifar10', train_search), ('train-cifar10', train),
+                        ('train-imagenet', train_imagenet)):
+        args = parse.parse_args(['--config', f'{ROOT}/configs/{name}.yaml'])
+        assert args.config.endswith(f'{name}.yaml') and args.epochs > 1
+
+
+def test_a_runs_args_json_works_as_a_config(tmp_path):
+    import train_search
+    first = train_search.parse_args(['--dataset', 'digits', '--image_size', '16', '--budget', 'params=50K',
+                                     '--save', str(tmp_path / 'old'), '--nodes', '3', '--first_order'])
+    path = tmp_path / 'args.json'
+    import json
+    path.write_text(json.dumps(vars(first)))
+    again = train_search.parse_args(['--config', str(path), '--seed', '9'])
+    changed = {k for k in vars(first) if vars(first)[k] != vars(again)[k]}
+    assert changed == {'seed', 'save', 'config'} and again.save is None   # the old folder is not reused
+
+
+@pytest.mark.parametrize('text, phrase', [
+    ('epochs: [1, 2]\n', "epochs: [1, 2] is not a int"),
+    ('device: tpu\n', "device: 'tpu' is not one of auto, gpu, cpu"),
+    ('epoch: 3\n', "'epoch' is not a flag of"),
+    ('primitives: [none, skip_connect]\n', "primitives: ['none', 'skip_connect'] is not a str"),
+    ('- a\n- b\n', 'expected a mapping'),
+    ('a: [\n', 'not YAML'),
+    ('first_order: maybe\n', 'expected true or false')])
+def test_a_bad_config_is_one_line(tmp_path, text, phrase):
+    path = tmp_path / 'c.yaml'
+    path.write_text(text)
+    r = run_script('train_search.py', '--config', path, '--save', tmp_path / 'r')
+    assert_one_line_error(r, phrase)
+    assert not (tmp_path / 'r').exists()
