@@ -10,7 +10,7 @@ baselines, several search variants and several retrain seeds, whether searching 
 
 Liu et al. (2018) ran the search four times and chose by a 100-epoch retrain of a smaller
 network; their code leaves this to the user.  Here, for each variant v (--variants; one
-unnamed variant without it), budget b (--budgets) and seed s:
+unnamed variant without it), budget b (--budget) and seed s:
 
   search   train_search.py --seed s --save OUT/search-KEY  [every flag not listed below] [v's flags]
   retrain  train.py --genotype_file OUT/search-KEY/genotype.json --seed s+r --save OUT/retrain-KEY[-rR]
@@ -74,7 +74,9 @@ def parse_args(argv=None):
 
 def add_arguments(p):
     a = p.add_argument
-    a('--seeds', default='4', help='how many searches (seeds 0..N-1), or the seeds as a comma list')
+    a('--seeds', default='0-3', metavar='S,S,...|A-B',
+      help='the search seeds: a comma list (1,2,3), a range (0-3: 0, 1, 2 and 3), or both (0-2,7); one search '
+           'per seed (and variant, and budget)')
     a('--save', default=None, help='the protocol folder (default runs/protocol-DATE-TIME); re-run to continue')
     a('--retrain_epochs', type=int, default=20, help='epochs of each retrain (the paper: 100)')
     a('--retrain_layers', type=int, default=8, help='cells of the retrain network')
@@ -104,21 +106,15 @@ def add_arguments(p):
       help='run J searches or retrains at once (each its own process; their lines interleave, each run\'s '
            'log.txt is whole): on 2 cores 2 jobs of the small networks here take about 0.55x the time of one '
            'after another')
-    a('--budgets', default=None, metavar='B,B,...',
-      help='a sweep: every seed searched once per budget (train_search.py --budget B; KIND=N, '
-           'params=1M+madds=200M for both), then summary.md and budget_sweep.png: retrain accuracy against '
-           'the target network\'s parameters and multiply-adds')
+    a('--budget', action='append', default=None, metavar='KIND=N[,KIND=N]',
+      help='a sweep, one point per --budget: every seed searched once per budget (train_search.py --budget B, '
+           'e.g. params=1M, or params=1M,madds=200M for both), then summary.md and budget_sweep.png: retrain '
+           'accuracy against the target network\'s parameters and multiply-adds')
 
 
 def check_args(p, args):
     """The protocol's own flags in range, each failure one line; args.seed_list."""
-    try:
-        args.seed_list = ([int(s) for s in args.seeds.split(',')] if ',' in args.seeds
-                          else list(range(int(args.seeds))))
-    except ValueError:
-        p.error(f'--seeds {args.seeds!r}: a count or a comma-separated list of integers')
-    if not args.seed_list or len(set(args.seed_list)) != len(args.seed_list) or args.seeds.strip() == '0':
-        p.error('--seeds: at least one seed, none repeated')
+    args.seed_list = seed_list(args.seeds, p)
     for name in ('retrain_epochs', 'retrain_seeds'):
         if getattr(args, name) < 1:
             p.error(f'--{name} must be at least 1')
@@ -137,8 +133,8 @@ def check_args(p, args):
 def plan(p, args, search_flags):
     """What the runs will be: the variants' search flags (each checked by train_search.py's parser), the
     search space the random cells are drawn from, the baselines, and the retrain flags (checked by train.py's)."""
-    owned = OWNED + (('budget',) if args.budgets else ())
-    args.budget_list = _budgets(args.budgets, p) if args.budgets else [None]
+    owned = OWNED + (('budget',) if args.budget else ())
+    args.budget_list = _budgets(args.budget, p) if args.budget else [None]
     for flag in search_flags:
         if flag.startswith('--') and flag[2:].split('=')[0] in owned:
             p.error(f'{flag.split("=")[0]} is set by the protocol (per seed: OUT/search-SEED, --seed SEED)')
@@ -172,16 +168,29 @@ def plan(p, args, search_flags):
     args.retrain_args = _checked(train.parse_args, ['--genotype_file', 'x.json', *args.retrain_flag_list], 'train.py')
 
 
-def _budgets(text, p):
-    """['params=1M', 'params=1M+madds=200M', ...] from --budgets, each checked (budget.parse)."""
-    out = [b.strip() for b in text.split(',') if b.strip()]
-    if not out or len(set(out)) != len(out):
-        p.error('--budgets: at least one budget, none repeated')
+def seed_list(text, p):
+    """[1, 2, 3] from '1,2,3', '1-3' or '1-2,3': every seed once (p.error: one line)."""
+    seeds = []
+    for part in (x.strip() for x in text.split(',')):
+        match = re.fullmatch(r'([0-9]+)(?:-([0-9]+))?', part)
+        if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
+            p.error(f'--seeds {text!r}: seeds as a comma list (1,2,3) or ranges (0-3) of whole numbers')
+        seeds += range(int(match.group(1)), int(match.group(2) or match.group(1)) + 1)
+    if len(set(seeds)) != len(seeds):
+        p.error(f'--seeds {text!r}: a seed is given twice')
+    return seeds
+
+
+def _budgets(texts, p):
+    """['params=1M', 'params=1M,madds=200M', ...] from the --budget flags, each checked (budget.parse)."""
+    out = [b.strip().replace(' ', '') for b in texts]
+    if len(set(out)) != len(out):
+        p.error('--budget: the sweep gives a budget twice')
     for b in out:
         try:
-            budget.parse(b.split('+'))
+            budget.parse([b])
         except budget.BudgetError as e:
-            p.error(f'--budgets: {e}')
+            p.error(str(e))
     return out
 
 
@@ -236,12 +245,12 @@ def _baselines(text, p):
 
 
 def budget_flags(b):
-    return [] if b is None else [f for part in b.split('+') for f in ('--budget', part)]
+    return [] if b is None else ['--budget', b]
 
 
 def run_key(b, seed, variant=None):
     """The run folders' suffix: the seed, after the budget and the variant if any (search-first-params1M-0)."""
-    parts = ([variant] if variant else []) + ([b.replace('=', '').replace('+', '_')] if b else []) + [str(seed)]
+    parts = ([variant] if variant else []) + ([b.replace('=', '').replace(',', '_')] if b else []) + [str(seed)]
     return '-'.join(parts)
 
 
@@ -462,7 +471,7 @@ def open_folder(out, plan, writer):
 def make_plan(args):
     """protocol.json: what the folder holds (a flag the plan does not name is at its old default)."""
     plan = dict(seeds=args.seed_list, search_flags=args.search_flags, retrain_flags=args.retrain_flag_list)
-    if args.budgets:
+    if args.budget:
         plan['budgets'] = args.budget_list
     if args.random:
         plan['random'] = dict(cells=args.random, seed=args.random_seed)
@@ -513,7 +522,7 @@ def protocol(args):
     summary, lines = summarise(out, plan)
     print('\n'.join(lines))
     print(f'protocol: done; {os.path.join(out, "summary.md")}, summary.json, summary.png, comparison.png'
-          + (', budget_sweep.png' if args.budgets else ''))
+          + (', budget_sweep.png' if args.budget else ''))
     return summary
 
 
@@ -535,7 +544,7 @@ def cell_row(out, cell, k):
 
 
 def summarise(out, plan):
-    """summary.json / .md / .png and comparison.png (with --budgets budget_sweep.png) from the run folders."""
+    """summary.json / .md / .png and comparison.png (with --budget budget_sweep.png) from the run folders."""
     k = plan.get('retrain_seeds', 1)
     rows, random_rows, baseline_rows = [], [], []
     for cell in all_cells(out, plan):

@@ -204,3 +204,11 @@ def test_bad_budget_input_is_one_line_and_makes_no_run_folder(cifar_dir, tmp_pat
         r = run_script('train_search.py', '--data', cifar_dir, '--save', run, *TINY, *flags)
         assert_one_line_error(r, *phrases)   # the parser's errors and ours start alike
         assert not os.path.exists(run)
+
+
+def test_one_budget_of_both_kinds_reads_alike_joined_or_repeated_and_a_negative_limit_is_named():
+    from darts.search import budget
+    assert budget.parse(['params=3.3M,madds=600M']) == budget.parse(['params=3.3M', 'madds=600M']) == \
+        {'params': 3.3e6, 'madds': 6e8}
+    with pytest.raises(budget.BudgetError, match='must be a positive number'):
+        budget.parse(['params=-5K'])

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT, run_script
 
-FLAGS = ['--seeds', '2', '--dataset', 'digits', '--image_size', '16', '--init_channels', '4', '--layers', '2',
+FLAGS = ['--seeds', '0,1', '--dataset', 'digits', '--image_size', '16', '--init_channels', '4', '--layers', '2',
          '--nodes', '2', '--batch_size', '16', '--epochs', '1', '--num_workers', '0', '--train_portion', '0.1',
          '--first_order', '--retrain_epochs', '1', '--retrain_layers', '2', '--retrain_init_channels', '4',
          '--retrain_batch_size', '32', '--val_fraction', '0.2', '--retrain_flags', '--drop_path_prob 0']
@@ -107,9 +107,9 @@ def test_a_budget_sweep_searches_each_budget_and_plots_accuracy_against_cost(tmp
     low = budget.cost_table(target, SearchSpace(nodes=2)).cheapest()['params']
     tight, loose = int(low * 1.1), 10 ** 6
     out = str(tmp_path / 'sweep')
-    flags = [f if f != '2' or FLAGS[k - 1] != '--seeds' else '1' for k, f in enumerate(FLAGS)]
-    r = run_script('protocol.py', *flags, '--budgets', f'params={tight},params={loose}', '--target_channels', '4',
-                   '--target_layers', '2', '--save', out)
+    flags = [f if f != '0,1' or FLAGS[k - 1] != '--seeds' else '0' for k, f in enumerate(FLAGS)]
+    r = run_script('protocol.py', *flags, '--budget', f'params={tight}', '--budget', f'params={loose}',
+                   '--target_channels', '4', '--target_layers', '2', '--save', out)
     assert r.returncode == 0, r.stderr
     with open(os.path.join(out, 'summary.json')) as f:
         rows = json.load(f)['runs']
@@ -120,9 +120,10 @@ def test_a_budget_sweep_searches_each_budget_and_plots_accuracy_against_cost(tmp
         assert os.path.isdir(row['search_dir']) and row['search_dir'].endswith(f'search-params{limit}-0')
     assert os.path.getsize(os.path.join(out, 'budget_sweep.png')) > 0
     assert f'| params={tight} | 0' in open(os.path.join(out, 'summary.md')).read()
-    r = run_script('protocol.py', '--budgets', 'params=1M,flops=2', '--save', str(tmp_path / 'bad'))
-    assert r.returncode == 2 and '--budgets' in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = run_script('protocol.py', '--budgets', 'params=1M', '--budget', 'params=2M', '--save', str(tmp_path / 'bad'))
+    r = run_script('protocol.py', '--budget', 'params=1M,flops=2', '--save', str(tmp_path / 'bad'))
+    assert r.returncode == 2 and '--budget' in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run_script('protocol.py', '--budget', 'params=1M', '--variants', 'a=--budget params=2M', '--save',
+                   str(tmp_path / 'bad'))
     assert r.returncode == 2 and 'set by the protocol' in r.stderr, r.stderr
 
 
@@ -157,7 +158,7 @@ def test_matched_draws_land_in_the_window_are_seeded_and_counted_like_the_real_n
                               genotypes.PRIMITIVES, 2, max_draws=300) is None
 
 
-VARIANT_FLAGS = [*[f if f != '2' or FLAGS[k - 1] != '--seeds' else '1' for k, f in enumerate(FLAGS)],
+VARIANT_FLAGS = [*[f if f != '0,1' or FLAGS[k - 1] != '--seeds' else '0' for k, f in enumerate(FLAGS)],
                  '--variants', 'first=;second=--second_order --arch_learning_rate 1e-2']
 
 
@@ -273,7 +274,7 @@ def test_bad_variants_baselines_and_an_unreachable_match_are_one_line(tmp_path, 
     skips = genotypes.Genotype([('skip_connect', 0), ('skip_connect', 1)] * 2, [2, 3],
                                [('skip_connect', 0), ('skip_connect', 1)] * 2, [2, 3])
     monkeypatch.setattr(protocol, 'run_step', lambda what, script, flags, run_dir: _fake_search(run_dir, skips))
-    rc = protocol.main(['--seeds', '1', '--primitives', 'none,skip_connect', '--nodes', '2',
+    rc = protocol.main(['--seeds', '0', '--primitives', 'none,skip_connect', '--nodes', '2',
                         '--dataset', 'digits', '--image_size', '16', '--retrain_layers', '2',
                         '--retrain_init_channels', '4', '--random', '10', '--random_match', 'params',
                         '--save', str(tmp_path / 'unreachable')])
@@ -282,3 +283,21 @@ def test_bad_variants_baselines_and_an_unreachable_match_are_one_line(tmp_path, 
     drawn = [genotypes.load(str(tmp_path / 'unreachable' / f'random-{i}' / 'genotype.json')) for i in range(10)
              if os.path.isfile(tmp_path / 'unreachable' / f'random-{i}' / 'genotype.json')]
     assert 0 < len(drawn) <= 9 and len({genotypes.to_json(g) for g in drawn}) == len(drawn)
+
+
+def test_seeds_name_the_seeds_themselves():
+    import protocol
+
+    class Refused(Exception):
+        pass
+
+    class Parser:
+        def error(self, message):
+            raise Refused(message)
+    p = Parser()
+    assert protocol.seed_list('2', p) == [2]                   # seed 2, not two seeds
+    assert protocol.seed_list('0-3', p) == [0, 1, 2, 3]
+    assert protocol.seed_list('0-1, 7', p) == [0, 1, 7]
+    for bad in ('two', '3-1', '1,1', '0-2,2', ''):
+        with pytest.raises(Refused, match='--seeds'):
+            protocol.seed_list(bad, p)

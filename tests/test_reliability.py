@@ -75,7 +75,7 @@ BAD_INVOCATIONS = [
     ('train.py', '--eval_only', '/nonexistent.npz'), ('train.py', '--predict', 'model-only'),
     ('train.py', '--val_fraction', '2'), ('train.py', '--resume', '/nonexistent'),
     ('train_imagenet.py', '--data', '/nonexistent'), ('visualize.py', 'NOPE'),
-    ('visualize.py', '--run', '/nonexistent'), ('visualize.py',), ('protocol.py', '--seeds', '0'),
+    ('visualize.py', '--run', '/nonexistent'), ('visualize.py',), ('protocol.py', '--seeds', '3-1'),
 ]
 
 

@@ -71,9 +71,10 @@ def test_a_genotype_as_text_or_file_trains_the_network_its_name_does(reference, 
     if form == 'file':
         spec = str(tmp_path / 'g.json')
         genotypes.save(genotypes.DARTS_V2, spec)
-    flags = [f for f in TINY if f not in ('--epochs', '3')]
+    flags = list(TINY)
     flags[flags.index('--arch') + 1] = spec
-    r = run_script('train.py', '--data', cifar_dir, '--save', tmp_path / 'r', *flags, '--epochs', '1')
+    flags[flags.index('--epochs') + 1] = '1'
+    r = run_script('train.py', '--data', cifar_dir, '--save', tmp_path / 'r', *flags)
     assert r.returncode == 0, r.stderr[-2000:]
     first, = history(tmp_path / 'r')
     want = history(reference[0])[0]
@@ -108,8 +109,7 @@ def test_training_writes_tensorboard_events_every_epoch_and_the_confusion_matrix
         assert [(e.step, e.value) for e in events.Scalars(f'epoch/{key}')] == \
             [(r['epoch'], pytest.approx(r[key], rel=1e-6, abs=1e-12)) for r in h]
     assert len(events.Scalars('step/top1')) >= 3
-    best = max(h, key=lambda r: r['val_acc'])['epoch']
-    assert [im.step for im in events.Images('confusion')] == [best]
+    assert [im.step for im in events.Images('confusion')] == [len(h)]   # the epoch delivered: the last
 
 
 

@@ -26,7 +26,7 @@ def reference(cifar_dir, tmp_path_factory):
     import architect
     import train_search
     calls = []
-    real_build = architect.build_search_programs
+    real_build = train_search.build_search_programs
 
     def counting_build(cfg):
         progs = real_build(cfg)
@@ -35,11 +35,11 @@ def reference(cifar_dir, tmp_path_factory):
         return progs
 
     run_dir = str(tmp_path_factory.mktemp('search') / 'ref')
-    architect.build_search_programs = counting_build
+    train_search.build_search_programs = counting_build
     try:
         assert train_search.main(['--data', cifar_dir, '--save', run_dir, '--report_freq', '2', *TINY]) == 0
     finally:
-        architect.build_search_programs = real_build
+        train_search.build_search_programs = real_build
     return run_dir, calls
 
 
@@ -104,9 +104,9 @@ def test_visualize_draws_every_picture_of_the_search(reference, tmp_path):
     from conftest import draw_run_pictures
     run_dir, _ = reference
     pictures = draw_run_pictures(run_dir, tmp_path)
-    assert list(pictures) == ['cells.gif', 'curves.png', 'collapse.png']
+    assert list(pictures) == ['genotype_normal.png', 'genotype_reduce.png', 'cells.gif', 'curves.png', 'collapse.png']
     assert pictures['cells.gif'].n_frames == len(history(run_dir)) == 3
-    assert pictures['collapse.png'].width == 2 * 520   # op counts and entropy (no Hessian measured)
+    assert pictures['collapse.png'].width <= 1000   # readable at a README's width
 
 def _stop_when(cmd, ready, sig=signal.SIGKILL):
     """Start a search, send it sig once ready(stdout so far) holds; (everything it printed, its

@@ -47,15 +47,16 @@ class BudgetError(UserError):
 
 
 def parse(texts):
-    """{'params': 3.3e6, ...} from ['params=3.3M', 'madds=600M'] (K, M, G suffixes)."""
+    """{'params': 3.3e6, ...} from ['params=3.3M', 'madds=600M'] or ['params=3.3M,madds=600M'] (K, M, G
+    suffixes): one budget, of one kind or both."""
     out = {}
-    for text in texts or []:
+    for text in (part for t in texts or [] for part in t.split(',')):
         kind, sep, number = text.partition('=')
         kind = kind.strip()
         if not sep or kind not in KINDS:
             raise BudgetError(f'--budget {text!r}: expected KIND=NUMBER with KIND one of {", ".join(KINDS)} '
                               f'(e.g. params=3.3M, madds=600M)')
-        match = re.fullmatch(r'([0-9]*\.?[0-9]+(?:E[+-]?[0-9]+)?)([KMG]?)', number.strip().upper())
+        match = re.fullmatch(r'([+-]?[0-9]*\.?[0-9]+(?:E[+-]?[0-9]+)?)([KMG]?)', number.strip().upper())
         if not match:
             raise BudgetError(f'--budget {text!r}: {number.strip()!r} is not a number (suffixes: K, M, G)')
         limit = float(match.group(1)) * SUFFIX[match.group(2)]
@@ -396,7 +397,7 @@ def add_arguments(p):
     b = p.add_argument_group('search under a budget (darts/search/budget.py; costs are the target network\'s, the '
                              'one train.py or train_imagenet.py will train)')
     b.add_argument('--budget', action='append', default=None, metavar='KIND=N',
-                   help='params=3.3M and/or madds=600M (K, M, G suffixes; repeat for both): a penalty on the '
+                   help='params=3.3M, madds=600M or both, params=3.3M,madds=600M (K, M, G suffixes): a penalty on the '
                         'expected cost in the alpha loss, and genotype.json the derived cell made to fit '
                         '(genotype_unbudgeted.json: the plain one); default: no budget')
     b.add_argument('--budget_weight', type=float, default=1.0, metavar='LAMBDA',
