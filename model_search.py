@@ -70,20 +70,21 @@ class SearchSpace:
         return shapes
 
     def check(self, init_channels=None):
-        """Raise SearchSpaceError (one line) unless every op is registered and the settings fit."""
+        """Raise SearchSpaceError (one line, naming the flag that sets what is wrong) unless every op
+        is registered and the settings fit."""
         if not self.ops:
-            raise SearchSpaceError('the op list is empty')
+            raise SearchSpaceError('--primitives: the op list is empty')
         if len(set(self.ops)) != len(self.ops):
-            raise SearchSpaceError(f'an op is listed twice: {",".join(self.ops)}')
+            raise SearchSpaceError(f'--primitives: an op is listed twice: {",".join(self.ops)}')
         for op in self.ops:
             try:
                 lookup(op)
             except KeyError as e:
-                raise SearchSpaceError(e.args[0]) from None
+                raise SearchSpaceError(f'--primitives: {e.args[0]}') from None
         if all(lookup(op).zero for op in self.ops):
-            raise SearchSpaceError('the op list needs an op other than none')
+            raise SearchSpaceError('--primitives: the op list needs an op other than none')
         if self.nodes < 1:
-            raise SearchSpaceError('a cell needs at least 1 intermediate node')
+            raise SearchSpaceError('--nodes: a cell needs at least 1 intermediate node')
         k = self.partial_channels
         if k < 1:
             raise SearchSpaceError('--partial_channels must be at least 1')

@@ -398,7 +398,7 @@ def search_space(args):
     try:
         space.check(args.init_channels)
     except SearchSpaceError as e:
-        raise UserError(f'--primitives/--nodes/--partial_channels: {e}') from None
+        raise UserError(str(e)) from None
     if args.max_skip is not None and guards.SKIP in ops and not any(
             op != guards.SKIP and not lookup(op).zero for op in ops):
         raise UserError(f'--max_skip needs an op other than {guards.SKIP} and none in --primitives')

@@ -196,10 +196,12 @@ def test_derivation_and_evaluation_network_with_other_node_counts(dygraph, nodes
 
 
 @pytest.mark.parametrize('flags, message', [
-    (['--primitives', 'none,conv_9x9'], "unknown operation 'conv_9x9'; registered: none, max_pool_3x3"),
+    (['--primitives', 'none,conv_9x9'], "error: --primitives: unknown operation 'conv_9x9'; registered: none, "
+                                        "max_pool_3x3"),   # the one flag to blame
     (['--layers', '1'], '--layers must be at least 2'),
     (['--partial_channels', '3', '--init_channels', '8'], 'multiple of --partial_channels 3'),
-    (['--primitives', 'none'], 'other than none'),
+    (['--primitives', 'none'], 'error: --primitives: the op list needs an op other than none'),
+    (['--nodes', '0'], '--nodes must be at least 1'),
 ])
 def test_train_search_refuses_bad_search_spaces_in_one_line(tmp_path, flags, message):
     run = tmp_path / 'run'
