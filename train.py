@@ -1,9 +1,9 @@
 """Train a genotype from scratch and report its test accuracy: CIFAR-10, the embedded
 digits, MNIST / Fashion-MNIST, or your own images (class folders or a CSV file).
 
-    python train.py --arch DARTS_PADDLE --data ./data           # paper settings: C=36, 20 cells, 600 epochs
-    python train.py --genotype_file runs/demo/genotype.json --dataset digits --epochs 5 --layers 6 --init_channels 8
-    python train.py --genotype_file runs/parts/genotype.json --dataset folder --data ./parts --epochs 50
+    python train.py --arch DARTS_V2 --data ./data           # the paper's settings: C=36, 20 cells, 600 epochs
+    python train.py --arch runs/demo/genotype.json --dataset digits --image_size 16 --epochs 5 --layers 6
+    python train.py --arch runs/parts/genotype.json --dataset folder --data ./parts --epochs 50
     python train.py --eval_only runs/eval-X/best.npz
     python train.py --predict runs/eval-X/inference/model a.png b.jpg     # path, class name, probability
     python train.py --predict runs/eval-X/inference/model.onnx a.png      # the same, by ONNX Runtime
@@ -12,8 +12,10 @@ Writes RUN_DIR/{args.json, data.json, log.txt, checkpoint.npz, best.npz, history
 confusion.json, result.json, inference/{model.json, model.pdiparams, model.onnx, preprocess.json}}.
 With --val_fraction F the run trains on the rest of the training images and is evaluated on those F
 (a validation split for choosing between cells, as protocol.py does); the test set is then left alone.
-A folder whose run stopped before its first checkpoint is continued by --resume from the beginning,
-with its saved flags.
+Nothing is chosen on the test split: without --val_fraction, best.npz is the last epoch and its test
+top-1 the headline; with it, the best validation epoch.  --arch takes a name, a genotype JSON file or
+the Genotype(...) text a search log prints.  A folder whose run stopped before its first checkpoint is
+continued by --resume from the beginning, with its saved flags.
 """
 
 from darts import process

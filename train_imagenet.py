@@ -1,6 +1,7 @@
 """Train a genotype from scratch on ImageNet (mobile setting) and report top-1/top-5.
 
-    python train_imagenet.py --arch DARTS_PADDLE --data /data/imagenet
+    python train_imagenet.py --arch DARTS_V2 --data /data/imagenet
+    python train_imagenet.py --config configs/train-imagenet.yaml --data /data/imagenet
 
 --data holds train/<class>/<images> and val/<class>/<images>, or train_list.txt and
 val_list.txt with lines `relative/path label`.  Images are decoded and augmented by

@@ -1,13 +1,13 @@
 """DARTS architecture search (second order by default) on CIFAR-10, the embedded digits,
 MNIST / Fashion-MNIST, or your own images (class folders or a CSV file).
 
-    python train_search.py --data ./data                               # CIFAR-10, paper settings
-    python train_search.py --dataset digits --epochs 5                 # small offline demo
+    python train_search.py --data ./data                   # CIFAR-10, the paper's settings (C=16, 8 cells, 50 epochs)
+    python train_search.py --config configs/demo.yaml      # the README's 1.5-minute demo on the embedded digits
     python train_search.py --dataset folder --data ./parts --image_size 64
 
 The search uses the training data only (its two halves: search-train and search-val);
 the test split is never seen.  Writes RUN_DIR/{args.json, data.json (class names),
-log.txt, checkpoint.npz, genotype.json, history.jsonl, result.json at the end}, and with --max_skip
+log.txt, checkpoint.npz, genotype.json, history.jsonl, result.json and the pictures at the end}, and with --max_skip
 genotype_raw.json, with --budget genotype_unbudgeted.json (genotype.json is then the cell made to
 fit), with --early_stop early_stop.json once it stops.  A folder whose run
 stopped before its first checkpoint is continued by --resume from the beginning.
