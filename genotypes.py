@@ -222,7 +222,6 @@ def save(genotype, path, space=None, costs=None):
 # ---------------------------------------------------------------- a genotype given on the command line
 
 _TEXT_START = re.compile(r'Genotype\s*\(')
-_LOG_PREFIX = re.compile(r'genotype(\s*\([^()=]*\))?\s*=\s*')   # 'genotype = ', 'genotype (unlimited) = '
 _LONGEST_RANGE = 64          # range(a, b) in a concat: a few node indices, never a huge list
 _WHAT = {ast.Call: 'a call', ast.Attribute: 'an attribute access', ast.Name: 'a name', ast.Lambda: 'a lambda',
          ast.Subscript: 'a subscript', ast.Starred: 'a starred expression', ast.Dict: 'a dict', ast.Set: 'a set',
@@ -242,7 +241,7 @@ def _kind(spec):
     if spec in NAMED:
         return 'name'
     s = spec.strip()
-    if _TEXT_START.match(s) or _LOG_PREFIX.match(s):
+    if _TEXT_START.search(s) and not os.path.isfile(spec):
         return 'text'
     if os.path.isfile(spec):
         return 'file'
@@ -313,15 +312,14 @@ def _genotype_fields(tree):
 def parse_text(text, check_ops=True):
     """The genotype in text as the search log prints it, `Genotype(normal=[('sep_conv_3x3', 0), ...],
     normal_concat=range(2, 6), reduce=[...], reduce_concat=[2, 3, 4, 5])`, optionally after
-    'genotype = '.  The text is parsed, never evaluated: only that one call, lists, tuples, strings,
+    'genotype = ', 'Best Genotype = ' or a log line's time (from the first 'Genotype(' on; pt.darts' one
+    list per node is flattened).  The text is parsed, never evaluated: only that one call, lists, tuples, strings,
     integers and range(a, b) are admitted; anything else is a one-line GenotypeError saying what was
     refused.  Then checked as `load` checks a file (concat lists are lists; check_ops as there)."""
     if not isinstance(text, str):
         raise GenotypeError(f'genotype text must be a string, got {type(text).__name__}')
-    source = text.strip()
-    prefix = _LOG_PREFIX.match(source)
-    if prefix:
-        source = source[prefix.end():]
+    start = _TEXT_START.search(text)   # what a log line has before it ('genotype = ', 'Best Genotype = ', a time)
+    source = text[start.start():].strip() if start else text.strip()
     try:
         tree = ast.parse(source, mode='eval')
     except (SyntaxError, ValueError) as e:     # ValueError: a null byte
@@ -334,6 +332,11 @@ def parse_text(text, check_ops=True):
         segment = ast.get_source_segment(source, r.node) or ''
         at = f'`{_short(segment)}` at line {r.node.lineno}, column {r.node.col_offset + 1}'
         raise GenotypeError(f'genotype text: refused {r.what}, {at}; {_ONLY}') from None
+    for cell in ('normal', 'reduce'):   # pt.darts prints a cell as one list of (op, input) pairs per node
+        pairs = fields.get(cell)
+        if isinstance(pairs, list) and pairs and all(isinstance(node, list) and node and
+                                                     all(isinstance(p, list) for p in node) for node in pairs):
+            fields[cell] = [p for node in pairs for p in node]
     try:
         return from_dict(fields, check_ops)
     except GenotypeError as e:

@@ -13,21 +13,19 @@ with Pillow; the curves and the confusion matrix are drawn with matplotlib (head
 """
 import io
 import json
+import logging
 import os
 import shutil
 import sys
 
 import numpy as np
 
-from darts import process
-
-process.prepare()   # first: Paddle's logging quiet, malloc tuned, before paddle is imported
-
 import genotypes
-from darts import files
+from darts import files, process
 from darts.cli import ArgumentParser
 from darts.errors import UserError
 from darts.lifecycle import run_main
+from darts.search.guards import MOVED_MIN
 
 CELLS = ('normal', 'reduce')
 
@@ -101,7 +99,6 @@ def figure_class():
     (paddle/distributed/utils/log_utils.py get_logger, from paddle.distributed.auto_parallel), so the
     INFO line matplotlib logs when it first builds its font cache ('generated new fontManager') would
     be printed: its logger is set to WARNING first."""
-    import logging
     logging.getLogger('matplotlib').setLevel(logging.WARNING)
     import matplotlib
     matplotlib.use('Agg')
@@ -325,7 +322,6 @@ def collapse_panels(history):
     uniform (guards.distance_from_uniform: normal, reduce, and their mean, the figure the search's last
     line prints), from 0, with the guards' MOVED_MIN below which it warns; the Hessian eigenvalue
     where it was measured."""
-    from darts.search.guards import MOVED_MIN
     epochs = [r['epoch'] for r in history]
     values = lambda key: [r.get(key) for r in history]  # noqa: E731
     free = dict(marker='o', markersize=9, markerfacecolor='none', markeredgewidth=1.5, linewidth=5, alpha=0.35)
@@ -554,6 +550,7 @@ def draw_run(run_dir, out=None):
 
 
 def main(argv=None):
+    process.prepare()   # first: Paddle's logging quiet, malloc tuned, before checking op names imports paddle
     return run_main(visualize, argv, parse_args)
 
 

@@ -182,3 +182,13 @@ def test_an_unknown_spec_names_the_three_forms(tmp_path):
     with pytest.raises(genotypes.GenotypeError, match='not JSON'):     # an existing file is read as one
         (tmp_path / 'g.txt').write_text('Genotype')
         genotypes.resolve(str(tmp_path / 'g.txt'))
+
+
+def test_the_pytorch_codes_printed_genotypes_are_read_as_they_are_printed():
+    """quark0/darts prints flat pairs after 'genotype = '; pt.darts one list per node, after
+    'Best Genotype = ' on a timestamped log line: both read as the same cell."""
+    g = genotypes.DARTS_V2
+    nested = lambda pairs: '[' + ', '.join(f'[{pairs[i]!r}, {pairs[i + 1]!r}]' for i in range(0, len(pairs), 2)) + ']'  # noqa: E731
+    pt_darts = (f"12/06 09:41:02 PM Best Genotype = Genotype(normal={nested(g.normal)}, normal_concat=range(2, 6), "
+                f"reduce={nested(g.reduce)}, reduce_concat=range(2, 6))")
+    assert genotypes.resolve(pt_darts) == genotypes.resolve('genotype = ' + str(g)) == g
