@@ -247,8 +247,9 @@ class Search(loop.RunLoop):
         write_genotypes(run, record, self.space, args)
         self.saved = record
         write_events(self.events, record, self.space)
-        previous = final_genotype(self.history[-2]) if len(self.history) > 1 else None
-        for line in epoch_lines(record, genotype, raw, args, len(ops), genotypes.to_dict(genotype) != previous):
+        changed = len(self.history) < 2 or not guards.same_cells(final_genotype(self.history[-2]),
+                                                                 genotypes.to_dict(genotype))
+        for line in epoch_lines(record, genotype, raw, args, len(ops), changed):
             run.log(line)
         if stop:
             self.early_stop.save(run, stop, None)

@@ -71,6 +71,11 @@ def _cell_sets(d):
     return [[frozenset(map(tuple, d[k][2 * i:2 * i + 2])) for i in range(len(d[k]) // 2)] for k in ('normal', 'reduce')]
 
 
+def same_cells(a, b):
+    """Whether two genotype dicts are the same cells (each node's pairs in any order)."""
+    return _cell_sets(a) == _cell_sets(b)
+
+
 def stable_epochs(history):
     """How many of the last epochs derived the same cell as the last one (1: it changed in the last)."""
     last, n = _cell_sets(history[-1]['genotype']), 0
