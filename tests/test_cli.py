@@ -14,7 +14,7 @@ def parsers():
     import visualize
     from darts import cli
     captured, building = {}, []
-    real = cli.ArgumentParser.parse_args
+    real, real_known = cli.ArgumentParser.parse_args, cli.ArgumentParser.parse_known_args
 
     def capture(self, *a, **k):   # the parser itself, as each script builds it
         captured[building[-1]] = self
@@ -27,8 +27,7 @@ def parsers():
             with pytest.raises(SystemExit):
                 module.parse_args([])
         finally:
-            cli.ArgumentParser.parse_args = real
-            del cli.ArgumentParser.parse_known_args
+            cli.ArgumentParser.parse_args, cli.ArgumentParser.parse_known_args = real, real_known
     return captured
 
 
@@ -51,12 +50,25 @@ def test_every_flag_of_every_script_shows_its_default_in_help():
     assert not missing, missing
 
 
+def in_process(script, argv, capsys):
+    """(exit status, stderr lines) of script's main(argv), run in this process."""
+    import importlib
+    module = importlib.import_module(script[:-3])
+    try:
+        rc = module.main([str(a) for a in argv])
+    except SystemExit as e:   # the parser's own exit
+        rc = e.code
+    return rc, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
 @pytest.mark.parametrize('script, flags', [
     ('train_search.py', ['--epoch', '0']), ('train.py', ['--epoch', '0']),
     ('train_imagenet.py', ['--epoch', '0']), ('visualize.py', ['DARTS_V2', '--form', 'svg'])])
-def test_abbreviated_flags_are_refused_with_the_one_error_prefix(script, flags, tmp_path):
-    r = run_script(script, *flags, '--save', tmp_path / 'r') if script != 'visualize.py' else run_script(script, *flags)
-    assert_one_line_error(r, f'unrecognized arguments: {flags[-2]}', 'see ' + script + ' --help')
+def test_abbreviated_flags_are_refused_with_the_one_error_prefix(script, flags, tmp_path, capsys):
+    save = ['--save', tmp_path / 'r'] if script != 'visualize.py' else []
+    rc, err = in_process(script, [*flags, *save], capsys)
+    assert rc == 2 and len(err) == 1 and err[0].startswith('error: unrecognized arguments: ' + flags[-2]), err
+    assert err[0].endswith(f'(see {script} --help)') or 'see' in err[0]
     assert not (tmp_path / 'r').exists()
 
 
@@ -97,9 +109,14 @@ def test_a_runs_args_json_works_as_a_config(tmp_path):
     ('- a\n- b\n', 'expected a mapping'),
     ('a: [\n', 'not YAML'),
     ('first_order: maybe\n', 'expected true or false')])
-def test_a_bad_config_is_one_line(tmp_path, text, phrase):
+def test_a_bad_config_is_one_line(tmp_path, text, phrase, capsys):
     path = tmp_path / 'c.yaml'
     path.write_text(text)
-    r = run_script('train_search.py', '--config', path, '--save', tmp_path / 'r')
-    assert_one_line_error(r, phrase)
+    rc, err = in_process('train_search.py', ['--config', path, '--save', tmp_path / 'r'], capsys)
+    assert rc == 2 and len(err) == 1 and err[0].startswith('error: --config') and phrase in err[0], err
     assert not (tmp_path / 'r').exists()
+
+
+def test_the_one_error_prefix_in_a_subprocess_too(tmp_path):
+    r = run_script('train.py', '--epoch', '0', '--save', tmp_path / 'r')
+    assert_one_line_error(r, 'unrecognized arguments: --epoch', 'see train.py --help')
