@@ -262,7 +262,8 @@ def _checked(parse, flags, script):
             return parse(flags)
     except SystemExit:
         message = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else 'bad flags'
-        print(f'protocol.py: {script} flags: {message.split("error: ", 1)[-1]}', file=sys.stderr)
+        message = re.sub(r' \(see \S+ --help\)$', '', message.split('error: ', 1)[-1])
+        print(f'error: {script} flags: {message} (see {script.split()[0]} --help)', file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -265,7 +265,7 @@ def test_bad_variants_baselines_and_an_unreachable_match_are_one_line(tmp_path, 
                       (['--retrain_seeds', '0'], '--retrain_seeds must be at least 1')):
         r = run_script('protocol.py', *bad, '--save', str(tmp_path / 'p'))
         lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and says in lines[0] and lines[0].startswith('protocol.py: '), \
+        assert r.returncode == 2 and len(lines) == 1 and says in lines[0] and lines[0].startswith('error: '), \
             r.stderr
         assert not os.path.exists(tmp_path / 'p')
     # a space of 9 cells (skips only, 2 nodes): a tenth cell unlike the others cannot be drawn
