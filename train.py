@@ -37,8 +37,9 @@ def parse_args(argv=None):
                    help='side of the cutout square (0: no cutout; default: half the image side, the paper\'s 16 '
                         'at 32 px)')
     p.add_argument('--val_fraction', type=float, default=0.0, metavar='F',
-                   help='evaluate on a stratified hold-out of F of the training images instead of the test set '
-                        '(0: test set)')
+                   help='evaluate on a stratified hold-out of F of the training images instead of the test set, '
+                        'and keep its best epoch (0: the test set, and the last epoch is kept: nothing is chosen '
+                        'on it)')
     cli.add_run_arguments(p, 'eval', seed=0)
     args = p.parse_args(argv)
     cli.check_at_least(p, args, ('epochs', 'batch_size', 'init_channels', 'layers', 'report_freq'))
