@@ -202,8 +202,12 @@ def test_a_guarded_search_records_diagnostics_and_stops_early(tmp_path):
     assert 'collapse watch: normal cell' in r.stdout and 'early stop' in r.stdout
     r = run_script('visualize.py', '--run', run)
     assert r.returncode == 0, r.stderr
+    import visualize
     from PIL import Image
-    assert Image.open(os.path.join(run, 'collapse.png')).width == 3 * 520          # counts, entropy, eigenvalue
+    history = visualize.read_history(run)
+    assert [p[0] for p in visualize.collapse_panels(history)][-1] == 'Hessian eigenvalue'   # measured: drawn
+    picture = Image.open(os.path.join(run, 'collapse.png'))
+    assert picture.width <= 1000 and picture.height > 2 * 300     # four panels, two to a row
     # a stopped search is not continued by --resume ...
     r = run_script('train_search.py', '--resume', run)
     assert r.returncode == 0 and 'stopped early at epoch 3' in r.stdout, r.stdout + r.stderr
