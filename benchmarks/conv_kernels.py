@@ -54,6 +54,8 @@ DEPTHWISE = [
     ('paper dil_conv_5x5 16px', 96, 72, 16, 5, 1, 2),
     ('paper sep_conv_3x3 8px', 96, 144, 8, 3, 1, 1),
     ('paper sep_conv_3x3 stride 2', 96, 72, 16, 3, 2, 1),
+    ('paper reduction 1 sep_conv_3x3 s2', 96, 72, 32, 3, 2, 1),
+    ('paper reduction 2 dil_conv_5x5 s2', 96, 144, 16, 5, 2, 2),
 ]
 
 # register-tile candidates for --sweep_tiles (pointwise rows x vectors, depthwise rows): AVX2 has 16 ymm
