@@ -198,7 +198,7 @@ bool register_path(const Geometry& g) { return g.s == 1 && (g.k == 3 || g.k == 5
 
 // Stride s > 1 with a 3x3 or 5x5 filter (the reduction cells' first depthwise convolutions): the
 // stride-1 convolution's outputs at every s-th row and column, so the register path does it at
-// s*s times the work and is still faster than the per-tap loop (1.4-2.6x at stride 2, measured),
+// s*s times the work and is still faster than the per-tap loop (1.3-2.6x at stride 2, measured),
 // except for the 3x3 forward, which stays on the plain loop.  The backward is the stride-1
 // backward of dout spread onto the stride-1 grid (zeros between).
 bool strided_register_path(const Geometry& g) { return g.s > 1 && (g.k == 3 || g.k == 5); }
