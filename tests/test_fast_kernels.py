@@ -1,5 +1,6 @@
 """The compiled depthwise and pointwise convolutions against Paddle's kernels, and their fallback."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -31,10 +32,15 @@ def compiled():
 # networks use with their 'same' padding (None), batch 1, channel counts that are not a multiple of
 # the vector width, odd and even sizes, row counts that are not a multiple of the 4-row block;
 # and at stride 1, no padding and more padding than the filter reach (the grad input then crops)
+# the last row: the networks' shapes (the paper's C=36 network: 36 channels at 32 px, 144 at 8 px; the
+# search's edges stacked along the channels) and sizes off the 16-float vector (17, 33 columns: a
+# masked tail with 8- and 16-float vectors), rows off an 8-row block
 CASES = [(n, c, s, k, st, d, None) for k in (3, 5) for st in (1, 2) for d in (1, 2)
          for n, c, s in ((1, 3, 7), (2, 17, 8))] + [
     (3, 1, 9, 3, 1, 1, None), (2, 40, 16, 5, 2, 1, None), (2, 5, 13, 5, 1, 2, None), (1, 2, 32, 3, 1, 1, None),
-    (2, 3, 10, 3, 1, 1, 0), (2, 3, 10, 5, 1, 2, 0), (2, 3, 9, 3, 1, 1, 3), (1, 2, 6, 5, 1, 1, 5)]
+    (2, 3, 10, 3, 1, 1, 0), (2, 3, 10, 5, 1, 2, 0), (2, 3, 9, 3, 1, 1, 3), (1, 2, 6, 5, 1, 1, 5),
+    (2, 36, 32, 3, 1, 1, None), (1, 144, 8, 5, 1, 2, None), (1, 19, 33, 3, 1, 1, None), (1, 7, 17, 5, 2, 2, None),
+    (2, 9, 17, 5, 1, 1, None), (1, 3, 33, 3, 1, 2, None)]
 
 
 def assert_same_output_and_gradients(out, ref, x, w, rng):
@@ -51,6 +57,10 @@ def assert_same_output_and_gradients(out, ref, x, w, rng):
 @pytest.mark.parametrize('n,c,size,k,stride,dilation,padding', CASES)
 def test_forward_and_both_gradients_equal_paddles_kernel(dygraph, compiled, n, c, size, k, stride, dilation,
                                                           padding):
+    check_depthwise(compiled, n, c, size, k, stride, dilation, padding)
+
+
+def check_depthwise(compiled, n, c, size, k, stride, dilation, padding):
     if padding is None:
         padding = dilation * (k - 1) // 2     # 'same' padding, as sep_conv and dil_conv use
     rng = np.random.default_rng(n * 1000 + c + k)
@@ -63,21 +73,111 @@ def test_forward_and_both_gradients_equal_paddles_kernel(dygraph, compiled, n, c
 
 # (batch, c_in, c_out, size, stride, groups): the cells' 1x1 convolutions (preprocess, sep / dil conv
 # pointwise, factorized reduce at stride 2 on even and odd sizes), grouped as the search's stacked
-# copies are; channel and column counts that are not a multiple of the 6 x 16 block, batch 1, a 1x1 plane
+# copies are; channel and column counts that are not a multiple of any ISA's block (6 x 16 with AVX2,
+# 12 x 32 with AVX-512, 4 x 4 scalar), batch 1, a 1x1 plane; the last row: the paper's network at 32 and
+# 8 px (36 and 144 channels), and 17 x 17 / 31 x 31 planes (tails of 8- and 16-float vectors)
 POINTWISE_CASES = [(2, 5, 7, 5, 1, 1), (1, 36, 36, 8, 1, 1), (3, 17, 40, 7, 1, 1), (2, 64, 13, 4, 1, 1),
                    (2, 12, 8, 6, 2, 1), (2, 9, 6, 7, 2, 1), (2, 12, 18, 5, 1, 3), (2, 8, 12, 9, 2, 4),
-                   (4, 3, 2, 1, 1, 1), (1, 200, 3, 3, 1, 1)]
+                   (4, 3, 2, 1, 1, 1), (1, 200, 3, 3, 1, 1),
+                   (2, 36, 36, 32, 1, 1), (1, 144, 144, 8, 1, 1), (2, 33, 29, 17, 1, 1), (1, 26, 14, 31, 2, 2)]
 
 
 @pytest.mark.parametrize('n,c_in,c_out,size,stride,groups', POINTWISE_CASES)
 def test_pointwise_forward_and_both_gradients_equal_paddles_kernel(dygraph, compiled, n, c_in, c_out, size, stride,
                                                                     groups):
+    check_pointwise(compiled, n, c_in, c_out, size, stride, groups)
+
+
+def check_pointwise(compiled, n, c_in, c_out, size, stride, groups):
     rng = np.random.default_rng(n * 1000 + c_in + c_out + size)
     x = paddle.to_tensor(rng.standard_normal((n, c_in, size, size)).astype('float32'), stop_gradient=False)
     w = paddle.to_tensor(rng.standard_normal((c_out, c_in // groups, 1, 1)).astype('float32'), stop_gradient=False)
     ref = F.conv2d(x, w, stride=stride, groups=groups)
     out = compiled.darts_pointwise_conv2d(x, w, stride, groups)
     assert_same_output_and_gradients(out, ref, x, w, rng)
+
+
+# Every case above on one ISA's build, in a fresh process (one build is loaded per process): prints the
+# status line, then one line per failed case
+EVERY_CASE = """
+import sys
+import numpy as np, paddle
+import test_fast_kernels as t
+from darts import kernels
+print(kernels.status())
+m = kernels.module()
+paddle.disable_static()
+for case in t.CASES:
+    try:
+        t.check_depthwise(m, *case)
+    except AssertionError as e:
+        print('depthwise', case, str(e).strip().splitlines()[0])
+for case in t.POINTWISE_CASES:
+    try:
+        t.check_pointwise(m, *case)
+    except AssertionError as e:
+        print('pointwise', case, str(e).strip().splitlines()[0])
+"""
+
+
+@pytest.mark.parametrize('isa', kernels.ISAS)
+def test_every_isa_this_cpu_runs_equals_paddles_kernel_on_every_case(tmp_path, isa):
+    """DARTS_KERNEL_ISA=avx512 / avx2 / scalar: each build this CPU runs (16, 8 and 1 floats; avx512 is
+    skipped without avx512f) gives Paddle's forward and both gradients on every depthwise and pointwise case."""
+    if isa not in kernels.host_isas():
+        pytest.skip(f'this CPU has no {isa}')
+    r = subprocess.run([sys.executable, '-c', EVERY_CASE], capture_output=True, text=True,
+                       cwd=os.path.join(ROOT, 'tests'), env=dict(os.environ, DARTS_KERNEL_ISA=isa,
+                                                                 PYTHONPATH=ROOT), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    width = kernels.WIDTH[isa]
+    assert lines[0].startswith(f'compiled, {isa}, {width} float'), lines[0]
+    assert lines[1:] == []
+
+
+def test_the_isa_is_the_widest_the_cpu_has_unless_asked_and_keys_the_cache(monkeypatch):
+    monkeypatch.setattr(kernels, 'host_isas', lambda: ['avx2', 'scalar'])
+    monkeypatch.delenv('DARTS_KERNEL_ISA', raising=False)
+    monkeypatch.delenv('DARTS_KERNEL_DEFINES', raising=False)
+    isa, flags, note = kernels.build_flags()
+    assert (isa, note) == ('avx2', '') and '-mno-avx512f' in flags and '-march=native' in flags
+    default_dir = kernels.cache_dir()
+    monkeypatch.setenv('DARTS_KERNEL_ISA', 'scalar')
+    isa, flags, note = kernels.build_flags()
+    assert (isa, note) == ('scalar', '') and '-DDARTS_SCALAR' in flags
+    assert kernels.cache_dir() != default_dir
+    monkeypatch.setenv('DARTS_KERNEL_ISA', 'AVX512')   # more than this CPU has: the widest it has, and why
+    assert kernels.build_flags()[0::2] == ('avx2', 'DARTS_KERNEL_ISA=avx512: this CPU has no avx512')
+    monkeypatch.setenv('DARTS_KERNEL_ISA', 'sse')
+    assert kernels.build_flags()[0::2] == ('avx2', "DARTS_KERNEL_ISA='sse' is not one of avx512, avx2, scalar")
+    monkeypatch.setenv('DARTS_KERNEL_ISA', 'avx2')
+    assert kernels.cache_dir() == default_dir
+    monkeypatch.setenv('DARTS_KERNEL_DEFINES', '-DDARTS_PW_MR=4 -O0')   # -D flags only
+    assert kernels.build_flags()[1][-2:] == ['-DDARTS_PW_MR=4', '-DDARTS_EXPECT_WIDTH=8']
+    assert kernels.cache_dir() != default_dir
+
+
+def _compiler_accepts(flags):
+    compiler = os.environ.get('CXX', 'c++')
+    if shutil.which(compiler) is None:
+        return False
+    r = subprocess.run([compiler, *flags, '-x', 'c++', '-E', '-o', os.devnull, os.devnull], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('isa,flags', [('avx512', ['-O3', '-march=skylake-avx512']),
+                                       ('avx2', ['-O3', '-march=haswell']), ('scalar', ['-O3', '-march=x86-64'])])
+def test_every_isa_compiles_whatever_this_cpu_runs(tmp_path, isa, flags):
+    """The AVX-512 path (and the others) compiles for a CPU that has it, on any host: common.h's static
+    assertion fails the compile unless the flags give the ISA's vector width."""
+    if not _compiler_accepts(flags):
+        pytest.skip(f'the compiler does not take {flags}')
+    ok, message = kernels.compile_only(isa, flags, str(tmp_path))
+    assert ok, message
+    ok, message = kernels.compile_only('avx2' if isa == 'avx512' else 'avx512', flags, str(tmp_path))
+    assert not ok and 'vector width' in message
 
 
 THREAD_SPLIT = """

@@ -12,11 +12,14 @@
 //
 // Stride 1 with a 3x3 or 5x5 filter (every depthwise convolution of the DARTS cells) takes
 // the register path: the plane is first copied into a zero-padded buffer, so no tap needs a
-// bounds check, and each block of 4 output rows x 8 columns is summed over all k*k taps in
-// registers before it is stored once.  At stride 1 the grad input is the same correlation:
+// bounds check, and each block of DW_ROWS output rows x one vector of columns (common.h: 4 x 8
+// with AVX2, 8 x 16 with AVX-512, 4 x 1 scalar) is summed over all k*k taps in registers
+// before it is stored once, its last columns by a masked store.  At stride 1 the grad input is the same correlation:
 // dout padded by d*(k-1) - p, with the filter rotated by 180 degrees.  The grad weight keeps
-// k accumulators per filter row over the whole plane.  Other strides and filter sizes take
-// the plain path: for each tap, the valid output columns of each row, accumulated in memory.
+// k accumulators per filter row over the whole plane.  Stride 2 with those filters (but the 3x3
+// forward) takes the register path at stride 1 and keeps every second output (its backward: dout
+// spread onto the stride-1 grid).  Other filter sizes take the plain path: for each tap, the valid output
+// columns of each row, accumulated in memory.
 #include <algorithm>
 #include <vector>
 
@@ -70,13 +73,11 @@ void check(const paddle::Tensor& x, const paddle::Tensor& w) {
 
 // ---- the register path (stride 1, k = 3 or 5) ----
 
-using darts::v8;
-using darts::load8;
-using darts::store8;
-using darts::splat;
+using darts::vec;
 using darts::scratch;
-inline double hsum(v8 v) { double s = 0; for (int i = 0; i < 8; ++i) s += v[i]; return s; }
-inline int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
+using darts::W;
+using darts::round_up;
+constexpr int ROWS = darts::DW_ROWS;   // output rows per register block
 
 // dst[r, col] (rows x cols, row stride cols) = src[r - off, col - off] inside the h x w source, else 0.
 // A negative offset crops.
@@ -89,65 +90,65 @@ void place(const float* src, int64_t h, int64_t w, int64_t off, float* dst, int6
 }
 
 // The padded buffer a correlation of an (ho, wo) output with a k x k filter at dilation d reads:
-// rows ho + (k-1)d, columns round8(wo) + (k-1)d, so the last 8-wide block stays inside.
+// rows ho + (k-1)d, columns round_up(wo) + (k-1)d, so the last W-wide block stays inside.
 struct PaddedShape {
   int64_t rows, cols;
-  PaddedShape(int64_t ho, int64_t wo, int k, int d) : rows(ho + (k - 1) * d), cols(round8(wo) + (k - 1) * d) {}
+  PaddedShape(int64_t ho, int64_t wo, int k, int d) : rows(ho + (k - 1) * d), cols(round_up(wo) + (k - 1) * d) {}
 };
+
+// Rows [oh, oh + R) x columns [ow, ow + W) of the correlation, summed over all K*K taps in R
+// registers (R independent sums hide the latency of the multiply-adds), then stored.
+template <int K, int R>
+inline void correlate_block(const float* base, int64_t wp, const float* f, int d, float* out, int64_t wo,
+                            int rows, int cols) {
+  vec acc[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc[r] = darts::zero();
+  for (int kh = 0; kh < K; ++kh)
+    for (int kw = 0; kw < K; ++kw) {
+      const vec wv = darts::set1(f[kh * K + kw]);
+      const float* q = base + kh * d * wp + kw * d;
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) acc[r] = darts::fma(wv, darts::load(q + r * wp), acc[r]);
+    }
+  for (int r = 0; r < rows; ++r) {
+    if (cols == W) darts::store(out + r * wo, acc[r]); else darts::store_part(out + r * wo, acc[r], cols);
+  }
+}
 
 // out[oh, ow] = sum_{kh, kw} f[kh, kw] * P[oh + kh*d, ow + kw*d] for an (ho, wo) output.
 template <int K>
 void correlate(const float* P, int64_t wp, const float* f, int d, float* out, int64_t ho, int64_t wo) {
-  for (int64_t oh = 0; oh < ho; oh += 4) {
-    const int rows = static_cast<int>(std::min<int64_t>(4, ho - oh));
-    for (int64_t ow = 0; ow < wo; ow += 8) {
-      v8 acc[4] = {};
+  for (int64_t oh = 0; oh < ho; oh += ROWS) {
+    const int rows = static_cast<int>(std::min<int64_t>(ROWS, ho - oh));
+    for (int64_t ow = 0; ow < wo; ow += W) {
+      const int cols = static_cast<int>(std::min<int64_t>(W, wo - ow));
       const float* base = P + oh * wp + ow;
-      if (rows == 4) {   // four independent sums hide the latency of the multiply-adds
-        for (int kh = 0; kh < K; ++kh)
-          for (int kw = 0; kw < K; ++kw) {
-            const v8 wv = splat(f[kh * K + kw]);
-            const float* q = base + kh * d * wp + kw * d;
-            acc[0] += wv * load8(q);
-            acc[1] += wv * load8(q + wp);
-            acc[2] += wv * load8(q + 2 * wp);
-            acc[3] += wv * load8(q + 3 * wp);
-          }
-      } else {
-        for (int kh = 0; kh < K; ++kh)
-          for (int kw = 0; kw < K; ++kw) {
-            const v8 wv = splat(f[kh * K + kw]);
-            for (int r = 0; r < rows; ++r) acc[r] += wv * load8(base + (r + kh * d) * wp + kw * d);
-          }
-      }
-      for (int r = 0; r < rows; ++r) {
-        float* o = out + (oh + r) * wo + ow;
-        if (ow + 8 <= wo) {
-          store8(o, acc[r]);
-        } else {
-          float tail[8];
-          store8(tail, acc[r]);
-          std::copy(tail, tail + (wo - ow), o);
-        }
+      float* o = out + oh * wo + ow;
+      if (rows == ROWS) {
+        correlate_block<K, ROWS>(base, wp, f, d, o, wo, rows, cols);
+      } else {   // the last rows: one register each (fewer rows than the padded buffer holds)
+        for (int r = 0; r < rows; ++r) correlate_block<K, 1>(base + r * wp, wp, f, d, o + r * wo, wo, 1, cols);
       }
     }
   }
 }
 
-// dw[kh, kw] += sum_{oh, ow} G[oh, ow] * P[oh + kh*d, ow + kw*d]; G has row stride round8(wo), zero beyond wo.
+// dw[kh, kw] += sum_{oh, ow} G[oh, ow] * P[oh + kh*d, ow + kw*d]; G has row stride round_up(wo), zero beyond wo.
 template <int K>
 void weight_grad(const float* P, int64_t wp, const float* G, int d, int64_t ho, int64_t wo, double* dw) {
-  const int64_t wg = round8(wo);
+  const int64_t wg = round_up(wo);
   for (int kh = 0; kh < K; ++kh) {
-    v8 acc[K] = {};
+    vec acc[K];
+    for (int kw = 0; kw < K; ++kw) acc[kw] = darts::zero();
     for (int64_t oh = 0; oh < ho; ++oh) {
       const float* q = P + (oh + kh * d) * wp;
-      for (int64_t ow = 0; ow < wg; ow += 8) {
-        const v8 g = load8(G + oh * wg + ow);
-        for (int kw = 0; kw < K; ++kw) acc[kw] += g * load8(q + ow + kw * d);
+      for (int64_t ow = 0; ow < wg; ow += W) {
+        const vec g = darts::load(G + oh * wg + ow);
+        for (int kw = 0; kw < K; ++kw) acc[kw] = darts::fma(g, darts::load(q + ow + kw * d), acc[kw]);
       }
     }
-    for (int kw = 0; kw < K; ++kw) dw[kh * K + kw] += hsum(acc[kw]);
+    for (int kw = 0; kw < K; ++kw) dw[kh * K + kw] += darts::hsum(acc[kw]);
   }
 }
 
@@ -177,7 +178,7 @@ void backward_registers(const Geometry& g, const float* xp, const float* wp, con
     correlate<K>(P, dx_shape.cols, rotated, g.d, dxp + plane * g.h * g.w, g.h, g.w);
   }
   const PaddedShape x_shape(g.ho, g.wo, K, g.d);
-  const int64_t wg = round8(g.wo);
+  const int64_t wg = round_up(g.wo);
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < g.c; ++c) {
     double acc[K * K] = {};
@@ -195,6 +196,21 @@ void backward_registers(const Geometry& g, const float* xp, const float* wp, con
 
 bool register_path(const Geometry& g) { return g.s == 1 && (g.k == 3 || g.k == 5); }
 
+// Stride s > 1 with a 3x3 or 5x5 filter (the reduction cells' first depthwise convolutions): the
+// stride-1 convolution's outputs at every s-th row and column, so the register path does it at
+// s*s times the work and is still faster than the per-tap loop (1.3-2.6x at stride 2, measured),
+// except for the 3x3 forward, which stays on the plain loop.  The backward is the stride-1
+// backward of dout spread onto the stride-1 grid (zeros between).
+bool strided_register_path(const Geometry& g) { return g.s > 1 && (g.k == 3 || g.k == 5); }
+
+Geometry stride_one(const Geometry& g) {
+  Geometry g1 = g;
+  g1.s = 1;
+  g1.ho = g.h + 2 * g.p - g.d * (g.k - 1);
+  g1.wo = g.w + 2 * g.p - g.d * (g.k - 1);
+  return g1;
+}
+
 }  // namespace
 
 std::vector<paddle::Tensor> DepthwiseForward(const paddle::Tensor& x, const paddle::Tensor& w, int stride,
@@ -207,6 +223,17 @@ std::vector<paddle::Tensor> DepthwiseForward(const paddle::Tensor& x, const padd
   float* op = out.data<float>();
   if (register_path(g)) {
     if (g.k == 3) forward_registers<3>(g, xp, wp, op); else forward_registers<5>(g, xp, wp, op);
+    return {out};
+  }
+  if (strided_register_path(g) && g.k == 5) {   // 3x3: the plain loop is as fast (measured)
+    const Geometry g1 = stride_one(g);
+    std::vector<float> full(static_cast<size_t>(g.n * g.c * g1.ho * g1.wo));
+    if (g.k == 3) forward_registers<3>(g1, xp, wp, full.data()); else forward_registers<5>(g1, xp, wp, full.data());
+#pragma omp parallel for schedule(static)
+    for (int64_t plane = 0; plane < g.n * g.c; ++plane)
+      for (int64_t oh = 0; oh < g.ho; ++oh)
+        for (int64_t ow = 0; ow < g.wo; ++ow)
+          op[(plane * g.ho + oh) * g.wo + ow] = full[(plane * g1.ho + oh * g.s) * g1.wo + ow * g.s];
     return {out};
   }
   const int64_t planes = g.n * g.c;
@@ -249,6 +276,18 @@ std::vector<paddle::Tensor> DepthwiseBackward(const paddle::Tensor& x, const pad
   float* dwp = dw.data<float>();
   if (register_path(g)) {
     if (g.k == 3) backward_registers<3>(g, xp, wp, gp, dxp, dwp); else backward_registers<5>(g, xp, wp, gp, dxp, dwp);
+    return {dx, dw};
+  }
+  if (strided_register_path(g)) {
+    const Geometry g1 = stride_one(g);
+    std::vector<float> spread(static_cast<size_t>(g.n * g.c * g1.ho * g1.wo), 0.0f);
+#pragma omp parallel for schedule(static)
+    for (int64_t plane = 0; plane < g.n * g.c; ++plane)
+      for (int64_t oh = 0; oh < g.ho; ++oh)
+        for (int64_t ow = 0; ow < g.wo; ++ow)
+          spread[(plane * g1.ho + oh * g.s) * g1.wo + ow * g.s] = gp[(plane * g.ho + oh) * g.wo + ow];
+    if (g.k == 3) backward_registers<3>(g1, xp, wp, spread.data(), dxp, dwp);
+    else backward_registers<5>(g1, xp, wp, spread.data(), dxp, dwp);
     return {dx, dw};
   }
   const int64_t planes = g.n * g.c, in_plane = g.h * g.w, out_plane = g.ho * g.wo;

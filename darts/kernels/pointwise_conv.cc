@@ -6,9 +6,11 @@
 //   dx[n, g*Ci + i, p]  = sum_o w[g*Co + o, i] * dout[n, g*Co + o, p]   (0 at positions no p reads)
 //   dw[g*Co + o, i]     = sum_{n, p} dout[n, g*Co + o, p] * x[n, g*Ci + i, p]
 //
-// All three are products of row-major matrices, done by one register-blocked kernel: a 6 x 16
-// block of C is summed over the whole inner dimension in 12 AVX registers (each 16-wide row of
-// B's packed strip is loaded once per 6 rows of A), then stored once.  Per sample:
+// All three are products of row-major matrices, done by one register-blocked kernel: a block of
+// MR rows x NV vectors of C (common.h: 6 x 2 x 8 floats = 6 x 16 with AVX2, 12 x 2 x 16 with
+// AVX-512, 4 x 4 scalars otherwise) is summed over the whole inner dimension in MR * NV vector
+// registers (each NR-wide row of B's packed strip is loaded once per MR rows of A), then stored
+// once, the block's last columns by a masked store.  Per sample:
 // out_g = W_g X_g, dx_g = W_g^T dout_g and dw_g += dout_g X_g^T, the last with B = X_g^T
 // transposed while it is packed.  Samples are split over the OpenMP threads; dw is summed
 // over up to 16 fixed slices of the batch, each in its own buffer, and the slices are added
@@ -21,14 +23,13 @@
 
 namespace {
 
-using darts::v8;
-using darts::load8;
-using darts::store8;
-using darts::splat;
+using darts::vec;
 using darts::scratch;
+using darts::W;
 
-constexpr int MR = 6;    // rows of C per block
-constexpr int NR = 16;   // columns of C per block (two 8-wide registers)
+constexpr int MR = darts::PW_MR;        // rows of C per block
+constexpr int NV = darts::PW_NV;        // vectors of C per block row
+constexpr int NR = NV * W;              // columns of C per block
 
 struct Geometry {
   int64_t n, groups, ci, co, h, w, ho, wo, s;
@@ -45,53 +46,66 @@ Geometry geometry(const std::vector<int64_t>& x, const std::vector<int64_t>& wt,
   return g;
 }
 
-// C[r, 0:cols] (= or +=) sum_k A[r*lda + k] * B[k*ldb + 0:16] for r < R; B has 16 readable columns.
+// C[r, 0:cols] (= or +=) sum_k A[r*lda + k] * B[k*NR + 0:NR] for r < R; B is a packed strip, NR readable columns.
 template <int R>
-inline void block(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t K, float* C, int64_t ldc,
-                  int cols, bool add) {
-  v8 lo[R], hi[R];
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) lo[r] = hi[r] = splat(0.0f);
+inline void block(const float* A, int64_t lda, const float* B, int64_t K, float* C, int64_t ldc, int cols,
+                  bool add) {
+  vec acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc[r][j] = darts::zero();
   for (int64_t k = 0; k < K; ++k) {
-    const v8 b0 = load8(B + k * ldb), b1 = load8(B + k * ldb + 8);
-#pragma GCC unroll 6
+    vec b[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) b[j] = darts::load(B + k * NR + j * W);
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const v8 a = splat(A[r * lda + k]);
-      lo[r] += a * b0;
-      hi[r] += a * b1;
+      const vec a = darts::set1(A[r * lda + k]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[r][j] = darts::fma(a, b[j], acc[r][j]);
     }
   }
   for (int r = 0; r < R; ++r) {
     float* c = C + r * ldc;
-    if (cols == NR) {
-      if (add) { lo[r] += load8(c); hi[r] += load8(c + 8); }
-      store8(c, lo[r]);
-      store8(c + 8, hi[r]);
-    } else {
-      float part[NR];
-      store8(part, lo[r]);
-      store8(part + 8, hi[r]);
-      for (int j = 0; j < cols; ++j) c[j] = add ? c[j] + part[j] : part[j];
+    for (int j = 0; j < NV; ++j) {
+      const int n = std::min(W, cols - j * W);
+      if (n == W) {
+        darts::store(c + j * W, add ? darts::add(acc[r][j], darts::load(c + j * W)) : acc[r][j]);
+      } else if (n > 0) {   // the block's last columns: masked
+        darts::store_part(c + j * W, add ? darts::add(acc[r][j], darts::load_part(c + j * W, n)) : acc[r][j], n);
+      }
     }
+  }
+}
+
+// block<rows> for 1 <= rows <= R.
+template <int R>
+inline void block_rows(int rows, const float* A, int64_t lda, const float* B, int64_t K, float* C, int64_t ldc,
+                       int cols, bool add) {
+  if (rows == R) {
+    block<R>(A, lda, B, K, C, ldc, cols, add);
+  } else if constexpr (R > 1) {
+    block_rows<R - 1>(rows, A, lda, B, K, C, ldc, cols, add);
   }
 }
 
 // C[M x P] (= or +=) A[M x K] B[K x P]; row strides lda, ldb, ldc; with b_transposed, B is
 // given as its transpose (P x K, row stride ldb).  B is taken a panel of up to 256 columns at
 // a time (fewer when K is large, so the panel stays within ~96 KB of cache), copied into
-// 16-column strips, each a contiguous zero-padded K x 16 block.  Wide panels matter: at a
-// 32 x 32 plane B's and C's rows lie 4 KB apart, and 16 columns at a time touch a new page
+// NR-column strips, each a contiguous zero-padded K x NR block.  Wide panels matter: at a
+// 32 x 32 plane B's and C's rows lie 4 KB apart, and NR columns at a time touch a new page
 // per row.
 void gemm(int64_t M, int64_t P, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
           int64_t ldc, bool add, bool b_transposed = false) {
-  const int64_t width = std::max<int64_t>(NR, std::min<int64_t>(256, 96 * 1024 / (4 * K) / NR * NR));
+  const int64_t width = std::max<int64_t>(NR, std::min<int64_t>(256 / NR * NR, 96 * 1024 / (4 * K) / NR * NR));
   float* panel = scratch(2, K * width);
   for (int64_t j0 = 0; j0 < P; j0 += width) {
     const int64_t cols = std::min<int64_t>(width, P - j0), strips = (cols + NR - 1) / NR;
     for (int64_t t = 0; t < strips; ++t) {
       const int64_t n = std::min<int64_t>(NR, cols - t * NR);
       float* strip = panel + t * K * NR;
-      if (b_transposed) {   // strip[k, j] = B^T[j0 + 16t + j, k]: one row of B^T per column
+      if (b_transposed) {   // strip[k, j] = B^T[j0 + NR*t + j, k]: one row of B^T per column
         if (n < NR) std::fill(strip, strip + K * NR, 0.0f);
         for (int64_t j = 0; j < n; ++j) {
           const float* row = B + (j0 + t * NR + j) * ldb;
@@ -112,14 +126,7 @@ void gemm(int64_t M, int64_t P, int64_t K, const float* A, int64_t lda, const fl
         const float* Bt = panel + t * K * NR;
         float* Ct = C + i * ldc + j0 + t * NR;
         const int n = static_cast<int>(std::min<int64_t>(NR, cols - t * NR));
-        switch (rows) {
-          case 6: block<6>(Ai, lda, Bt, NR, K, Ct, ldc, n, add); break;
-          case 5: block<5>(Ai, lda, Bt, NR, K, Ct, ldc, n, add); break;
-          case 4: block<4>(Ai, lda, Bt, NR, K, Ct, ldc, n, add); break;
-          case 3: block<3>(Ai, lda, Bt, NR, K, Ct, ldc, n, add); break;
-          case 2: block<2>(Ai, lda, Bt, NR, K, Ct, ldc, n, add); break;
-          default: block<1>(Ai, lda, Bt, NR, K, Ct, ldc, n, add); break;
-        }
+        block_rows<MR>(static_cast<int>(rows), Ai, lda, Bt, K, Ct, ldc, n, add);
       }
     }
   }
