@@ -19,6 +19,7 @@ which is in use and why.
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import platform
 import shutil
@@ -235,7 +236,12 @@ def _lock(path):
 
 @contextlib.contextmanager
 def _quiet():
-    """Keep the compiler's and Paddle's build chatter (Python-level and fd 1/2) out of the run's output."""
+    """Keep the compiler's and Paddle's build chatter (Python-level and fd 1/2) out of the run's output.
+    Paddle's build logger ('utils.cpp_extension') has a handler bound to the stderr of its import, which
+    neither redirect reaches when that is not fd 2 (a test's captured stderr): it is raised to WARNING."""
+    build_log = logging.getLogger('utils.cpp_extension')
+    level = build_log.level
+    build_log.setLevel(logging.WARNING)
     saved = [os.dup(1), os.dup(2)]
     with open(os.devnull, 'w') as null:
         os.dup2(null.fileno(), 1)
@@ -248,3 +254,4 @@ def _quiet():
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
+            build_log.setLevel(level)
