@@ -240,6 +240,7 @@ def _status_in_subprocess(env):
     return r.stdout.strip().splitlines()
 
 
+@pytest.mark.slow   # a subprocess each; the quick tier keeps one-line errors of its own (test_cli, test_search_space)
 def test_a_later_process_loads_the_cached_build(compiled):
     lines = _status_in_subprocess({})
     assert len(lines) == 1 and 'loaded from the cache' in lines[0], lines

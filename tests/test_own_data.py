@@ -199,6 +199,7 @@ def test_one_channel_idx_files_at_28_px(tmp_path):
     assert search_acc > 0.6 and top1 > 0.8 and predict_acc > 0.8, (search_acc, top1, predict_acc)
 
 
+@pytest.mark.slow   # a subprocess each; the quick tier keeps one-line errors of its own (test_cli, test_search_space)
 @pytest.mark.parametrize('case', ['one_class', 'missing_csv_paths', 'small_image_size'])
 def test_bad_own_data_is_one_line_and_leaves_no_run_folder(tmp_path, case):
     write_class_folders(str(tmp_path / 'd'), ['only'], 4, seed=0)

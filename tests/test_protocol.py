@@ -31,6 +31,7 @@ def kill_when(cmd, path, never, timeout=900):
         proc.wait()
 
 
+@pytest.mark.slow   # a subprocess each; the quick tier keeps one-line errors of its own (test_cli, test_search_space)
 def test_bad_flags_are_one_line_and_nothing_is_written(tmp_path):
     out = str(tmp_path / 'p')
     for bad, says in ((['--no_such_flag'], 'train_search.py flags'), (['--seed', '3'], 'set by the protocol'),

@@ -120,6 +120,7 @@ def test_an_archive_damaged_in_the_middle_is_called_corrupt(tmp_path):
         reader.load_cifar10(str(tmp_path), download=False)
 
 
+@pytest.mark.slow   # a subprocess each; the quick tier keeps one-line errors of its own (test_cli, test_search_space)
 def test_imagenet_lists_refuse_negative_and_gapped_labels(tmp_path):
     from PIL import Image
     for k in range(3):

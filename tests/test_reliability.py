@@ -13,6 +13,7 @@ from conftest import run_script
 SCRIPTS = ('train_search.py', 'train.py', 'train_imagenet.py')
 
 
+@pytest.mark.slow   # a subprocess each; the quick tier keeps one-line errors of its own (test_cli, test_search_space)
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_an_unusable_save_is_one_line(script, tmp_path):
     (tmp_path / 'file').write_text('x')
@@ -50,6 +51,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(
     assert os.listdir(tmp_path) == ['checkpoint.npz']
 
 
+@pytest.mark.slow   # a subprocess each; the quick tier keeps one-line errors of its own (test_cli, test_search_space)
 @pytest.mark.parametrize('script', ('train_search.py', 'train.py'))
 def test_resume_refuses_flags_it_would_ignore(script, tmp_path):
     import importlib

@@ -298,11 +298,13 @@ def test_export_onnx_converts_a_run_and_a_failure_is_one_line(reference, tmp_pat
     assert os.path.isfile(copy / 'inference' / 'model.pdiparams')
 
 
+@pytest.mark.slow   # a subprocess each; the quick tier keeps one-line errors of its own (test_cli, test_search_space)
 def test_predict_without_a_model(tmp_path):
     r = run_script('train.py', '--predict', tmp_path / 'nope' / 'model', tmp_path / 'a.png')
     assert r.returncode == 2 and 'no exported model there' in r.stderr
 
 
+@pytest.mark.slow   # a subprocess each; the quick tier keeps one-line errors of its own (test_cli, test_search_space)
 def test_a_search_run_is_refused_by_resume_and_eval_only(tmp_path):
     run_dir = tmp_path / 'search'
     run_dir.mkdir()

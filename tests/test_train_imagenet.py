@@ -54,6 +54,7 @@ def test_learns_in_both_layouts_and_skips_a_corrupt_image(tmp_path, layout):
         np.testing.assert_allclose(by_onnx, by_program, atol=1e-4)
 
 
+@pytest.mark.slow   # a subprocess each; the quick tier keeps one-line errors of its own (test_cli, test_search_space)
 def test_empty_class_folder_and_missing_data(tmp_path):
     root = tmp_path / 'imagenet'
     _write_images(str(root), 'train', 2, 0)
@@ -65,6 +66,7 @@ def test_empty_class_folder_and_missing_data(tmp_path):
     assert r.returncode == 2 and 'no ImageNet val data' in r.stderr
 
 
+@pytest.mark.slow   # a subprocess each; the quick tier keeps one-line errors of its own (test_cli, test_search_space)
 def test_bad_list_file_line(tmp_path):
     root = tmp_path / 'imagenet'
     _write_images(str(root), 'val', 2, 1, list_file=True)

@@ -186,6 +186,7 @@ def test_missing_data_says_what_is_expected(tmp_path):
     assert_one_line_error(r, 'no CIFAR-10 in', 'data_batch_1', 'cifar-10-python.tar.gz')
 
 
+@pytest.mark.slow   # a subprocess each; the quick tier keeps one-line errors of its own (test_cli, test_search_space)
 def test_offline_download_fails_cleanly(tmp_path):
     # a port on this machine where nothing listens: the download fails at once
     r = run_script('train_search.py', '--data', tmp_path / 'd', '--save', tmp_path / 'run',
@@ -194,6 +195,7 @@ def test_offline_download_fails_cleanly(tmp_path):
     assert not os.path.exists(tmp_path / 'd' / 'cifar-10-python.tar.gz.part')
 
 
+@pytest.mark.slow   # a subprocess each; the quick tier keeps one-line errors of its own (test_cli, test_search_space)
 def test_truncated_batch_file(tmp_path):
     folder = write_cifar(str(tmp_path / 'c'))
     path = os.path.join(folder, 'data_batch_3')
@@ -203,6 +205,7 @@ def test_truncated_batch_file(tmp_path):
     assert_one_line_error(r, 'data_batch_3', 'not a readable CIFAR-10 batch')
 
 
+@pytest.mark.slow   # a subprocess each; the quick tier keeps one-line errors of its own (test_cli, test_search_space)
 def test_corrupt_archive(tmp_path):
     (tmp_path / 'c').mkdir()
     (tmp_path / 'c' / 'cifar-10-python.tar.gz').write_bytes(b'\x1f\x8b garbage')
@@ -211,6 +214,7 @@ def test_corrupt_archive(tmp_path):
 
 
 @pytest.mark.skipif(__import__('paddle').is_compiled_with_cuda(), reason='this Paddle has CUDA')
+@pytest.mark.slow   # a subprocess each; the quick tier keeps one-line errors of its own (test_cli, test_search_space)
 def test_gpu_requested_without_cuda(cifar_dir, tmp_path):
     r = run_script('train_search.py', '--data', cifar_dir, '--save', tmp_path / 'run', '--device', 'gpu', *TINY)
     assert_one_line_error(r, '--device gpu', '--device cpu')
@@ -251,6 +255,7 @@ def test_bad_flag_value():
     assert r.returncode == 2 and '--epochs must be at least 1' in r.stderr
 
 
+@pytest.mark.slow   # a subprocess each; the quick tier keeps one-line errors of its own (test_cli, test_search_space)
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
     r = run_script('train_search.py', '--resume', tmp_path)
     assert_one_line_error(r, 'is it a run folder')

@@ -42,6 +42,7 @@ def test_dot_has_exactly_the_genotype_nodes_and_edges(cell):
     assert all(e[1] == 'c_{k}' for e in edges if e[2] is None)
 
 
+@pytest.mark.slow   # a subprocess each; the quick tier keeps one-line errors of its own (test_cli, test_search_space)
 def test_cli_renders_both_cells_as_valid_images(tmp_path):
     r = run_script('visualize.py', 'DARTS_PADDLE', '--out', tmp_path / 'cells')
     assert r.returncode == 0, r.stderr
