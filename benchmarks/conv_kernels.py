@@ -21,9 +21,12 @@ mean.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+
+from timing import call_seconds   # benchmarks/ is this script's folder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -86,15 +89,7 @@ def depthwise_bytes(n, c, s, k, stride, d):
 def times(fn, repeats, warmup=2):
     """(median, fastest) wall time of fn() over `repeats` calls after `warmup`: the median is the benchmarks'
     rule (timing.py); the fastest call says more when other processes share the cores."""
-    import statistics
-    import time
-    for _ in range(warmup):
-        fn()
-    seconds = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - t0)
+    seconds = call_seconds(fn, repeats, warmup)
     return statistics.median(seconds), min(seconds)
 
 

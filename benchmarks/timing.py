@@ -3,9 +3,8 @@ import statistics
 import time
 
 
-def median_seconds(fn, repeats, warmup=1):
-    """Median wall time of `repeats` calls of fn() after `warmup` untimed ones (the median, as
-    this machine's timings drift and a single slow call says little)."""
+def call_seconds(fn, repeats, warmup=1):
+    """The wall times of `repeats` calls of fn() after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -13,4 +12,10 @@ def median_seconds(fn, repeats, warmup=1):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn, repeats, warmup=1):
+    """Median wall time of `repeats` calls of fn() after `warmup` untimed ones (the median, as
+    this machine's timings drift and a single slow call says little)."""
+    return statistics.median(call_seconds(fn, repeats, warmup))
