@@ -76,8 +76,7 @@ def check_save(save):
         return
     if os.path.exists(save) and not os.path.isdir(save):
         raise UserError(f'--save {save}: that is a file, not a folder')
-    if os.path.isdir(save) and os.listdir(save):
-        raise UserError(f'{save} already exists; continue it with --resume {save}, or pick another --save')
+    _refuse_occupied(save)
     parent = os.path.dirname(os.path.abspath(save))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -91,11 +90,16 @@ def check_save(save):
         raise UserError(f'--save {save}: cannot create a folder in {parent} ({e.strerror or e})') from None
 
 
+def _refuse_occupied(path):
+    """One line for a folder that already holds something: a run folder is never reused."""
+    if os.path.isdir(path) and os.listdir(path):
+        raise UserError(f'{path} already exists; continue it with --resume {path}, or pick another --save')
+
+
 def _make_folder(save, prefix):
     """A new run folder (refusing to reuse one that holds anything): --save, or runs/PREFIX-DATE-TIME."""
     path = save or os.path.join('runs', time.strftime(f'{prefix}-%Y%m%d-%H%M%S'))
-    if os.path.isdir(path) and os.listdir(path):   # (a file or an uncreatable --save: check_save, earlier)
-        raise UserError(f'{path} already exists; continue it with --resume {path}, or pick another --save')
+    _refuse_occupied(path)   # again: another process may have made it since check_save (a file: check_save)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
