@@ -143,7 +143,7 @@ def evaluate(run_batch, batches, num_classes, reduce=None):
         ranked = np.argsort(-logits, axis=1)
         top1 += int((ranked[:, :1] == y[:, None]).any(axis=1).sum())
         top5 += int((ranked[:, :5] == y[:, None]).any(axis=1).sum())
-        np.add.at(confusion, (y, logits.argmax(1)), 1)
+        np.add.at(confusion, (y, ranked[:, 0]), 1)   # the top-1 guess, so the trace is the top-1 count
         n += len(y)
     if reduce is not None:
         totals = reduce(np.concatenate([[loss_sum, top1, top5, n], confusion.reshape(-1)]))
