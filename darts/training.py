@@ -20,6 +20,7 @@ from darts.optim import MOMENTUM, WEIGHTS, clip_by_global_norm, sgd_momentum_ste
 from operations import ParamSet, declare
 from reader import load_image, normalize
 
+
 def add_arguments(p, drop_path_prob):
     """The flags train.py and train_imagenet.py share beyond the run's: the genotype, the auxiliary head,
     drop path, and the other things the commands do (evaluate, export, classify)."""
@@ -297,7 +298,7 @@ class Training(loop.RunLoop):
         # best.npz is the checkpoint the run delivers: the best epoch on a validation hold-out, and
         # without one the last epoch, so that nothing is ever chosen on the test split
         if not self.by_validation or top1 > self.best or self.best_arrays is None:
-            self.best = top1 if not self.by_validation else max(self.best, top1)
+            self.best = top1
             self.best_arrays = arrays, dict(epoch=epoch, top1=top1, top5=top5, args=vars(args))
             run.save_checkpoint(*self.best_arrays, 'best.npz')
         self.persist(arrays, best_top1=self.best, args=vars(args))
