@@ -131,7 +131,7 @@ class Search(loop.RunLoop):
         if args.batch_size > min(len(self.search_train), len(self.search_val)):
             raise UserError(f'--batch_size {args.batch_size} is larger than the search split '
                             f'({len(self.search_train)} train / {len(self.search_val)} val images)')
-        self.penalty = None
+        self.penalty = self.target = None
         if self.budgets:
             self.target = budget.Target.default(args.target_image_size or data.image_size, data.channels,
                                                 data.num_classes, args.target_network, args.target_channels,
@@ -276,8 +276,8 @@ class Search(loop.RunLoop):
             record['beta_decay_weight'] = train['beta_decay']
         if 'arch_lr' in train:
             record['arch_lr'] = train['arch_lr']
-        genotype = guarded_genotype(record, raw, arch, args, space, self.penalty and (
-            self.penalty, self.target, train['budget_weights']))
+        genotype = guarded_genotype(record, raw, arch, args, space, self.penalty, self.target,
+                                    train.get('budget_weights'))
         if args.hessian_eigen_every and (epoch + 1) % args.hessian_eigen_every == 0:
             self.eigen_batch = self.eigen_batch or next(iter(self.batches['eigen'].epoch(0)))   # the same each time
             record.update(hessian_figures(self.exe, self.scope, self.place, self.progs, self.eigen_batch,
@@ -355,18 +355,18 @@ def search_batches(args, data, world, search_train, search_val):
                 eigen=batches(search_val, (0, 1), batch_size=args.batch_size, shuffle=False, augment=False))
 
 
-def guarded_genotype(record, raw, arch, args, space, budgeted=None):
-    """The derived genotype `raw` with --max_skip's limit, then fitted to the budgets (budgeted:
-    (penalty, target, the epoch's penalty weights)); what each did goes into record."""
+def guarded_genotype(record, raw, arch, args, space, penalty=None, target=None, lambdas=None):
+    """The derived genotype `raw` with --max_skip's limit, then fitted to the penalty's budgets in the
+    target network (lambdas: the epoch's penalty weights); what each did goes into record."""
     genotype = raw
     if args.max_skip is not None:
         normal, zeroed = guards.limit_skips(edge_weights_numpy(arch, space, 'normal'), args.max_skip,
                                             space.nodes, space.ops)
         genotype = raw._replace(normal=normal)
         record.update(genotype_limited=genotypes.to_dict(genotype), skips_removed=len(zeroed))
-    if budgeted:
+    if penalty:
         weights = {t: edge_weights_numpy(arch, space, t) for t in ('normal', 'reduce')}
-        genotype, entries = budget.fit_epoch(*budgeted[:2], genotype, weights, arch, args.max_skip, budgeted[2])
+        genotype, entries = budget.fit_epoch(penalty, target, genotype, weights, arch, args.max_skip, lambdas)
         record.update(entries)
     return genotype
 
