@@ -10,7 +10,7 @@ One source serves every vector width (common.h picks it from the compiler's ISA 
 flags choose the ISA: the widest this CPU has (avx512: 16 floats, avx2: 8, scalar: 1), or
 DARTS_KERNEL_ISA=avx512|avx2|scalar for a narrower build (`isa_flags`).  The ISA and the flags
 are part of the cache key, as is the CPU.  DARTS_KERNEL_DEFINES adds -D flags (register-tile
-sizes: benchmarks/kernel_tiles.py).
+sizes: benchmarks/conv_kernels.py --sweep_tiles).
 
 Anything else (a GPU, no C++ compiler: $CXX or c++, a failed build, `disable()` /
 --no_custom_kernels, PADDLE_DARTS_CUSTOM_KERNELS=0) gives Paddle's conv2d, and `status()` says
@@ -74,9 +74,8 @@ def cache_dir():
     return os.path.join(root, 'kernels', key.hexdigest()[:16])
 
 
-def _cpu_model():
-    """The CPU's model name and feature flags (the name alone, e.g. "AMD EPYC", covers CPUs with and without
-    AVX-512)."""
+def _cpuinfo():
+    """The first 'model name', 'flags' and 'Features' (ARM) lines of /proc/cpuinfo, by field ({} elsewhere)."""
     found = {}
     try:
         with open('/proc/cpuinfo') as f:
@@ -86,20 +85,19 @@ def _cpu_model():
                         found[field] = line.strip()
     except OSError:
         pass
-    return ' | '.join(found.values()) or platform.processor()
+    return found
+
+
+def _cpu_model():
+    """The CPU's model name and feature flags (the name alone, e.g. "AMD EPYC", covers CPUs with and without
+    AVX-512)."""
+    return ' | '.join(_cpuinfo().values()) or platform.processor()
 
 
 def host_isas():
     """The ISAs this CPU runs, widest first (scalar always)."""
-    flags = set()
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('flags'):
-                    flags = set(line.split(':', 1)[1].split())
-                    break
-    except OSError:
-        pass
+    line = _cpuinfo().get('flags', '')
+    flags = set(line.split(':', 1)[1].split()) if ':' in line else set()
     have = dict(avx512='avx512f' in flags, avx2={'avx2', 'fma'} <= flags, scalar=True)
     return [isa for isa in ISAS if have[isa]]
 
